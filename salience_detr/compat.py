@@ -47,7 +47,7 @@ def _resource_filename(package: str, resource: str) -> str:
 
 def _install_pkg_resources_shim() -> None:
     """detectron2.model_zoo needs only ``pkg_resources.resource_filename``; setuptools 82 dropped the module."""
-    if importlib.util.find_spec("pkg_resources") is not None:
+    if "pkg_resources" in sys.modules or importlib.util.find_spec("pkg_resources") is not None:
         return
     shim = types.ModuleType("pkg_resources")
     shim.__doc__ = "Minimal stand-in registered by salience_detr.compat (only resource_filename)."
@@ -68,7 +68,7 @@ def _missing_op(name: str):
 def _install_detectron2_c_placeholder() -> None:
     if importlib.util.find_spec("detectron2") is None:
         return
-    if importlib.util.find_spec("detectron2._C") is not None:
+    if "detectron2._C" in sys.modules or importlib.util.find_spec("detectron2._C") is not None:
         return
     placeholder = types.ModuleType("detectron2._C")
     placeholder.__doc__ = "Placeholder registered by salience_detr.compat: detectron2 has no compiled ops here."
