@@ -1,0 +1,121 @@
+"""Sine and learned position embeddings for feature maps and boxes (spec §1.5, §2.5, §4 step 2).
+
+Numerics follow the official Salience DETR code so converted checkpoints reproduce its outputs: the sine
+map embedding counts positions from 1 with an offset of -0.5 and puts y before x; the box embedding swaps
+the first two coordinates (order y, x, w, h); the learned embedding puts x (columns) first.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["PositionEmbeddingSine", "PositionEmbeddingLearned", "get_sine_pos_embed", "sine_frequencies"]
+
+
+def sine_frequencies(
+    num_pos_feats: int, temperature: float, dtype: torch.dtype = torch.float32, device: torch.device | None = None
+) -> Tensor:
+    """``temperature ** (2 * floor(i / 2) / num_pos_feats)`` for i in [0, num_pos_feats): one rate per sin/cos pair."""
+    index = torch.arange(num_pos_feats, dtype=dtype, device=device)
+    return temperature ** (2 * torch.div(index, 2, rounding_mode="floor") / num_pos_feats)
+
+
+def _interleave_sin_cos(angles: Tensor) -> Tensor:
+    """``[sin(a0), cos(a1), sin(a2), cos(a3), ...]`` along the last dim (a0 == a1, a2 == a3, ...)."""
+    return torch.stack((angles[..., 0::2].sin(), angles[..., 1::2].cos()), dim=-1).flatten(-2)
+
+
+class PositionEmbeddingSine(nn.Module):
+    """DETR sine embedding of a padded feature map, normalised to each image's valid extent.
+
+    ``forward(mask)`` takes the level's padding mask (B, H, W), True on padding, and returns (B, 2F, H, W),
+    y channels first. It is computed in the dtype of the ``dim_tx`` buffer, so ``.double()`` gives float64.
+    """
+
+    def __init__(
+        self,
+        num_pos_feats: int = 128,
+        temperature: float = 10000,
+        normalize: bool = True,
+        scale: float = 2 * math.pi,
+        eps: float = 1e-6,
+        offset: float = -0.5,
+    ) -> None:
+        super().__init__()
+        if num_pos_feats % 2:
+            raise ValueError(f"num_pos_feats must be even (sin/cos pairs), got {num_pos_feats}")
+        self.register_buffer("dim_tx", sine_frequencies(num_pos_feats, temperature))
+        self.register_buffer("dim_ty", sine_frequencies(num_pos_feats, temperature))
+        self.normalize = normalize
+        self.scale = scale
+        self.eps = eps
+        self.offset = offset
+
+    def forward(self, mask: Tensor) -> Tensor:
+        if mask.dim() != 3 or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a (B, H, W) bool tensor (True = padding), got {mask.dtype} {tuple(mask.shape)}")
+        not_mask = (~mask).to(self.dim_tx.dtype)
+        y_embed = not_mask.cumsum(1)
+        x_embed = not_mask.cumsum(2)
+        if self.normalize:
+            y_embed = (y_embed + self.offset) / (y_embed[:, -1:, :] + self.eps) * self.scale
+            x_embed = (x_embed + self.offset) / (x_embed[:, :, -1:] + self.eps) * self.scale
+        else:
+            y_embed = y_embed + self.offset
+            x_embed = x_embed + self.offset
+        pos_x = _interleave_sin_cos(x_embed[..., None] / self.dim_tx)
+        pos_y = _interleave_sin_cos(y_embed[..., None] / self.dim_ty)
+        return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
+
+
+def get_sine_pos_embed(
+    pos: Tensor,
+    num_pos_feats: int = 128,
+    temperature: float = 10000,
+    exchange_xy: bool = True,
+    scale: float = 2 * math.pi,
+) -> Tensor:
+    """Sine embedding of each of the n coordinates in ``pos`` (..., n) -> (..., n * num_pos_feats).
+
+    Coordinates are multiplied by ``scale`` (2*pi) before dividing by the frequencies. With ``exchange_xy`` the
+    first two coordinate blocks are swapped, so boxes (cx, cy, w, h) embed as (y, x, w, h) like the official code.
+    """
+    if exchange_xy and pos.shape[-1] < 2:
+        raise ValueError(f"exchange_xy needs at least 2 coordinates in the last dim, got shape {tuple(pos.shape)}")
+    dim_t = sine_frequencies(num_pos_feats, temperature, dtype=pos.dtype, device=pos.device)
+    embed = _interleave_sin_cos(pos.unsqueeze(-1) * scale / dim_t)
+    if exchange_xy:
+        embed = torch.cat((embed[..., 1:2, :], embed[..., 0:1, :], embed[..., 2:, :]), dim=-2)
+    return embed.flatten(-2)
+
+
+class PositionEmbeddingLearned(nn.Module):
+    """Learned absolute embedding of a (H, W) grid: ``concat(col_embed[j], row_embed[i])``, x first.
+
+    Rows/columns beyond ``num_embeddings`` reuse the last entry, so maps larger than the table still run
+    (the official code crashes there).
+    """
+
+    def __init__(self, num_embeddings: int = 200, num_pos_feats: int = 128) -> None:
+        super().__init__()
+        self.num_embeddings = num_embeddings
+        self.row_embed = nn.Embedding(num_embeddings, num_pos_feats)
+        self.col_embed = nn.Embedding(num_embeddings, num_pos_feats)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.uniform_(self.row_embed.weight)
+        nn.init.uniform_(self.col_embed.weight)
+
+    def forward(self, height: int, width: int) -> Tensor:
+        device = self.row_embed.weight.device
+        last = self.num_embeddings - 1
+        x_emb = self.col_embed(torch.arange(width, device=device).clamp_(max=last))
+        y_emb = self.row_embed(torch.arange(height, device=device).clamp_(max=last))
+        grid = torch.cat(
+            (x_emb.unsqueeze(0).expand(height, -1, -1), y_emb.unsqueeze(1).expand(-1, width, -1)), dim=-1
+        )
+        return grid.permute(2, 0, 1)
