@@ -143,7 +143,7 @@ def test_transformer_neck_init_and_syncbn():
 
 def test_transformer_neck_rejects_wrong_level_count():
     with pytest.raises(ValueError, match="expects 4 feature maps"):
-        RepVGGPluXNetwork([8] * 4, [8] * 4, num_blocks=1)([torch.randn(1, 8, 2, 2)] * 3)
+        RepVGGPluXNetwork([16] * 4, [16] * 4, num_blocks=1)([torch.randn(1, 16, 2, 2)] * 3)
 
 
 def test_context_gate_rejects_too_few_channels():
