@@ -1,0 +1,28 @@
+"""Datasets and the DETR dataset mapper. Importing this package registers the built-in synthetic dataset
+(``synthetic_train`` / ``synthetic_val``; its images are generated on first use)."""
+
+from .datasets import (
+    DatasetPathError,
+    check_dataset_paths,
+    dataset_info,
+    load_detection_dicts,
+    register_coco_dataset,
+)
+from .mapper import DetrDatasetMapper, UnreadableImageError
+from .synthetic import SHAPE_CLASSES, SyntheticSpec, ensure_synthetic_dataset, register_synthetic_datasets
+
+register_synthetic_datasets()
+
+__all__ = [
+    "SHAPE_CLASSES",
+    "DatasetPathError",
+    "DetrDatasetMapper",
+    "SyntheticSpec",
+    "UnreadableImageError",
+    "check_dataset_paths",
+    "dataset_info",
+    "ensure_synthetic_dataset",
+    "load_detection_dicts",
+    "register_coco_dataset",
+    "register_synthetic_datasets",
+]
