@@ -1,0 +1,151 @@
+"""Contrastive denoising (CDN) queries for training, as in the official Salience DETR (spec §5).
+
+Every ground-truth box is copied into ``G`` groups; each group holds a *positive* block (small box noise,
+reconstructed by the decoder) and a *negative* block (larger box noise, to be classified as background).
+The decoder sees these queries in front of the matching queries, under an attention mask that keeps the
+matching queries from peeking at the ground truth and keeps the groups independent of each other.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import box_convert
+
+
+def inverse_sigmoid(x: Tensor, eps: float = 1e-3) -> Tensor:
+    """Logit of ``x`` clamped to [0, 1]; ``eps`` bounds the result to about ±6.9 as in the official code."""
+    x = x.clamp(min=0.0, max=1.0)
+    return torch.log(x.clamp(min=eps) / (1.0 - x).clamp(min=eps))
+
+
+class DenoisingQueries(NamedTuple):
+    """What the transformer needs for one training batch of denoising queries.
+
+    ``max_gt_per_image`` is ``n_max`` (the largest number of boxes in one image); every group spans
+    ``2 * n_max`` queries (positives then negatives), so ``label_query.shape[1] == 2 * n_max * num_groups``.
+    """
+
+    label_query: Tensor  # (B, D, C) label embeddings; zero on empty slots
+    box_query: Tensor  # (B, D, 4) noised cxcywh boxes in inverse-sigmoid space; zero on empty slots
+    attn_mask: Tensor  # (D + num_queries, D + num_queries) bool, True = blocked
+    num_groups: int
+    max_gt_per_image: int
+
+
+def denoising_group_count(denoising_nums: int, max_gt_per_image: int) -> int:
+    """``G = denoising_nums // n_max`` (at least 1; 1 when the batch has no boxes), as the official code."""
+    if max_gt_per_image <= 0:
+        return 1
+    return max(1, denoising_nums * max_gt_per_image // (max_gt_per_image**2))
+
+
+def denoising_attention_mask(group_size: int, num_groups: int, num_queries: int, device=None) -> Tensor:
+    """(T, T) bool mask with T = group_size * num_groups + num_queries, True where attention is blocked.
+
+    Matching queries (the last ``num_queries``) cannot see any denoising query; a denoising group cannot
+    see the other groups; denoising queries can see the matching queries.
+    """
+    num_dn = group_size * num_groups
+    size = num_dn + num_queries
+    group_of = torch.arange(size, device=device) // max(group_size, 1)
+    is_dn = torch.arange(size, device=device) < num_dn
+    rows_dn, cols_dn = is_dn[:, None], is_dn[None, :]
+    other_group = group_of[:, None] != group_of[None, :]
+    return (cols_dn & ~rows_dn) | (rows_dn & cols_dn & other_group)
+
+
+class GenerateCDNQueries(nn.Module):
+    """Build noised label/box queries and the decoder self-attention mask from the ground truth.
+
+    ``label_noise_prob`` is halved internally (the official code does so): with the default 0.5 each copy's
+    label is replaced by a uniformly drawn class (possibly the same one) with probability 0.25.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 80,
+        label_embed_dim: int = 256,
+        denoising_nums: int = 100,
+        label_noise_prob: float = 0.5,
+        box_noise_scale: float = 1.0,
+    ):
+        super().__init__()
+        if num_classes <= 0 or denoising_nums <= 0:
+            raise ValueError(
+                f"GenerateCDNQueries needs num_classes > 0 and denoising_nums > 0, got {num_classes} and "
+                f"{denoising_nums}"
+            )
+        self.num_classes = num_classes
+        self.label_embed_dim = label_embed_dim
+        self.denoising_nums = denoising_nums
+        self.label_noise_prob = label_noise_prob
+        self.box_noise_scale = box_noise_scale
+        self.label_encoder = nn.Embedding(num_classes, label_embed_dim)
+
+    def noise_labels(self, labels: Tensor) -> Tensor:
+        """Replace each label by a random class with probability ``label_noise_prob / 2``."""
+        flip_prob = self.label_noise_prob * 0.5
+        if flip_prob <= 0:
+            return labels
+        flip = torch.rand(labels.shape, device=labels.device) < flip_prob
+        random_labels = torch.randint_like(labels, 0, self.num_classes)
+        return torch.where(flip, random_labels, labels)
+
+    def noise_boxes(self, boxes: Tensor, negative: Tensor) -> Tensor:
+        """Shift xyxy corners by ±u·(w/2, h/2); u ~ U[0,1) for positives, U[1,2) for negatives; clamp to [0, 1].
+
+        ``boxes`` are normalized cxcywh (M, 4); ``negative`` is a (M,) bool flag per copy.
+        """
+        if self.box_noise_scale <= 0:
+            return boxes
+        half_size = boxes[:, 2:].repeat(1, 2) / 2
+        sign = torch.randint(0, 2, boxes.shape, device=boxes.device).to(boxes.dtype) * 2.0 - 1.0
+        magnitude = torch.rand_like(boxes) + negative[:, None].to(boxes.dtype)
+        corners = box_convert(boxes, "cxcywh", "xyxy") + sign * magnitude * half_size * self.box_noise_scale
+        return box_convert(corners.clamp(min=0.0, max=1.0), "xyxy", "cxcywh")
+
+    def forward(self, gt_labels_list: list[Tensor], gt_boxes_list: list[Tensor], num_queries: int) -> DenoisingQueries:
+        if len(gt_labels_list) != len(gt_boxes_list) or not gt_labels_list:
+            raise ValueError(
+                "GenerateCDNQueries needs one labels tensor and one boxes tensor per image, got "
+                f"{len(gt_labels_list)} labels and {len(gt_boxes_list)} boxes tensors"
+            )
+        device = self.label_encoder.weight.device
+        counts = torch.tensor([len(labels) for labels in gt_labels_list], dtype=torch.long, device=device)
+        batch_size = len(gt_labels_list)
+        max_gt = int(counts.max())
+        num_groups = denoising_group_count(self.denoising_nums, max_gt)
+        num_dn = 2 * max_gt * num_groups
+        attn_mask = denoising_attention_mask(2 * max_gt, num_groups, num_queries, device=device)
+
+        label_query = self.label_encoder.weight.new_zeros(batch_size, num_dn, self.label_embed_dim)
+        box_query = self.label_encoder.weight.new_zeros(batch_size, num_dn, 4)
+        if max_gt == 0:
+            return DenoisingQueries(label_query, box_query, attn_mask, num_groups, max_gt)
+
+        labels = torch.cat(gt_labels_list).to(device=device, dtype=torch.long)
+        boxes = torch.cat(gt_boxes_list).to(device=device, dtype=box_query.dtype)
+        if boxes.ndim != 2 or boxes.shape[1] != 4:
+            raise ValueError(f"gt boxes must be (n, 4) normalized cxcywh per image, got {tuple(boxes.shape)} in total")
+        if labels.min() < 0 or labels.max() >= self.num_classes:
+            raise ValueError(
+                f"gt labels must be contiguous class ids in [0, {self.num_classes}), got values in "
+                f"[{int(labels.min())}, {int(labels.max())}]; map dataset ids to contiguous ids first"
+            )
+        num_gt = labels.numel()
+        # Copy c (0 .. 2G-1) of GT t of image b goes to slot c * n_max + (t's index within b): even copies are
+        # the positive blocks, odd copies the negative blocks.
+        image_of_gt = torch.repeat_interleave(torch.arange(batch_size, device=device), counts)
+        index_in_image = torch.arange(num_gt, device=device) - (torch.cumsum(counts, 0) - counts)[image_of_gt]
+        copy = torch.arange(2 * num_groups, device=device).repeat_interleave(num_gt)
+        slots = copy * max_gt + index_in_image.repeat(2 * num_groups)
+        images = image_of_gt.repeat(2 * num_groups)
+
+        noised_labels = self.noise_labels(labels.repeat(2 * num_groups))
+        noised_boxes = self.noise_boxes(boxes.repeat(2 * num_groups, 1), negative=copy % 2 == 1)
+        label_query[images, slots] = self.label_encoder(noised_labels)
+        box_query[images, slots] = inverse_sigmoid(noised_boxes)
+        return DenoisingQueries(label_query, box_query, attn_mask, num_groups, max_gt)
