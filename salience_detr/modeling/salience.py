@@ -1,0 +1,143 @@
+"""Salience scoring and hierarchical token filtering before the encoder (spec §2.1-§2.2).
+
+Every token gets a salience logit from a small MLP; coarse levels modulate the scoring of finer levels
+(top-down fusion); per-level keep counts and one global descending ranking then give each encoder layer a
+nested prefix of tokens to update. Ratios and truncations follow the official code so the same tokens are kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["MaskPredictor", "salience_maps", "select_salient_tokens"]
+
+
+class MaskPredictor(nn.Module):
+    """Token salience MLP; half of its hidden features is replaced by their mean over the level (global context).
+
+    ``forward(x)`` takes one level's tokens (B, N_l, C) and returns logits (B, N_l, 1). The mean runs over all
+    tokens of the level, padding included, as in the official model.
+    """
+
+    def __init__(self, in_dim: int = 256, hidden_dim: int = 256) -> None:
+        super().__init__()
+        if hidden_dim % 4:
+            raise ValueError(f"hidden_dim must be divisible by 4, got {hidden_dim}")
+        self.hidden_dim = hidden_dim
+        self.layer1 = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden_dim), nn.GELU())
+        self.layer2 = nn.Sequential(
+            nn.Linear(hidden_dim, hidden_dim // 2),
+            nn.GELU(),
+            nn.Linear(hidden_dim // 2, hidden_dim // 4),
+            nn.GELU(),
+            nn.Linear(hidden_dim // 4, 1),
+        )
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.layer1(x)
+        z_local, z_global = z.split(self.hidden_dim // 2, dim=-1)
+        z_global = z_global.mean(dim=1, keepdim=True).expand_as(z_local)
+        return self.layer2(torch.cat([z_local, z_global], dim=-1))
+
+
+def _level_slices(spatial_shapes: Tensor, level_start_index: Tensor) -> list[tuple[int, int, int, int]]:
+    """(start, end, H, W) of each level in the flattened token axis."""
+    shapes = spatial_shapes.tolist()
+    starts = level_start_index.tolist()
+    return [(start, start + h * w, h, w) for start, (h, w) in zip(starts, shapes)]
+
+
+def salience_maps(
+    memory: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, predictor: MaskPredictor, alpha: Tensor
+) -> list[Tensor]:
+    """Per-level salience logit maps, predicted coarse to fine with top-down fusion (spec §2.1.3).
+
+    ``memory`` (B, N, C) is the scoring memory (enc_output + LayerNorm of feature + position + level embedding).
+    The coarsest level is scored directly; each finer level l is first modulated as
+    ``m_l + m_l * up(s_{l+1}) * alpha[l]`` with ``up`` bilinear (align_corners=True) on the raw logits.
+    Returns [(B, 1, H_l, W_l)] ordered finest first, unmasked.
+    """
+    levels = _level_slices(spatial_shapes, level_start_index)
+    if alpha.numel() != len(levels) - 1:
+        raise ValueError(f"alpha needs one weight per receiving level ({len(levels) - 1}), got {alpha.numel()}")
+    batch = memory.shape[0]
+    maps: list[Tensor] = []
+    coarser = None
+    for level in range(len(levels) - 1, -1, -1):
+        start, end, height, width = levels[level]
+        level_memory = memory[:, start:end]
+        if coarser is not None:
+            upsampled = F.interpolate(coarser, size=(height, width), mode="bilinear", align_corners=True)
+            upsampled = upsampled.view(batch, 1, height * width).transpose(1, 2)
+            level_memory = level_memory + level_memory * upsampled * alpha[level]
+        coarser = predictor(level_memory).transpose(1, 2).reshape(batch, 1, height, width)
+        maps.append(coarser)
+    return maps[::-1]
+
+
+def _truncate(counts: Tensor, ratios: Tensor) -> Tensor:
+    """``int(count * ratio)`` computed in float32, like the official float32 buffers (even after ``.double()``)."""
+    return (counts.to(torch.float32) * ratios.to(torch.float32)).to(torch.int64)
+
+
+def select_salient_tokens(
+    salience: Sequence[Tensor],
+    level_masks: Sequence[Tensor],
+    level_start_index: Tensor,
+    level_filter_ratio: Tensor,
+    layer_filter_ratio: Tensor,
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """Rank tokens by salience and give every encoder layer its prefix of the ranking (spec §2.1.4, §2.2).
+
+    Per image and level ``int(valid_tokens * level_filter_ratio[l])`` tokens are kept; each level takes the
+    batch maximum of that with ``topk`` (padding scored at the level's minimum logit), the picks of all levels
+    are sorted by score descending into one ranking of length M, and layer i gets its first
+    ``int(M * layer_filter_ratio[i])`` entries.
+
+    Returns ``foreground_score`` (B, N): flattened logits with padding set to their global minimum (as the
+    official code passes them to the encoder), ``focus_token_nums`` (B,) int64: the per-image budget, and
+    ``layer_indices``: one (B, M_i) int64 tensor of flattened token indices per layer.
+    """
+    if not (len(salience) == len(level_masks) == level_start_index.numel() == level_filter_ratio.numel()):
+        raise ValueError(
+            f"salience ({len(salience)}), level_masks ({len(level_masks)}), level_start_index "
+            f"({level_start_index.numel()}) and level_filter_ratio ({level_filter_ratio.numel()}) must all have one "
+            "entry per level"
+        )
+    for level, (scores, mask) in enumerate(zip(salience, level_masks)):
+        if scores.shape[0] != mask.shape[0] or scores.shape[-2:] != mask.shape[-2:]:
+            raise ValueError(f"level {level}: salience {tuple(scores.shape)} does not match mask {tuple(mask.shape)}")
+    for name, ratios in (("level_filter_ratio", level_filter_ratio), ("layer_filter_ratio", layer_filter_ratio)):
+        if ratios.numel() and (ratios.min() < 0 or ratios.max() > 1):
+            raise ValueError(f"{name} must lie in [0, 1], got {ratios.tolist()}")
+    valid_counts = torch.stack([(~mask).sum((1, 2)) for mask in level_masks], dim=-1)  # (B, L)
+    focus = _truncate(valid_counts, level_filter_ratio)
+    level_k = focus.max(0).values.tolist()
+    focus_token_nums = focus.sum(-1)
+
+    picked_scores, picked_indices = [], []
+    starts = level_start_index.tolist()
+    for scores, mask, k, start in zip(salience, level_masks, level_k, starts):
+        flat = scores.flatten(1)
+        ranked = flat.masked_fill(mask.flatten(1), flat.min())
+        top_scores, top_indices = ranked.topk(k, dim=1)
+        picked_scores.append(top_scores)
+        picked_indices.append(top_indices + start)
+    order = torch.sort(torch.cat(picked_scores, 1), dim=1, descending=True)[1]
+    ranking = torch.cat(picked_indices, 1).gather(1, order)
+
+    layer_counts = _truncate(torch.tensor(ranking.shape[1]), layer_filter_ratio).tolist()
+    layer_indices = [ranking[:, :count] for count in layer_counts]
+
+    foreground_score = torch.cat([scores.flatten(1) for scores in salience], 1)
+    mask_flatten = torch.cat([mask.flatten(1) for mask in level_masks], 1)
+    foreground_score = foreground_score.masked_fill(mask_flatten, foreground_score.min())
+    return foreground_score, focus_token_nums, layer_indices
