@@ -1,0 +1,171 @@
+"""Deformable decoder with iterative box refinement and look-forward-twice (spec §4).
+
+Nothing here is salience-specific: it is the DINO-style decoder the official checkpoints were trained with,
+including one quirk kept on purpose: the next layer's reference box is refined from the *un-normalised* query,
+while the boxes that are supervised come from ``norm(query)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import Tensor, nn
+
+from salience_detr.layers.ms_deform_attn import MultiScaleDeformableAttention
+from salience_detr.layers.position_encoding import get_sine_pos_embed
+
+from .denoising import inverse_sigmoid
+
+PRIOR_PROBABILITY = 0.01
+
+
+class MLP(nn.Module):
+    """Linear layers with ReLU in between (not after the last); weights live in ``layers.{i}``."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"MLP needs num_layers >= 1, got {num_layers}.")
+        dims_in = [input_dim] + [hidden_dim] * (num_layers - 1)
+        dims_out = [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(d_in, d_out) for d_in, d_out in zip(dims_in, dims_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for index, layer in enumerate(self.layers):
+            x = layer(x)
+            if index < len(self.layers) - 1:
+                x = torch.relu(x)
+        return x
+
+
+def init_class_head(head: nn.Linear) -> None:
+    """Focal-loss prior: every class starts at probability 0.01 (bias -log(99))."""
+    nn.init.constant_(head.bias, -math.log((1 - PRIOR_PROBABILITY) / PRIOR_PROBABILITY))
+
+
+def init_box_head(head: MLP) -> None:
+    """A zero last layer makes the first prediction equal to the reference box."""
+    nn.init.zeros_(head.layers[-1].weight)
+    nn.init.zeros_(head.layers[-1].bias)
+
+
+class SalienceDecoderLayer(nn.Module):
+    """Post-norm decoder layer: self-attention -> deformable cross-attention -> FFN.
+
+    Attribute names follow the official checkpoint: ``self_attn``/``norm2`` for self-attention and
+    ``cross_attn``/``norm1`` for cross-attention.
+    """
+
+    def __init__(
+        self,
+        d_model: int = 256,
+        d_ffn: int = 2048,
+        n_heads: int = 8,
+        n_levels: int = 4,
+        n_points: int = 4,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.embed_dim = d_model
+        self.cross_attn = MultiScaleDeformableAttention(d_model, n_levels, n_heads, n_points)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
+        self.dropout2 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, d_ffn)
+        self.dropout3 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(d_ffn, d_model)
+        self.dropout4 = nn.Dropout(dropout)
+        self.norm3 = nn.LayerNorm(d_model)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.xavier_uniform_(self.self_attn.in_proj_weight)
+        nn.init.xavier_uniform_(self.self_attn.out_proj.weight)
+        nn.init.xavier_uniform_(self.linear1.weight)
+        nn.init.xavier_uniform_(self.linear2.weight)
+
+    def forward(
+        self,
+        query: Tensor,
+        query_pos: Tensor,
+        reference_points: Tensor,
+        value: Tensor,
+        spatial_shapes: Tensor,
+        level_start_index: Tensor,
+        key_padding_mask: Tensor | None = None,
+        self_attn_mask: Tensor | None = None,
+    ) -> Tensor:
+        """query, query_pos (B,Q,C); reference_points (B,Q,L,4); value (B,N,C); self_attn_mask (Q,Q) True=blocked."""
+        query_with_pos = query + query_pos
+        attended = self.self_attn(query_with_pos, query_with_pos, query, attn_mask=self_attn_mask, need_weights=False)[0]
+        query = self.norm2(query + self.dropout2(attended))
+
+        sampled = self.cross_attn(
+            query + query_pos, reference_points, value, spatial_shapes, level_start_index, key_padding_mask
+        )
+        query = self.norm1(query + self.dropout1(sampled))
+
+        ffn = self.linear2(self.dropout3(torch.relu(self.linear1(query))))
+        return self.norm3(query + self.dropout4(ffn))
+
+
+class SalienceDecoder(nn.Module):
+    """Stack of decoder layers with per-layer class/box heads and iterative box refinement (§4).
+
+    Returns the stacked logits (num_layers, B, Q, K) and boxes (num_layers, B, Q, 4), normalized cxcywh.
+    """
+
+    def __init__(self, layer: SalienceDecoderLayer, num_layers: int = 6, num_classes: int = 80):
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"SalienceDecoder needs num_layers >= 1, got {num_layers}.")
+        self.embed_dim = layer.embed_dim
+        self.num_layers = num_layers
+        self.num_classes = num_classes
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
+        self.ref_point_head = MLP(2 * self.embed_dim, self.embed_dim, self.embed_dim, 2)
+        self.class_head = nn.ModuleList(nn.Linear(self.embed_dim, num_classes) for _ in range(num_layers))
+        self.bbox_head = nn.ModuleList(MLP(self.embed_dim, self.embed_dim, 4, 3) for _ in range(num_layers))
+        self.norm = nn.LayerNorm(self.embed_dim)
+        for class_head in self.class_head:
+            init_class_head(class_head)
+        for bbox_head in self.bbox_head:
+            init_box_head(bbox_head)
+
+    def query_position(self, reference_input: Tensor) -> Tensor:
+        """Sine embedding of the level-0 scaled box (order y, x, w, h) through the shared MLP."""
+        sine = get_sine_pos_embed(reference_input[:, :, 0, :], num_pos_feats=self.embed_dim // 2)
+        return self.ref_point_head(sine)
+
+    def forward(
+        self,
+        query: Tensor,
+        reference_points: Tensor,
+        value: Tensor,
+        spatial_shapes: Tensor,
+        level_start_index: Tensor,
+        valid_ratios: Tensor,
+        key_padding_mask: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """query (B,Q,C); reference_points (B,Q,4) sigmoid space; value (B,N,C); valid_ratios (B,L,2) as (w,h)."""
+        valid_ratio_scale = torch.cat([valid_ratios, valid_ratios], -1)[:, None]
+        classes, boxes = [], []
+        for index, layer in enumerate(self.layers):
+            reference_input = reference_points.detach()[:, :, None] * valid_ratio_scale
+            query_pos = self.query_position(reference_input)
+            query = layer(
+                query, query_pos, reference_input, value, spatial_shapes, level_start_index, key_padding_mask, attn_mask
+            )
+            normed = self.norm(query)
+            classes.append(self.class_head[index](normed))
+            # look-forward-twice: reference_points keeps its graph, so this loss also trains the previous box head
+            boxes.append((self.bbox_head[index](normed) + inverse_sigmoid(reference_points)).sigmoid())
+            if index < self.num_layers - 1:
+                # the official code refines from the un-normalised query here (not `normed`)
+                reference_points = (self.bbox_head[index](query) + inverse_sigmoid(reference_points.detach())).sigmoid()
+        return torch.stack(classes), torch.stack(boxes)

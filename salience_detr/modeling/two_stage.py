@@ -1,0 +1,107 @@
+"""Two-stage query selection (spec §3): anchors per token, grid NMS on token positions, gathering.
+
+Boxes are normalized cxcywh relative to each image's valid (unpadded) area; anchor boxes are returned in
+logit space with +inf marking padded or invalid anchors (their sigmoid is 1, and they never win a match).
+"""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import Tensor
+
+ANCHOR_BASE_SIZE = 0.05
+ANCHOR_VALID_RANGE = (0.01, 0.99)
+NMS_IOU_THRESHOLD = 0.3
+
+
+def level_valid_sizes(level_mask: Tensor) -> Tensor:
+    """Valid (width, height) in cells per image, counted on row 0 / column 0 of a (B,H,W) padding mask."""
+    valid_w = (~level_mask[:, 0, :]).sum(1)
+    valid_h = (~level_mask[:, :, 0]).sum(1)
+    return torch.stack([valid_w, valid_h], -1)
+
+
+def encoder_output_proposals(
+    memory: Tensor, mask_flatten: Tensor, spatial_shapes: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Anchor proposals for every token and the memory with padded/invalid tokens zeroed (§3.1).
+
+    memory (B,N,C), mask_flatten (B,N) True=padding, spatial_shapes (L,2) as (H,W).
+    Returns (masked_memory (B,N,C), anchor_logits (B,N,4)); the caller applies enc_output + LayerNorm.
+    Anchor of cell (i,j) at level l: centre ((j+0.5)/valid_w, (i+0.5)/valid_h), side 0.05*2^l; valid iff all four
+    numbers lie in (0.01, 0.99).
+    """
+    batch_size = memory.shape[0]
+    dtype = torch.promote_types(memory.dtype, torch.float32)
+    proposals, start = [], 0
+    for level, (height, width) in enumerate(spatial_shapes.tolist()):
+        level_mask = mask_flatten[:, start : start + height * width].view(batch_size, height, width)
+        scale = level_valid_sizes(level_mask).to(dtype).view(batch_size, 1, 1, 2)
+        grid_y, grid_x = torch.meshgrid(
+            torch.arange(height, dtype=dtype, device=memory.device),
+            torch.arange(width, dtype=dtype, device=memory.device),
+            indexing="ij",
+        )
+        centers = (torch.stack([grid_x, grid_y], -1).expand(batch_size, -1, -1, -1) + 0.5) / scale
+        sizes = torch.full_like(centers, ANCHOR_BASE_SIZE * 2.0**level)
+        proposals.append(torch.cat([centers, sizes], -1).view(batch_size, -1, 4))
+        start += height * width
+    proposals = torch.cat(proposals, 1)
+    low, high = ANCHOR_VALID_RANGE
+    valid = ((proposals > low) & (proposals < high)).all(-1, keepdim=True)
+    anchor_logits = torch.log(proposals / (1 - proposals))
+    anchor_logits = anchor_logits.masked_fill(mask_flatten.unsqueeze(-1) | ~valid, float("inf"))
+    masked_memory = memory * (~mask_flatten.unsqueeze(-1)) * valid
+    return masked_memory, anchor_logits
+
+
+@torch.no_grad()
+def grid_nms(
+    scores: Tensor,
+    token_index: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    max_keep: int,
+    iou_threshold: float = NMS_IOU_THRESHOLD,
+) -> Tensor:
+    """Redundancy removal on token positions (§3.2).
+
+    scores, token_index (B,k): candidate tokens (flat indices over all levels) and their max class logits.
+    Each token is the box (x-1, y-1, x+1, y+1) in its level's grid units; NMS runs per (image, level).
+    Returns (B, Q') flat token indices in descending score order, Q' = min(max_keep, fewest survivors of any
+    image) — the official code requires Q' = max_keep; a smaller Q' is how small inputs keep working.
+    """
+    batch_size, num_candidates = scores.shape
+    flat_index = token_index.reshape(-1)
+    level = torch.searchsorted(level_start_index, flat_index, right=True) - 1
+    width = spatial_shapes[level, 1]
+    cell = flat_index - level_start_index[level]
+    x = (cell % width).to(scores.dtype)
+    y = torch.div(cell, width, rounding_mode="trunc").to(scores.dtype)
+    boxes = torch.stack([x - 1.0, y - 1.0, x + 1.0, y + 1.0], -1)
+    image = torch.arange(batch_size, device=scores.device).repeat_interleave(num_candidates)
+    groups = level + spatial_shapes.shape[0] * image
+    keep = torchvision.ops.batched_nms(boxes, scores.reshape(-1), groups, iou_threshold)
+    kept_per_image = [flat_index[keep[image[keep] == b]] for b in range(batch_size)]
+    num_kept = min([max_keep] + [len(kept) for kept in kept_per_image])
+    return torch.stack([kept[:num_kept] for kept in kept_per_image])
+
+
+def select_proposals(
+    enc_class: Tensor,
+    enc_coord: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    num_queries: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-4Q tokens by max class logit -> grid NMS -> first Q' survivors; gathers their class logits and boxes.
+
+    enc_class (B,N,K), enc_coord (B,N,4). Returns (index (B,Q'), class (B,Q',K), coord (B,Q',4)).
+    """
+    num_candidates = min(4 * num_queries, enc_class.shape[1])
+    top_scores, top_index = torch.topk(enc_class.max(-1)[0], num_candidates, dim=1)
+    index = grid_nms(top_scores, top_index, spatial_shapes, level_start_index, num_queries)
+    gathered_class = enc_class.gather(1, index.unsqueeze(-1).expand(-1, -1, enc_class.shape[-1]))
+    gathered_coord = enc_coord.gather(1, index.unsqueeze(-1).expand(-1, -1, 4))
+    return index, gathered_class, gathered_coord
