@@ -1,0 +1,211 @@
+"""SalienceTransformer: salience scoring, filtered encoder, transformer neck, two-stage selection, decoder.
+
+Owns exactly the official ``transformer.*`` state-dict entries (spec §10.1). Data flow (spec §1.6-§4):
+flatten levels -> salience input memory (enc_output + LN of feature + position + level embedding) ->
+top-down salience maps -> token ranking -> SalienceEncoder -> optional RepVGG neck -> proposals + grid NMS ->
+queries (learned content, detached encoder boxes), denoising queries prepended in training -> decoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .decoder import MLP, SalienceDecoder, init_box_head, init_class_head
+from .denoising import DenoisingQueries
+from .encoder import SalienceEncoder
+from .salience import MaskPredictor, salience_maps, select_salient_tokens
+from .two_stage import encoder_output_proposals, select_proposals
+
+ALPHA_INIT_RANGE = 0.3
+
+
+@dataclass
+class TransformerOutput:
+    """Everything the meta-architecture needs for losses, post-processing and visualisation.
+
+    ``pred_logits``/``pred_boxes`` stack all decoder layers (num_layers, B, D + Q', ...), denoising queries first.
+    """
+
+    pred_logits: Tensor
+    pred_boxes: Tensor
+    enc_logits: Tensor
+    enc_boxes: Tensor
+    salience: list[Tensor]
+    layer_indices: list[Tensor]
+    query_index: Tensor
+    spatial_shapes: Tensor
+    denoising: DenoisingQueries | None
+
+
+def flatten_levels(maps: list[Tensor]) -> Tensor:
+    """(B,C,H,W) per level -> (B, sum H*W, C); (B,H,W) masks -> (B, sum H*W). Row-major, level by level."""
+    flat = torch.cat([m.flatten(-2) for m in maps], -1)
+    return flat.transpose(1, 2) if flat.ndim == 3 else flat
+
+
+def valid_ratios_of(level_masks: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """(B, L, 2) valid fraction per level as (w, h), counted on row 0 / column 0 of each mask (§1.2)."""
+    ratios = []
+    for mask in level_masks:
+        height, width = mask.shape[-2:]
+        valid_h = (~mask[:, :, 0]).sum(1).to(dtype) / height
+        valid_w = (~mask[:, 0, :]).sum(1).to(dtype) / width
+        ratios.append(torch.stack([valid_w, valid_h], -1))
+    return torch.stack(ratios, 1)
+
+
+class SalienceTransformer(nn.Module):
+    """The transformer of Salience DETR, with its two-stage heads and query selection."""
+
+    def __init__(
+        self,
+        encoder: SalienceEncoder,
+        neck: nn.Module | None,
+        decoder: SalienceDecoder,
+        num_classes: int = 80,
+        num_feature_levels: int = 4,
+        num_queries: int = 900,
+        embed_dim: int = 256,
+        level_filter_ratio: tuple[float, ...] = (0.4, 0.8, 1.0, 1.0),
+        layer_filter_ratio: tuple[float, ...] = (1.0, 0.8, 0.6, 0.6, 0.4, 0.2),
+    ):
+        super().__init__()
+        if len(level_filter_ratio) != num_feature_levels:
+            raise ValueError(
+                f"level_filter_ratio has {len(level_filter_ratio)} entries but num_feature_levels={num_feature_levels}; "
+                "give one keep ratio per feature level."
+            )
+        if len(layer_filter_ratio) != len(encoder.layers):
+            raise ValueError(
+                f"layer_filter_ratio has {len(layer_filter_ratio)} entries but the encoder has {len(encoder.layers)} "
+                "layers; give one ratio per encoder layer."
+            )
+        self.embed_dim = embed_dim
+        self.num_classes = num_classes
+        self.num_feature_levels = num_feature_levels
+        self.num_queries = num_queries
+
+        self.level_embeds = nn.Parameter(torch.empty(num_feature_levels, embed_dim))
+        self.alpha = nn.Parameter(torch.empty(num_feature_levels - 1))
+        self.register_buffer("level_filter_ratio", torch.tensor(level_filter_ratio, dtype=torch.float32))
+        self.register_buffer("layer_filter_ratio", torch.tensor(layer_filter_ratio, dtype=torch.float32))
+        self.enc_output = nn.Linear(embed_dim, embed_dim)
+        self.enc_output_norm = nn.LayerNorm(embed_dim)
+        self.encoder = encoder
+        self.neck = neck
+        self.decoder = decoder
+        self.tgt_embed = nn.Embedding(num_queries, embed_dim)
+        self.encoder_class_head = nn.Linear(embed_dim, num_classes)
+        self.encoder_bbox_head = MLP(embed_dim, embed_dim, 4, 3)
+        # the tie of §2.3: the encoder's pre-attention ranks tokens with the two-stage class head
+        self.encoder.enhance_mcsp = self.encoder_class_head
+        self.enc_mask_predictor = MaskPredictor(embed_dim, embed_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.level_embeds)
+        nn.init.uniform_(self.alpha, -ALPHA_INIT_RANGE, ALPHA_INIT_RANGE)
+        nn.init.xavier_uniform_(self.enc_output.weight)
+        nn.init.zeros_(self.enc_output.bias)
+        nn.init.normal_(self.tgt_embed.weight)
+        init_class_head(self.encoder_class_head)
+        init_box_head(self.encoder_bbox_head)
+
+    def project_memory(self, memory: Tensor, mask_flatten: Tensor, spatial_shapes: Tensor) -> tuple[Tensor, Tensor]:
+        """enc_output + LayerNorm of the masked memory, and the anchor logits (§3.1; also the salience input §2.1)."""
+        masked, anchor_logits = encoder_output_proposals(memory, mask_flatten, spatial_shapes)
+        return self.enc_output_norm(self.enc_output(masked)), anchor_logits
+
+    def apply_neck(self, memory: Tensor, spatial_shapes: Tensor) -> Tensor:
+        """Run the transformer neck on the encoder memory reshaped per level, then flatten again (§2.7)."""
+        batch_size = memory.shape[0]
+        shapes = spatial_shapes.tolist()
+        levels = memory.split([h * w for h, w in shapes], dim=1)
+        maps = [lvl.transpose(1, 2).reshape(batch_size, self.embed_dim, h, w) for lvl, (h, w) in zip(levels, shapes)]
+        return flatten_levels(self.neck(maps))
+
+    def forward(
+        self,
+        features: list[Tensor],
+        level_masks: list[Tensor],
+        position_embeddings: list[Tensor],
+        make_denoising: Callable[[int], DenoisingQueries] | None = None,
+    ) -> TransformerOutput:
+        """features/position_embeddings: per level (B,C,H_l,W_l); level_masks (B,H_l,W_l) True=padding.
+
+        make_denoising(num_queries) builds the denoising queries once the number of matching queries Q' is known
+        (it can be smaller than num_queries on small inputs); None disables denoising (evaluation).
+        """
+        if len(features) != self.num_feature_levels:
+            raise ValueError(
+                f"SalienceTransformer expects {self.num_feature_levels} feature levels, got {len(features)}; "
+                "match the neck's num_outs to transformer.num_feature_levels."
+            )
+        feat_flatten = flatten_levels(features)
+        mask_flatten = flatten_levels(level_masks)
+        lvl_pos = flatten_levels([pos + emb.view(1, -1, 1, 1) for pos, emb in zip(position_embeddings, self.level_embeds)])
+        spatial_shapes = torch.as_tensor([f.shape[-2:] for f in features], dtype=torch.long, device=feat_flatten.device)
+        level_start_index = torch.cat([spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]])
+        valid_ratios = valid_ratios_of(level_masks, torch.promote_types(feat_flatten.dtype, torch.float32))
+
+        salience_input = self.project_memory(feat_flatten + lvl_pos, mask_flatten, spatial_shapes)[0]
+        salience = salience_maps(salience_input, spatial_shapes, level_start_index, self.enc_mask_predictor, self.alpha)
+        foreground_score, focus_token_nums, layer_indices = select_salient_tokens(
+            salience, level_masks, level_start_index, self.level_filter_ratio, self.layer_filter_ratio
+        )
+        memory = self.encoder(
+            feat_flatten,
+            lvl_pos,
+            spatial_shapes,
+            level_start_index,
+            valid_ratios,
+            mask_flatten,
+            foreground_score,
+            focus_token_nums,
+            layer_indices,
+        )
+        if self.neck is not None:
+            memory = self.apply_neck(memory, spatial_shapes)
+
+        output_memory, anchor_logits = self.project_memory(memory, mask_flatten, spatial_shapes)
+        enc_logits_all = self.encoder_class_head(output_memory)
+        enc_boxes_all = (self.encoder_bbox_head(output_memory) + anchor_logits).sigmoid()
+        query_index, enc_logits, enc_boxes = select_proposals(
+            enc_logits_all, enc_boxes_all, spatial_shapes, level_start_index, self.num_queries
+        )
+        num_queries = query_index.shape[1]
+        reference_points = enc_boxes.detach()
+        target = self.tgt_embed.weight[:num_queries].expand(feat_flatten.shape[0], -1, -1)
+
+        denoising = make_denoising(num_queries) if make_denoising is not None else None
+        attn_mask = None
+        if denoising is not None:
+            target = torch.cat([denoising.label_query.to(target.dtype), target], 1)
+            reference_points = torch.cat([denoising.box_query.sigmoid().to(reference_points.dtype), reference_points], 1)
+            attn_mask = denoising.attn_mask
+
+        pred_logits, pred_boxes = self.decoder(
+            target,
+            reference_points,
+            memory,
+            spatial_shapes,
+            level_start_index,
+            valid_ratios,
+            key_padding_mask=mask_flatten,
+            attn_mask=attn_mask,
+        )
+        return TransformerOutput(
+            pred_logits=pred_logits,
+            pred_boxes=pred_boxes,
+            enc_logits=enc_logits,
+            enc_boxes=enc_boxes,
+            salience=salience,
+            layer_indices=layer_indices,
+            query_index=query_index,
+            spatial_shapes=spatial_shapes,
+            denoising=denoising,
+        )
