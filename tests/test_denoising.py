@@ -1,5 +1,7 @@
 import salience_detr  # noqa: F401  (applies the detectron2 compat layer first)
 
+import math
+
 import pytest
 import torch
 from torchvision.ops import box_convert
@@ -133,7 +135,7 @@ def test_label_query_is_the_embedding_of_the_noised_label():
 
 def test_inverse_sigmoid_clamps_with_eps():
     x = torch.tensor([0.0, 0.5, 1.0, 0.25])
-    expected = torch.tensor([torch.log(torch.tensor(1e-3)), 0.0, -torch.log(torch.tensor(1e-3)), torch.log(torch.tensor(1 / 3))])
+    expected = torch.tensor([math.log(1e-3), 0.0, -math.log(1e-3), math.log(1 / 3)])
     torch.testing.assert_close(inverse_sigmoid(x), expected)
 
 

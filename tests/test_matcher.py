@@ -21,7 +21,7 @@ def test_perfect_predictions_match_identity():
     labels = [3, 1, 4, 1]
     pred_logits = confident_logits(labels, 5)[None]
     pred_boxes = torch.tensor(boxes)[None]
-    (query_idx, gt_idx), = HungarianMatcher()(pred_logits, pred_boxes, [target(labels, boxes)])
+    ((query_idx, gt_idx),) = HungarianMatcher()(pred_logits, pred_boxes, [target(labels, boxes)])
     assert query_idx.tolist() == [0, 1, 2, 3] and gt_idx.tolist() == [0, 1, 2, 3]
     assert query_idx.dtype == torch.int64 and gt_idx.dtype == torch.int64
 
@@ -49,7 +49,7 @@ def test_class_cost_breaks_box_tie():
     boxes = [[0.5, 0.5, 0.2, 0.2]]
     pred_boxes = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.5, 0.5, 0.2, 0.2]])[None]
     pred_logits = torch.tensor([[[4.0, -4.0], [-4.0, 4.0]]])
-    (query_idx, gt_idx), = HungarianMatcher()(pred_logits, pred_boxes, [target([1], boxes)])
+    ((query_idx, gt_idx),) = HungarianMatcher()(pred_logits, pred_boxes, [target([1], boxes)])
     assert query_idx.tolist() == [1] and gt_idx.tolist() == [0]
 
 

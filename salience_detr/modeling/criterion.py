@@ -1,0 +1,252 @@
+"""Training losses of Salience DETR: the set criterion (spec §6.2, §5) and the salience loss (§6.4).
+
+All boxes entering ``HybridSetCriterion`` are normalized cxcywh; losses come back already weighted, under the
+official key names (``loss_class``, ``loss_bbox_3``, ``loss_giou_enc``, ``loss_class_dn_0``, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from detectron2.utils import comm
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torchvision.ops import box_convert, box_iou, generalized_box_iou
+
+from .matcher import HungarianMatcher
+
+DEFAULT_SET_WEIGHTS = {"loss_class": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+DEFAULT_LIMIT_RANGE = ((-1, 64), (64, 128), (128, 256), (256, 99999))
+
+MatchIndices = list[tuple[Tensor, Tensor]]
+
+
+def average_num_boxes(targets: Sequence[dict], device: torch.device) -> float:
+    """Total number of target boxes averaged over processes (all-reduced when distributed), at least 1."""
+    num_boxes = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+    world_size = comm.get_world_size()
+    if world_size > 1:
+        dist.all_reduce(num_boxes)
+    return torch.clamp(num_boxes / world_size, min=1).item()
+
+
+def varifocal_loss(logits: Tensor, onehot: Tensor, iou: Tensor, num_boxes: float, alpha: float, gamma: float) -> Tensor:
+    """IoU-aware BCE (RT-DETR style): target IoU on the matched class, weight (1-α)·p̂^γ on negatives, p̂ detached.
+
+    ``logits``/``onehot``: (B, Q, K); ``iou``: (B, Q), zero for unmatched queries. Summed, divided by ``num_boxes``.
+    """
+    prob = logits.sigmoid().detach()
+    target = onehot * iou.unsqueeze(-1)
+    weight = (1 - alpha) * prob.pow(gamma) * (1 - onehot) + target
+    loss = F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="none")
+    return loss.sum() / num_boxes
+
+
+def soft_focal_loss(logits: Tensor, target: Tensor, alpha: float, gamma: float) -> Tensor:
+    """Element-wise soft-target focal loss: BCE · [(1-α)·p^γ·(1-T) + α·T·(1-p)^γ]; p keeps its gradient."""
+    prob = logits.sigmoid()
+    weight = (1 - alpha) * prob.pow(gamma) * (1 - target) + alpha * target * (1 - prob).pow(gamma)
+    return F.binary_cross_entropy_with_logits(logits, target, reduction="none") * weight
+
+
+def denoising_indices(targets: Sequence[dict], num_groups: int, group_size: int, device) -> MatchIndices:
+    """Fixed dn assignment: target t of an image goes to query ``g * group_size + t`` of every group g (positives)."""
+    indices = []
+    for target in targets:
+        num_gt = len(target["labels"])
+        gt_idx = torch.arange(num_gt, device=device).repeat(num_groups)
+        group = torch.arange(num_groups, device=device).repeat_interleave(num_gt)
+        indices.append((group * group_size + gt_idx, gt_idx))
+    return indices
+
+
+class HybridSetCriterion(nn.Module):
+    """Varifocal classification + L1 + GIoU on every decoder layer, the encoder proposals and the dn groups.
+
+    ``forward(outputs, targets)`` returns the weighted losses; with ``return_indices=True`` it also returns the
+    last decoder layer's Hungarian matching (per image ``(query_idx, gt_idx)``), e.g. for a RoI refinement head.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        matcher: HungarianMatcher,
+        weight_dict: dict[str, float] | None = None,
+        alpha: float = 0.25,
+        gamma: float = 2.0,
+    ):
+        super().__init__()
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.weight_dict = dict(DEFAULT_SET_WEIGHTS if weight_dict is None else weight_dict)
+        missing = set(DEFAULT_SET_WEIGHTS) - set(self.weight_dict)
+        if missing:
+            raise ValueError(
+                f"weight_dict is missing {sorted(missing)}; give weights for {sorted(DEFAULT_SET_WEIGHTS)}"
+            )
+        self.alpha = alpha
+        self.gamma = gamma
+
+    def set_losses(self, outputs: dict, targets: Sequence[dict], indices: MatchIndices, num_boxes: float) -> dict:
+        """Unweighted ``loss_class``, ``loss_bbox``, ``loss_giou`` of one output set under a given assignment."""
+        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        batch_idx = torch.cat([torch.full_like(query, i) for i, (query, _) in enumerate(indices)])
+        query_idx = torch.cat([query for query, _ in indices])
+        matched_boxes = boxes[batch_idx, query_idx]
+        target_boxes = torch.cat([t["boxes"][gt] for t, (_, gt) in zip(targets, indices)]).to(matched_boxes)
+        target_labels = torch.cat([t["labels"][gt] for t, (_, gt) in zip(targets, indices)]).to(logits.device)
+
+        matched_xyxy = box_convert(matched_boxes, "cxcywh", "xyxy")
+        target_xyxy = box_convert(target_boxes, "cxcywh", "xyxy")
+        iou = torch.zeros(logits.shape[:2], dtype=logits.dtype, device=logits.device)
+        iou[batch_idx, query_idx] = torch.diag(box_iou(matched_xyxy, target_xyxy)).detach().to(logits.dtype)
+        onehot = torch.zeros_like(logits)
+        onehot[batch_idx, query_idx, target_labels] = 1.0
+
+        return {
+            "loss_class": varifocal_loss(logits, onehot, iou, num_boxes, self.alpha, self.gamma),
+            "loss_bbox": F.l1_loss(matched_boxes, target_boxes, reduction="sum") / num_boxes,
+            "loss_giou": (1 - torch.diag(generalized_box_iou(matched_xyxy, target_xyxy))).sum() / num_boxes,
+        }
+
+    def matched_losses(self, outputs: dict, targets: Sequence[dict], num_boxes: float) -> tuple[dict, MatchIndices]:
+        indices = self.matcher(outputs["pred_logits"], outputs["pred_boxes"], targets)
+        return self.set_losses(outputs, targets, indices, num_boxes), indices
+
+    def denoising_losses(self, dn_outputs: dict, targets: Sequence[dict], num_boxes: float) -> dict:
+        """``_dn`` (last layer) and ``_dn_{i}`` (earlier layers) losses under the fixed assignment, / (num_boxes·G)."""
+        num_groups = int(dn_outputs["denoising_groups"])
+        max_gt = int(dn_outputs["max_gt_num_per_image"])
+        num_dn = dn_outputs["pred_logits"].shape[1]
+        if num_dn != 2 * max_gt * num_groups:
+            raise ValueError(
+                f"dn_outputs has {num_dn} queries but denoising_groups={num_groups} and max_gt_num_per_image={max_gt} "
+                f"imply 2*{max_gt}*{num_groups}={2 * max_gt * num_groups}; pass DenoisingQueries.max_gt_per_image "
+                "(n_max, not 2*n_max) and the dn part of the decoder outputs only"
+            )
+        device = dn_outputs["pred_logits"].device
+        indices = denoising_indices(targets, num_groups, 2 * max_gt, device)
+        normaliser = num_boxes * num_groups
+        losses = {f"{k}_dn": v for k, v in self.set_losses(dn_outputs, targets, indices, normaliser).items()}
+        for i, aux in enumerate(dn_outputs.get("aux_outputs", [])):
+            losses.update({f"{k}_dn_{i}": v for k, v in self.set_losses(aux, targets, indices, normaliser).items()})
+        return losses
+
+    def check_targets(self, targets: Sequence[dict], batch_size: int) -> None:
+        if len(targets) != batch_size:
+            raise ValueError(f"HybridSetCriterion got {len(targets)} targets for a batch of {batch_size} images")
+        labels = torch.cat([t["labels"] for t in targets])
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(
+                f"target labels must be contiguous class ids in [0, {self.num_classes}), got values in "
+                f"[{int(labels.min())}, {int(labels.max())}]"
+            )
+
+    def weighted(self, losses: dict) -> dict:
+        """Scale each term by the weight of its base name (``loss_bbox_dn_3`` -> ``loss_bbox``)."""
+        return {name: value * self.weight_dict["_".join(name.split("_")[:2])] for name, value in losses.items()}
+
+    def forward(self, outputs: dict, targets: Sequence[dict], return_indices: bool = False):
+        self.check_targets(targets, outputs["pred_logits"].shape[0])
+        num_boxes = average_num_boxes(targets, outputs["pred_logits"].device)
+
+        losses, last_indices = self.matched_losses(outputs, targets, num_boxes)
+        for i, aux in enumerate(outputs.get("aux_outputs", [])):
+            losses.update({f"{k}_{i}": v for k, v in self.matched_losses(aux, targets, num_boxes)[0].items()})
+        if "enc_outputs" in outputs:
+            enc_losses = self.matched_losses(outputs["enc_outputs"], targets, num_boxes)[0]
+            losses.update({f"{k}_enc": v for k, v in enc_losses.items()})
+        if "dn_outputs" in outputs:
+            losses.update(self.denoising_losses(outputs["dn_outputs"], targets, num_boxes))
+
+        losses = self.weighted(losses)
+        return (losses, last_indices) if return_indices else losses
+
+
+def salience_targets(
+    gt_boxes_xyxy: Sequence[Tensor],
+    feature_shapes: Sequence[tuple[int, int]],
+    padded_size: tuple[int, int],
+    limit_range: Sequence[tuple[float, float]] = DEFAULT_LIMIT_RANGE,
+) -> list[Tensor]:
+    """Per-level salience targets (B, H_l, W_l) in [0, 1] for absolute-pixel xyxy boxes (spec §6.4).
+
+    A cell centre gets the scale-independent centre-ness ``1 - ½·sqrt(δx² + δy²)`` (1 at a box centre, 0.5 at
+    edge midpoints, 1-√2/2 at corners), maximised over every box containing it, but only where at least one
+    containing box also matches the level (FCOS range of max(l, t, r, b)); everything else is 0.
+    Strides are padded size / feature size per axis.
+    """
+    if len(limit_range) < len(feature_shapes):
+        raise ValueError(f"limit_range has {len(limit_range)} ranges for {len(feature_shapes)} feature levels")
+    pad_h, pad_w = padded_size
+    targets = []
+    for (height, width), (low, high) in zip(feature_shapes, limit_range):
+        device = gt_boxes_xyxy[0].device if gt_boxes_xyxy else None
+        ys = (torch.arange(height, dtype=torch.float32, device=device) + 0.5) * (pad_h / height)
+        xs = (torch.arange(width, dtype=torch.float32, device=device) + 0.5) * (pad_w / width)
+        ys, xs = torch.meshgrid(ys, xs, indexing="ij")
+        level = [_centreness_single_image(xs, ys, boxes.float(), low, high) for boxes in gt_boxes_xyxy]
+        targets.append(torch.stack(level) if level else xs.new_zeros(0, height, width))
+    return targets
+
+
+def _centreness_single_image(xs: Tensor, ys: Tensor, boxes: Tensor, low: float, high: float) -> Tensor:
+    """(H, W) cell centres x (n, 4) boxes -> (H, W) target map, all boxes at once."""
+    if boxes.numel() == 0:
+        return torch.zeros_like(xs)
+    left = xs[..., None] - boxes[:, 0]
+    top = ys[..., None] - boxes[:, 1]
+    right = boxes[:, 2] - xs[..., None]
+    bottom = boxes[:, 3] - ys[..., None]
+    distances = torch.stack([left, top, right, bottom], dim=-1)  # (H, W, n, 4)
+    inside = distances.amin(dim=-1) > 0
+    largest = distances.amax(dim=-1)
+    level_match = inside & (largest > low) & (largest <= high)
+    delta_x = (left - right) / (left + right)
+    delta_y = (top - bottom) / (top + bottom)
+    centreness = torch.where(inside, 1 - torch.sqrt(delta_x**2 + delta_y**2) / 2, torch.zeros_like(left))
+    return torch.where(level_match.any(dim=-1), centreness.amax(dim=-1), torch.zeros_like(xs))
+
+
+class SalienceCriterion(nn.Module):
+    """Focal loss between the per-level salience logits and the centre-ness targets of ``salience_targets``.
+
+    Summed over every cell of every level (padding included, target 0), divided by the number of positive
+    cells in the batch (at least 1, not all-reduced, as the official code), times ``weight``.
+    """
+
+    def __init__(
+        self,
+        limit_range: Sequence[tuple[float, float]] = DEFAULT_LIMIT_RANGE,
+        noise_scale: float = 0.0,
+        alpha: float = 0.25,
+        gamma: float = 2.0,
+        weight: float = 2.0,
+    ):
+        super().__init__()
+        self.limit_range = tuple(tuple(r) for r in limit_range)
+        self.noise_scale = noise_scale
+        self.alpha = alpha
+        self.gamma = gamma
+        self.weight = weight
+
+    def forward(
+        self, salience: Sequence[Tensor], gt_boxes_xyxy: Sequence[Tensor], padded_size: tuple[int, int]
+    ) -> dict[str, Tensor]:
+        if len(gt_boxes_xyxy) != salience[0].shape[0]:
+            raise ValueError(
+                f"SalienceCriterion got boxes for {len(gt_boxes_xyxy)} images but salience maps for "
+                f"{salience[0].shape[0]}"
+            )
+        shapes = [tuple(s.shape[-2:]) for s in salience]
+        boxes = [b.to(salience[0].device) for b in gt_boxes_xyxy]
+        level_targets = salience_targets(boxes, shapes, padded_size, self.limit_range)
+        targets = torch.cat([t.flatten(1) for t in level_targets], dim=1)
+        if self.noise_scale > 0:
+            targets = (1 - self.noise_scale) * targets + self.noise_scale * torch.rand_like(targets)
+        logits = torch.cat([s.flatten(1) for s in salience], dim=1)
+        num_pos = torch.clamp((targets > 0.5 * self.noise_scale).sum(), min=1)
+        loss = soft_focal_loss(logits, targets.to(logits.dtype), self.alpha, self.gamma).sum() / num_pos
+        return {"loss_salience": loss * self.weight}
