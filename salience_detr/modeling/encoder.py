@@ -1,0 +1,207 @@
+"""Salience-filtered deformable encoder (spec §2.3-§2.5).
+
+Each layer updates only its prefix of the salience ranking: the selected tokens first exchange information
+through plain multi-head attention among the most confident of them, then sample the *un-encoded* input
+features with multi-scale deformable attention (the value is never updated, unlike Deformable DETR), then go
+through an FFN. Tokens left untouched by the last layer receive a learned background embedding.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from salience_detr.layers.ms_deform_attn import MultiScaleDeformableAttention
+from salience_detr.layers.position_encoding import PositionEmbeddingLearned
+
+__all__ = ["SalienceEncoder", "SalienceEncoderLayer", "encoder_reference_points"]
+
+
+def _gather_tokens(tokens: Tensor, indices: Tensor) -> Tensor:
+    """tokens (B, N, ...) at indices (B, M) -> (B, M, ...)."""
+    trailing = tokens.shape[2:]
+    flat_indices = indices.view(*indices.shape, *(1,) * len(trailing)).expand(-1, -1, *trailing)
+    return tokens.gather(1, flat_indices)
+
+
+class SalienceEncoderLayer(nn.Module):
+    """Post-norm encoder layer: salience-guided MHA on the top ``topk_sa`` tokens, deformable attention, FFN."""
+
+    def __init__(
+        self,
+        d_model: int = 256,
+        d_ffn: int = 2048,
+        n_heads: int = 8,
+        n_levels: int = 4,
+        n_points: int = 4,
+        dropout: float = 0.0,
+        topk_sa: int = 300,
+    ) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.topk_sa = topk_sa
+        self.pre_attention = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
+        self.pre_dropout = nn.Dropout(dropout)
+        self.pre_norm = nn.LayerNorm(d_model)
+        self.self_attn = MultiScaleDeformableAttention(d_model, n_levels, n_heads, n_points)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, d_ffn)
+        self.activation = nn.ReLU(inplace=True)
+        self.dropout2 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(d_ffn, d_model)
+        self.dropout3 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Xavier for the attention projections and FFN weights (biases and deformable attention keep theirs)."""
+        for weight in (self.pre_attention.in_proj_weight, self.pre_attention.out_proj.weight):
+            nn.init.xavier_uniform_(weight)
+        nn.init.xavier_uniform_(self.linear1.weight)
+        nn.init.xavier_uniform_(self.linear2.weight)
+
+    def salient_self_attention(self, query: Tensor, query_pos: Tensor, score_tgt: Tensor, foreground: Tensor) -> Tensor:
+        """MHA among the ``min(topk_sa, M)`` tokens ranked by max class logit x salience logit; others unchanged."""
+        confidence = score_tgt.max(-1).values * foreground
+        top = confidence.topk(min(self.topk_sa, query.shape[1]), dim=1).indices
+        top = top.unsqueeze(-1).expand(-1, -1, query.shape[-1])
+        selected = query.gather(1, top)
+        with_pos = selected + query_pos.gather(1, top)
+        attended = self.pre_attention(with_pos, with_pos, selected, need_weights=False)[0]
+        selected = self.pre_norm(selected + self.pre_dropout(attended))
+        return query.scatter(1, top, selected.to(query.dtype))
+
+    def forward(
+        self,
+        query: Tensor,
+        query_pos: Tensor,
+        value: Tensor,
+        reference_points: Tensor,
+        spatial_shapes: Tensor,
+        level_start_index: Tensor,
+        key_padding_mask: Tensor,
+        score_tgt: Tensor,
+        foreground: Tensor,
+    ) -> Tensor:
+        """query/query_pos (B, M, C) selected tokens, value (B, N, C) the un-encoded features, reference_points
+        (B, M, L, 2), score_tgt (B, M, K) class logits of the tokens, foreground (B, M) their salience logits."""
+        query = self.salient_self_attention(query, query_pos, score_tgt, foreground)
+        attended = self.self_attn(
+            query + query_pos, reference_points, value, spatial_shapes, level_start_index, key_padding_mask
+        )
+        query = self.norm1(query + self.dropout1(attended))
+        ffn = self.linear2(self.dropout2(self.activation(self.linear1(query))))
+        return self.norm2(query + self.dropout3(ffn))
+
+
+def encoder_reference_points(spatial_shapes: Tensor, valid_ratios: Tensor) -> Tensor:
+    """Cell centres normalised by each image's valid extent, rescaled per level: (B, N, L, 2) in (x, y) order.
+
+    ``valid_ratios`` is (B, L, 2) in (w, h) order; the arithmetic follows Deformable DETR step by step.
+    """
+    dtype, device = valid_ratios.dtype, valid_ratios.device
+    per_level = []
+    for level, (height, width) in enumerate(spatial_shapes.tolist()):
+        ref_y, ref_x = torch.meshgrid(
+            torch.linspace(0.5, height - 0.5, height, dtype=dtype, device=device),
+            torch.linspace(0.5, width - 0.5, width, dtype=dtype, device=device),
+            indexing="ij",
+        )
+        ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * height)
+        ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, level, 0] * width)
+        per_level.append(torch.stack((ref_x, ref_y), -1))
+    return torch.cat(per_level, 1)[:, :, None] * valid_ratios[:, None]
+
+
+class SalienceEncoder(nn.Module):
+    """Stack of salience encoder layers over a fixed token ranking, plus the background embedding.
+
+    ``enhance_mcsp`` (the class head scoring tokens for the pre-attention) is None until the transformer
+    assigns its ``encoder_class_head`` to it, so both state-dict keys hold the same tensors as in the official model.
+    """
+
+    def __init__(
+        self, layer: SalienceEncoderLayer, num_layers: int = 6, max_num_embedding: int = 200, d_model: int = 256
+    ) -> None:
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be at least 1, got {num_layers}")
+        if layer.d_model != d_model:
+            raise ValueError(f"layer.d_model ({layer.d_model}) must equal d_model ({d_model})")
+        self.d_model = d_model
+        self.num_layers = num_layers
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
+        for copied in self.layers:
+            copied.reset_parameters()
+        self.background_embedding = PositionEmbeddingLearned(max_num_embedding, d_model // 2)
+        self.enhance_mcsp: nn.Module | None = None
+
+    def _check_inputs(self, feat_flatten: Tensor, layer_indices: Sequence[Tensor], spatial_shapes: Tensor) -> None:
+        if self.enhance_mcsp is None:
+            raise RuntimeError(
+                "SalienceEncoder.enhance_mcsp is not set: assign the transformer's encoder_class_head to it "
+                "(encoder.enhance_mcsp = encoder_class_head) before running the encoder"
+            )
+        if len(layer_indices) != self.num_layers:
+            raise ValueError(f"layer_indices must hold one index tensor per layer ({self.num_layers}), got {len(layer_indices)}")
+        num_tokens = int(spatial_shapes.prod(-1).sum())
+        if feat_flatten.dim() != 3 or feat_flatten.shape[1:] != (num_tokens, self.d_model):
+            raise ValueError(
+                f"feat_flatten must be (B, {num_tokens}, {self.d_model}) to match spatial_shapes, "
+                f"got {tuple(feat_flatten.shape)}"
+            )
+
+    def background(self, spatial_shapes: Tensor) -> Tensor:
+        """Learned background embedding of every token, levels flattened row-major and concatenated: (N, C)."""
+        maps = [self.background_embedding(h, w).flatten(1) for h, w in spatial_shapes.tolist()]
+        return torch.cat(maps, dim=1).transpose(0, 1)
+
+    def forward(
+        self,
+        feat_flatten: Tensor,
+        pos: Tensor,
+        spatial_shapes: Tensor,
+        level_start_index: Tensor,
+        valid_ratios: Tensor,
+        mask_flatten: Tensor,
+        foreground_score: Tensor,
+        focus_token_nums: Tensor,
+        layer_indices: Sequence[Tensor],
+    ) -> Tensor:
+        """Update each layer's selected tokens in place of the running memory; return memory (B, N, C).
+
+        Rows of a layer's selection beyond an image's own budget ``focus_token_nums[b]`` (the batch-max padding of
+        smaller images) are computed but not written back, as in the official per-image scatter.
+        """
+        self._check_inputs(feat_flatten, layer_indices, spatial_shapes)
+        reference_points = encoder_reference_points(spatial_shapes, valid_ratios)
+        output = feat_flatten
+        for layer, indices in zip(self.layers, layer_indices):
+            if indices.shape[1] == 0:
+                continue
+            query = _gather_tokens(output, indices)
+            updated = layer(
+                query,
+                _gather_tokens(pos, indices),
+                feat_flatten,
+                _gather_tokens(reference_points, indices),
+                spatial_shapes,
+                level_start_index,
+                mask_flatten,
+                self.enhance_mcsp(query),
+                foreground_score.gather(1, indices),
+            )
+            rank = torch.arange(indices.shape[1], device=indices.device)
+            within_budget = (rank[None] < focus_token_nums[:, None].to(indices.device)).unsqueeze(-1)
+            updated = torch.where(within_budget, updated.to(output.dtype), query)
+            output = output.scatter(1, indices.unsqueeze(-1).expand(-1, -1, output.shape[-1]), updated)
+
+        background = self.background(spatial_shapes).to(output.dtype)
+        background = background.unsqueeze(0).repeat(output.shape[0], 1, 1)
+        background = background.scatter(1, layer_indices[-1].unsqueeze(-1).expand(-1, -1, output.shape[-1]), 0.0)
+        background = background * (~mask_flatten).unsqueeze(-1).to(output.dtype)
+        return output + background
