@@ -1,0 +1,200 @@
+"""SalienceDETR meta-architecture: detectron2 batched inputs -> weighted losses (training) or Instances (eval).
+
+Normalisation and padding happen here (spec §1.1-§1.2, Appendix B): images are normalised, then padded with zeros
+to a multiple of ``size_divisibility``; the padding mask follows the padded batch and is resized to every feature
+level by nearest interpolation. Boxes inside the model are normalized cxcywh relative to each unpadded image.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.modeling.postprocessing import detector_postprocess
+from detectron2.structures import Boxes, ImageList, Instances
+from torch import Tensor, nn
+from torchvision.ops import box_convert
+
+from .transformer import SalienceTransformer, TransformerOutput
+
+
+def padding_mask(images: ImageList) -> Tensor:
+    """(B, H_pad, W_pad) bool, True on padding (§1.2)."""
+    batch_size, _, height, width = images.tensor.shape
+    mask = torch.ones(batch_size, height, width, dtype=torch.bool, device=images.tensor.device)
+    for index, (h, w) in enumerate(images.image_sizes):
+        mask[index, :h, :w] = False
+    return mask
+
+
+def level_masks_for(mask: Tensor, features: list[Tensor]) -> list[Tensor]:
+    """Padding mask resized to each feature map with nearest interpolation (official ``F.interpolate`` default)."""
+    return [F.interpolate(mask[None].float(), size=f.shape[-2:]).to(torch.bool)[0] for f in features]
+
+
+def split_denoising(logits: Tensor, boxes: Tensor, num_denoising: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split the (num_layers, B, D + Q', ...) decoder outputs into denoising and matching parts (dn_post_process)."""
+    dn = layer_outputs(logits[:, :, :num_denoising], boxes[:, :, :num_denoising])
+    matching = layer_outputs(logits[:, :, num_denoising:], boxes[:, :, num_denoising:])
+    return dn, matching
+
+
+def layer_outputs(logits: Tensor, boxes: Tensor) -> dict[str, Any]:
+    """Last decoder layer as the main prediction, earlier layers as ``aux_outputs``."""
+    return {
+        "pred_logits": logits[-1],
+        "pred_boxes": boxes[-1],
+        "aux_outputs": [{"pred_logits": c, "pred_boxes": b} for c, b in zip(logits[:-1], boxes[:-1])],
+    }
+
+
+@META_ARCH_REGISTRY.register()
+class SalienceDETR(nn.Module):
+    """Salience DETR (CVPR 2024) with explicit modules, constructible from a LazyConfig.
+
+    Training input: detectron2 dicts with "image" (C,H,W) in ``input_format`` and "instances" (gt_boxes absolute
+    XYXY in the image as given, gt_classes contiguous ids). Eval output: [{"instances": Instances(pred_boxes, scores,
+    pred_classes)}] rescaled to "height"/"width". With ``return_salience=True`` eval outputs also carry the per-level
+    salience logit maps and the per-encoder-layer selected token indices (for visualisation).
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        neck: nn.Module,
+        position_embedding: nn.Module,
+        transformer: SalienceTransformer,
+        criterion: nn.Module,
+        focus_criterion: nn.Module,
+        denoising_generator: nn.Module,
+        num_classes: int = 80,
+        embed_dim: int = 256,
+        pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53),
+        pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375),
+        input_format: str = "RGB",
+        select_box_nums_for_evaluation: int = 300,
+        size_divisibility: int = 32,
+        return_salience: bool = False,
+    ):
+        super().__init__()
+        if transformer.num_classes != num_classes:
+            raise ValueError(
+                f"transformer.num_classes={transformer.num_classes} differs from model num_classes={num_classes}; "
+                "set both from one value (the model config interpolates ${..num_classes})."
+            )
+        if transformer.embed_dim != embed_dim:
+            raise ValueError(
+                f"transformer.embed_dim={transformer.embed_dim} differs from model embed_dim={embed_dim}; "
+                "set both from one value (the model config interpolates ${..embed_dim})."
+            )
+        self.backbone = backbone
+        self.neck = neck
+        self.position_embedding = position_embedding
+        self.transformer = transformer
+        self.denoising_generator = denoising_generator
+        self.criterion = criterion
+        self.focus_criterion = focus_criterion
+        self.num_classes = num_classes
+        self.input_format = input_format
+        self.select_box_nums_for_evaluation = select_box_nums_for_evaluation
+        self.size_divisibility = size_divisibility
+        self.return_salience = return_salience
+        shapes = backbone.output_shape()
+        self.in_features = sorted(shapes, key=lambda name: shapes[name].stride)
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def preprocess_image(self, batched_inputs: list[dict[str, Any]]) -> ImageList:
+        """Normalise, then pad with zeros to a multiple of size_divisibility (official order)."""
+        images = [(x["image"].to(self.device).float() - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        return ImageList.from_tensors(images, self.size_divisibility, pad_value=0.0)
+
+    def prepare_targets(self, batched_inputs: list[dict[str, Any]], images: ImageList) -> list[dict[str, Tensor]]:
+        """gt boxes -> cxcywh normalized by each unpadded image size; also keeps the absolute xyxy boxes."""
+        targets = []
+        for x, (height, width) in zip(batched_inputs, images.image_sizes):
+            if "instances" not in x:
+                raise ValueError("SalienceDETR in training mode needs 'instances' in every input dict.")
+            instances = x["instances"].to(self.device)
+            labels = instances.gt_classes.long()
+            if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+                raise ValueError(
+                    f"gt_classes must be contiguous ids in [0, {self.num_classes}), got min {int(labels.min())} and "
+                    f"max {int(labels.max())}; set model.num_classes to the dataset's number of categories."
+                )
+            boxes_xyxy = instances.gt_boxes.tensor.float()
+            scale = boxes_xyxy.new_tensor([width, height, width, height])
+            boxes = box_convert(boxes_xyxy, "xyxy", "cxcywh") / scale
+            targets.append({"labels": labels, "boxes": boxes, "boxes_xyxy": boxes_xyxy})
+        return targets
+
+    def forward(self, batched_inputs: list[dict[str, Any]]):
+        images = self.preprocess_image(batched_inputs)
+        mask = padding_mask(images)
+        features = self.backbone(images.tensor)
+        features = self.neck([features[name] for name in self.in_features])
+        level_masks = level_masks_for(mask, features)
+        position_embeddings = [self.position_embedding(m).to(f.dtype) for m, f in zip(level_masks, features)]
+
+        if not self.training:
+            output = self.transformer(features, level_masks, position_embeddings)
+            return self.inference(output, batched_inputs, images.image_sizes)
+
+        targets = self.prepare_targets(batched_inputs, images)
+        make_denoising = functools.partial(
+            self.denoising_generator, [t["labels"] for t in targets], [t["boxes"] for t in targets]
+        )
+        output = self.transformer(features, level_masks, position_embeddings, make_denoising)
+        return self.losses(output, targets, tuple(images.tensor.shape[-2:]))
+
+    def losses(self, output: TransformerOutput, targets: list[dict[str, Tensor]], padded_size: tuple[int, int]):
+        """Weighted loss dict: set criterion (decoder layers, encoder proposals, denoising) + salience loss."""
+        # keeps the denoising label embedding in the graph for DDP even when no image has boxes (official no-op)
+        pred_logits = output.pred_logits + self.denoising_generator.label_encoder.weight[0, 0] * 0.0
+        num_denoising = output.denoising.label_query.shape[1]
+        dn_outputs, outputs = split_denoising(pred_logits, output.pred_boxes, num_denoising)
+        dn_outputs["denoising_groups"] = output.denoising.num_groups
+        dn_outputs["max_gt_num_per_image"] = output.denoising.max_gt_per_image
+        outputs["enc_outputs"] = {"pred_logits": output.enc_logits, "pred_boxes": output.enc_boxes}
+        outputs["dn_outputs"] = dn_outputs
+        set_targets = [{"labels": t["labels"], "boxes": t["boxes"]} for t in targets]
+        loss_dict = dict(self.criterion(outputs, set_targets))
+        loss_dict.update(self.focus_criterion(output.salience, [t["boxes_xyxy"] for t in targets], padded_size))
+        return loss_dict
+
+    def inference(
+        self, output: TransformerOutput, batched_inputs: list[dict[str, Any]], image_sizes: list[tuple[int, int]]
+    ) -> list[dict[str, Any]]:
+        """Top-k over queries x classes of the last decoder layer (§7), no NMS, rescaled to the requested size."""
+        logits, boxes = output.pred_logits[-1], output.pred_boxes[-1]
+        num_queries, num_classes = logits.shape[1:]
+        num_select = min(self.select_box_nums_for_evaluation, num_queries * num_classes)
+        scores, flat_index = logits.sigmoid().flatten(1).topk(num_select, dim=1)
+        query_index = torch.div(flat_index, num_classes, rounding_mode="floor")
+        labels = flat_index % num_classes
+        boxes = boxes.gather(1, query_index.unsqueeze(-1).expand(-1, -1, 4))
+        boxes_xyxy = box_convert(boxes, "cxcywh", "xyxy")
+
+        results = []
+        for index, (x, (height, width)) in enumerate(zip(batched_inputs, image_sizes)):
+            instances = Instances((height, width))
+            instances.pred_boxes = Boxes(boxes_xyxy[index] * boxes_xyxy.new_tensor([width, height, width, height]))
+            instances.scores = scores[index]
+            instances.pred_classes = labels[index]
+            result = {
+                "instances": detector_postprocess(instances, x.get("height", height), x.get("width", width))
+            }
+            if self.return_salience:
+                result["salience"] = [level[index, 0] for level in output.salience]
+                result["selected_indices"] = [layer[index] for layer in output.layer_indices]
+                result["spatial_shapes"] = output.spatial_shapes
+            results.append(result)
+        return results
