@@ -71,7 +71,8 @@ class SalienceEncoderLayer(nn.Module):
         top = top.unsqueeze(-1).expand(-1, -1, query.shape[-1])
         selected = query.gather(1, top)
         with_pos = selected + query_pos.gather(1, top)
-        attended = self.pre_attention(with_pos, with_pos, selected, need_weights=False)[0]
+        # the default (need_weights) path runs the same kernels as the official model: bit-identical float32
+        attended = self.pre_attention(with_pos, with_pos, selected)[0]
         selected = self.pre_norm(selected + self.pre_dropout(attended))
         return query.scatter(1, top, selected.to(query.dtype))
 

@@ -93,7 +93,8 @@ class GlobalContextGate(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         batch, channels = x.shape[:2]
         attention = self.conv_mask(x).flatten(2).softmax(dim=-1)  # (B, 1, HW)
-        context = torch.matmul(x.flatten(2), attention.transpose(1, 2))  # (B, C, 1)
+        # (B, 1, C, HW) @ (B, 1, HW, 1): the official batching, which keeps float32 results bit-identical
+        context = torch.matmul(x.flatten(2).unsqueeze(1), attention.unsqueeze(-1))
         return self.se_module(context.view(batch, channels, 1, 1)) * x
 
 
