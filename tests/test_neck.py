@@ -149,3 +149,17 @@ def test_transformer_neck_rejects_wrong_level_count():
 def test_context_gate_rejects_too_few_channels():
     with pytest.raises(ValueError, match="reduction"):
         GlobalContextGate(8)
+
+
+def test_necks_run_in_float64_and_under_autocast():
+    torch.manual_seed(0)
+    mapper = ChannelMapper([16, 32], 32, num_outs=3, num_groups=8).double()
+    mapped = mapper([torch.randn(1, 16, 8, 9, dtype=torch.float64), torch.randn(1, 32, 4, 5, dtype=torch.float64)])
+    assert all(m.dtype == torch.float64 for m in mapped)
+    neck = RepVGGPluXNetwork([32] * 3, [32] * 3, num_blocks=1).double().eval()
+    assert all(o.dtype == torch.float64 for o in neck(mapped))
+    neck = neck.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = neck([m.float() for m in mapped])
+    assert [o.shape for o in outs] == [m.shape for m in mapped]
+    assert all(torch.isfinite(o.float()).all() for o in outs)

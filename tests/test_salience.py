@@ -150,3 +150,21 @@ def test_select_rejects_mismatched_levels_and_bad_ratios():
         select_salient_tokens(salience, masks, _start_index(shapes), torch.tensor([1.5, 1.0]), LAYER_RATIOS)
     with pytest.raises(ValueError, match="does not match mask"):
         select_salient_tokens(salience[::-1], masks, _start_index(shapes), torch.ones(2), LAYER_RATIOS)
+
+
+def test_scoring_and_selection_under_autocast():
+    torch.manual_seed(0)
+    shapes = [(8, 10), (4, 5), (2, 3)]
+    predictor = MaskPredictor(32, 32)
+    memory = torch.randn(2, sum(h * w for h, w in shapes), 32)
+    masks = _level_masks((64, 80), [(64, 80), (40, 48)], shapes)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        maps = salience_maps(memory, torch.tensor(shapes), _start_index(shapes), predictor, torch.full((2,), 0.1))
+        foreground, focus_nums, layer_indices = select_salient_tokens(
+            maps, masks, _start_index(shapes), LEVEL_RATIOS[:3], LAYER_RATIOS
+        )
+    assert [tuple(m.shape) for m in maps] == [(2, 1, h, w) for h, w in shapes]
+    valid = torch.stack([(~m).sum((1, 2)) for m in masks], -1)
+    assert focus_nums.tolist() == (valid.float() * LEVEL_RATIOS[:3]).long().sum(-1).tolist()
+    assert torch.isfinite(foreground.float()).all()
+    assert layer_indices[0].shape[1] == focus_nums[0]  # the unpadded image holds every level's batch maximum
