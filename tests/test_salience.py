@@ -168,3 +168,15 @@ def test_scoring_and_selection_under_autocast():
     assert focus_nums.tolist() == (valid.float() * LEVEL_RATIOS[:3]).long().sum(-1).tolist()
     assert torch.isfinite(foreground.float()).all()
     assert layer_indices[0].shape[1] == focus_nums[0]  # the unpadded image holds every level's batch maximum
+
+
+def test_salience_maps_backpropagate_to_alpha_and_coarser_levels():
+    torch.manual_seed(0)
+    shapes = [(4, 4), (2, 2)]
+    predictor = MaskPredictor(8, 8)
+    memory = torch.randn(1, 20, 8, requires_grad=True)
+    alpha = torch.nn.Parameter(torch.tensor([0.2]))
+    maps = salience_maps(memory, torch.tensor(shapes), _start_index(shapes), predictor, alpha)
+    maps[0].sum().backward()
+    assert alpha.grad is not None and alpha.grad.abs().item() > 0
+    assert memory.grad[:, 16:].abs().sum() > 0  # the finest map depends on the coarse level through the fusion
