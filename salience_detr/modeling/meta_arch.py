@@ -81,16 +81,12 @@ class SalienceDETR(nn.Module):
         return_salience: bool = False,
     ):
         super().__init__()
-        if transformer.num_classes != num_classes:
-            raise ValueError(
-                f"transformer.num_classes={transformer.num_classes} differs from model num_classes={num_classes}; "
-                "set both from one value (the model config interpolates ${..num_classes})."
-            )
-        if transformer.embed_dim != embed_dim:
-            raise ValueError(
-                f"transformer.embed_dim={transformer.embed_dim} differs from model embed_dim={embed_dim}; "
-                "set both from one value (the model config interpolates ${..embed_dim})."
-            )
+        for name, value in (("num_classes", num_classes), ("embed_dim", embed_dim)):
+            if getattr(transformer, name) != value:
+                raise ValueError(
+                    f"transformer.{name}={getattr(transformer, name)} differs from the model's {name}={value}; "
+                    f"set both from one value (the model config interpolates ${{..{name}}})."
+                )
         self.backbone = backbone
         self.neck = neck
         self.position_embedding = position_embedding
