@@ -1,0 +1,181 @@
+"""Run a Salience DETR LazyConfig on single images and video frames, and draw what it found (and saw).
+
+``SaliencePredictor`` is detectron2's ``DefaultPredictor`` for LazyConfigs: it builds ``cfg.model``, loads
+``train.init_checkpoint``, and prepares each image exactly as the config's test mapper does (its resize and
+its image format), so the demo sees the model as evaluation does. ``VisualizationDemo`` turns predictions
+into pictures: detections above a confidence threshold, and optionally the per-level salience heat-maps
+and the tokens kept by each encoder layer (see ``salience_detr.utils.visualization``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+import salience_detr  # noqa: F401  (makes detectron2 importable and registers the model and datasets)
+from detectron2.data import Metadata, MetadataCatalog
+from detectron2.data.detection_utils import convert_image_to_rgb
+from detectron2.structures import Instances
+from detectron2.utils.video_visualizer import VideoVisualizer
+from detectron2.utils.visualizer import ColorMode, Visualizer
+from salience_detr.utils import build_model, resize_for_model, test_augmentations
+from salience_detr.utils.visualization import (
+    label_panel,
+    salience_heatmaps,
+    salience_panels,
+    tile_panels,
+    token_panels,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def dataset_metadata(cfg: Any) -> Metadata:
+    """Metadata (class names) of the config's first test dataset; detectron2's empty metadata if there is none."""
+    names = cfg.get("dataloader", {}).get("test", {}).get("dataset", {}).get("names")
+    if not names:
+        return MetadataCatalog.get("__unused")
+    return MetadataCatalog.get(names if isinstance(names, str) else names[0])
+
+
+@dataclass
+class Prediction:
+    """One image's detections (original pixels) plus, when asked for, what the encoder looked at."""
+
+    instances: Instances
+    input_size: tuple[int, int]
+    padded_size: tuple[int, int]
+    salience: list[torch.Tensor] | None = None
+    selected_indices: list[torch.Tensor] | None = None
+    spatial_shapes: torch.Tensor | None = None
+    query_index: torch.Tensor | None = None
+
+
+class SaliencePredictor:
+    """Callable: BGR ``uint8`` image (H, W, 3), as OpenCV reads it -> ``Prediction`` (single image, no grad)."""
+
+    def __init__(self, cfg: Any, device: str | None = None, with_internals: bool = False) -> None:
+        self.model = build_model(cfg, device)
+        self.augmentations, self.input_format = test_augmentations(cfg)
+        self.with_internals = with_internals
+        if with_internals:
+            if not hasattr(self.model, "return_salience"):
+                raise ValueError(
+                    f"{type(self.model).__name__} has no 'return_salience' switch, so salience maps and kept tokens "
+                    "cannot be shown; use a SalienceDETR config."
+                )
+            self.model.return_salience = True
+
+    def _padded(self, height: int, width: int) -> tuple[int, int]:
+        divisor = max(1, int(getattr(self.model, "size_divisibility", 1) or 1))
+        return -(-height // divisor) * divisor, -(-width // divisor) * divisor
+
+    def __call__(self, image_bgr: np.ndarray) -> Prediction:
+        height, width = image_bgr.shape[:2]
+        resized = resize_for_model(image_bgr, self.augmentations, self.input_format)
+        tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
+        with torch.inference_mode():
+            output = self.model([{"image": tensor, "height": height, "width": width}])[0]
+        input_size = tuple(resized.shape[:2])
+        prediction = Prediction(output["instances"].to("cpu"), input_size, self._padded(*input_size))
+        if self.with_internals:
+            prediction.salience = [level.cpu() for level in output["salience"]]
+            prediction.selected_indices = [indices.cpu() for indices in output["selected_indices"]]
+            prediction.spatial_shapes = output["spatial_shapes"].cpu()
+            if "query_index" in output:
+                prediction.query_index = output["query_index"].cpu()
+        return prediction
+
+
+def above_threshold(instances: Instances, threshold: float) -> Instances:
+    """Detections with score >= threshold (the model itself returns its top-k without a threshold)."""
+    return instances[instances.scores >= threshold]
+
+
+def level_start_index(spatial_shapes: torch.Tensor) -> torch.Tensor:
+    """Offset of each level's first token in the flattened multi-scale sequence."""
+    sizes = spatial_shapes[:, 0] * spatial_shapes[:, 1]
+    return torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+
+
+class VisualizationDemo:
+    """Predict and draw: detections, then optional salience and kept-token panels, tiled into one picture."""
+
+    def __init__(
+        self,
+        cfg: Any,
+        confidence_threshold: float = 0.5,
+        show_salience: bool = False,
+        show_queries: bool = False,
+        salience_layout: str = "beside",
+        device: str | None = None,
+    ) -> None:
+        if not 0.0 <= confidence_threshold <= 1.0:
+            raise ValueError(f"confidence threshold must be in [0, 1], got {confidence_threshold}")
+        self.metadata = dataset_metadata(cfg)
+        self.confidence_threshold = confidence_threshold
+        self.show_salience = show_salience
+        self.show_queries = show_queries
+        self.salience_layout = salience_layout
+        self.predictor = SaliencePredictor(cfg, device, with_internals=show_salience or show_queries)
+        self._warned_no_queries = False
+
+    def _panels(self, image_bgr: np.ndarray, prediction: Prediction, kept: Instances, drawn_rgb: np.ndarray) -> list:
+        """Captioned panels: detections, then salience heat-maps and kept tokens when asked for."""
+        image_rgb = image_bgr[:, :, ::-1]
+        caption = f"{len(kept)} detections >= {self.confidence_threshold:g}"
+        if self.show_salience:
+            heatmaps = salience_heatmaps(
+                prediction.salience, prediction.input_size, prediction.padded_size, image_rgb.shape[:2]
+            )
+            panels = salience_panels(image_rgb, drawn_rgb, heatmaps, caption, self.salience_layout)
+        else:
+            panels = [label_panel(drawn_rgb, caption)]
+        if self.show_queries:
+            index_sets = list(prediction.selected_indices)
+            captions = [f"encoder layer {layer}" for layer in range(len(index_sets))]
+            if prediction.query_index is not None:
+                index_sets.append(prediction.query_index)
+                captions.append("selected queries")
+            elif not self._warned_no_queries:
+                logger.warning("The model output has no 'query_index': only the kept tokens are drawn.")
+                self._warned_no_queries = True
+            panels += token_panels(
+                image_rgb,
+                index_sets,
+                prediction.spatial_shapes,
+                level_start_index(prediction.spatial_shapes),
+                prediction.input_size,
+                prediction.padded_size,
+                captions,
+            )
+        return panels
+
+    def _compose(self, image_bgr: np.ndarray, prediction: Prediction, kept: Instances, drawn_rgb: np.ndarray):
+        """The picture to save or show, BGR ``uint8`` (OpenCV's order)."""
+        panels = self._panels(image_bgr, prediction, kept, drawn_rgb)
+        return np.ascontiguousarray(tile_panels(panels)[:, :, ::-1])
+
+    def run_on_image(self, image_bgr: np.ndarray) -> tuple[Prediction, Instances, np.ndarray]:
+        """Prediction, the drawn detections (above the threshold) and the picture as BGR ``uint8``."""
+        prediction = self.predictor(image_bgr)
+        kept = above_threshold(prediction.instances, self.confidence_threshold)
+        visualizer = Visualizer(convert_image_to_rgb(image_bgr, "BGR"), self.metadata, instance_mode=ColorMode.IMAGE)
+        detections_rgb = visualizer.draw_instance_predictions(kept).get_image()
+        return prediction, kept, self._compose(image_bgr, prediction, kept, detections_rgb)
+
+    def run_on_frames(self, frames: Iterator[np.ndarray]) -> Iterator[tuple[Instances, np.ndarray]]:
+        """For each BGR frame: detections above the threshold and the picture (colours stable across frames)."""
+        video_visualizer = VideoVisualizer(self.metadata, ColorMode.IMAGE)
+        for frame in frames:
+            prediction = self.predictor(frame)
+            kept = above_threshold(prediction.instances, self.confidence_threshold)
+            detections_rgb = video_visualizer.draw_instance_predictions(frame[:, :, ::-1], kept).get_image()
+            yield kept, self._compose(frame, prediction, kept, detections_rgb)
+

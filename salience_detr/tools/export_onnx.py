@@ -1,0 +1,206 @@
+"""Export a Salience DETR config to ONNX and check the file with onnxruntime against PyTorch.
+
+    python -m salience_detr.tools.export_onnx --config-file configs/salience_detr/salience_detr_r50_800_1333.py \
+        --output model.onnx [--image photo.jpg] [--height H --width W] [--opts train.init_checkpoint=model.pth]
+
+The exported graph takes one normalized image, ``image`` (1, 3, H, W) float32 = (RGB pixels - pixel_mean) /
+pixel_std of the model, already resized (e.g. with the config's test resize) to the export size, and returns
+``boxes`` (K, 4) XYXY in that image's pixels, ``scores`` (K,) and ``labels`` (K,) (contiguous class ids), the
+model's top-K without a threshold. Deformable attention goes through the pure-PyTorch path (``grid_sample``),
+which every ONNX runtime has. The token budgets of the salience filter depend on the map sizes and are fixed
+when the graph is traced, so the image size is fixed too: export once per size you deploy.
+
+After export the tool runs the file in onnxruntime and the wrapper in PyTorch on a real image (``--image``,
+or the first image of the config's test dataset) and prints the largest differences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.onnx import symbolic_helper
+from torchvision.ops import box_convert
+
+import salience_detr  # noqa: F401  (makes detectron2 importable and registers the model and datasets)
+from detectron2.config import LazyConfig
+from detectron2.data import DatasetCatalog
+from salience_detr.layers import MultiScaleDeformableAttention
+from salience_detr.modeling.meta_arch import level_masks_for
+from salience_detr.utils import build_model, resize_for_model, test_augmentations
+
+logger = logging.getLogger(__name__)
+
+INPUT_NAMES = ["image"]
+OUTPUT_NAMES = ["boxes", "scores", "labels"]
+DEFAULT_OPSET = 17  # grid_sample is in the default ONNX domain from opset 16
+ONNX_INT64, ONNX_INT32 = 7, 6  # onnx.TensorProto data types
+
+
+class ExportableDetector(nn.Module):
+    """Normalized image (1, 3, H, W) -> (boxes XYXY in pixels, scores, labels): the model's eval path without
+    detectron2's list-of-dicts input and ``Instances`` output, which ONNX cannot express. The whole tensor is
+    image (no padding mask), so the caller resizes to the export size instead of padding."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        for name in ("backbone", "neck", "position_embedding", "transformer", "in_features"):
+            if not hasattr(model, name):
+                raise TypeError(f"{type(model).__name__} has no '{name}': ONNX export supports SalienceDETR configs")
+        self.model = model
+
+    def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        model = self.model
+        mask = torch.zeros_like(image[:, 0], dtype=torch.bool)
+        features = model.backbone(image)
+        features = model.neck([features[name] for name in model.in_features])
+        level_masks = level_masks_for(mask, features)
+        positions = [model.position_embedding(m).to(f.dtype) for m, f in zip(level_masks, features)]
+        output = model.transformer(features, level_masks, positions)
+        logits, boxes = output.pred_logits[-1, 0], output.pred_boxes[-1, 0]
+        num_classes = logits.shape[-1]
+        num_select = min(model.select_box_nums_for_evaluation, logits.numel())
+        scores, flat_index = logits.sigmoid().flatten().topk(num_select)
+        query_index = torch.div(flat_index, num_classes, rounding_mode="floor")
+        height, width = image.shape[-2:]
+        scale = boxes.new_tensor([width, height, width, height])
+        boxes_xyxy = box_convert(boxes[query_index], "cxcywh", "xyxy") * scale
+        return boxes_xyxy, scores, flat_index % num_classes
+
+
+def searchsorted_symbolic(g, sorted_sequence, values, out_int32=False, right=False, side=None, sorter=None):
+    """ONNX has no searchsorted; for a 1-D sorted sequence it is a count of entries below each value (the
+    model uses it to find the level of a flattened token index)."""
+    if symbolic_helper._maybe_get_const(sorter, "v") is not None and not symbolic_helper._is_none(sorter):
+        raise RuntimeError("ONNX export of searchsorted with a sorter is not supported")
+    if symbolic_helper._get_tensor_rank(sorted_sequence) not in (None, 1):
+        raise RuntimeError("ONNX export of searchsorted supports a 1-D sorted sequence only")
+    use_right = bool(symbolic_helper._maybe_get_const(right, "b")) or (
+        not symbolic_helper._is_none(side) and symbolic_helper._maybe_get_const(side, "s") == "right"
+    )
+    expanded = symbolic_helper._unsqueeze_helper(g, values, [-1])
+    below = g.op("LessOrEqual" if use_right else "Less", sorted_sequence, expanded)
+    counts = g.op("ReduceSum", g.op("Cast", below, to_i=ONNX_INT64), g.op("Constant", value_t=torch.tensor([-1])),
+                  keepdims_i=0)
+    return g.op("Cast", counts, to_i=ONNX_INT32) if symbolic_helper._maybe_get_const(out_int32, "b") else counts
+
+
+def use_pytorch_attention(model: nn.Module) -> int:
+    """Switch every deformable attention module to the pure-PyTorch path; returns how many were switched."""
+    modules = [module for module in model.modules() if isinstance(module, MultiScaleDeformableAttention)]
+    for module in modules:
+        module.backend = "pytorch"
+    return len(modules)
+
+
+def first_test_image(cfg: Any) -> str:
+    """File name of the first image of the config's first test dataset (a real image to check against)."""
+    names = cfg.get("dataloader", {}).get("test", {}).get("dataset", {}).get("names")
+    if not names:
+        raise ValueError("the config has no dataloader.test.dataset.names; pass --image to check the export")
+    records = DatasetCatalog.get(names if isinstance(names, str) else names[0])
+    if not records:
+        raise ValueError(f"test dataset {names!r} is empty; pass --image to check the export")
+    return records[0]["file_name"]
+
+
+def normalized_input(model: nn.Module, image_bgr: np.ndarray, cfg: Any, size: tuple[int, int] | None) -> Tensor:
+    """The config's test resize (or exactly ``size``) in the model's channel order, normalized, (1, 3, H, W)."""
+    augmentations, input_format = test_augmentations(cfg)
+    resized = resize_for_model(image_bgr, augmentations, input_format)
+    if size is not None:
+        resized = cv2.resize(resized, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+    tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1))).float().to(model.device)
+    return ((tensor - model.pixel_mean) / model.pixel_std)[None]
+
+
+def export(detector: ExportableDetector, image: Tensor, output: str, opset: int) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    torch.onnx.register_custom_op_symbolic("aten::searchsorted", searchsorted_symbolic, opset)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(
+            detector,
+            (image,),
+            output,
+            input_names=INPUT_NAMES,
+            output_names=OUTPUT_NAMES,
+            opset_version=opset,
+            dynamo=False,
+        )
+
+
+def compare_with_onnxruntime(detector: ExportableDetector, image: Tensor, onnx_file: str) -> dict[str, float]:
+    """Largest absolute differences between PyTorch and onnxruntime on one input (same top-K order expected)."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(onnx_file, providers=["CPUExecutionProvider"])
+    onnx_boxes, onnx_scores, onnx_labels = session.run(OUTPUT_NAMES, {INPUT_NAMES[0]: image.cpu().numpy()})
+    with torch.no_grad():
+        boxes, scores, labels = (tensor.cpu().numpy() for tensor in detector(image))
+    return {
+        "max_abs_diff_boxes": float(np.abs(boxes - onnx_boxes).max()),
+        "max_abs_diff_scores": float(np.abs(scores - onnx_scores).max()),
+        "label_mismatches": int((labels != onnx_labels).sum()),
+        "num_detections": int(len(scores)),
+    }
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config-file", required=True, metavar="FILE", help="LazyConfig .py file")
+    parser.add_argument("--output", required=True, help="path of the .onnx file to write")
+    parser.add_argument("--image", help="real image to check the export on (default: first test-set image)")
+    parser.add_argument("--height", type=int, help="export height (default: the image's test-resized height)")
+    parser.add_argument("--width", type=int, help="export width (default: the image's test-resized width)")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (16 or newer for grid_sample)")
+    parser.add_argument("--tolerance", type=float, default=1e-3, help="largest box/score difference accepted")
+    parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides, key=value")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = get_parser().parse_args(argv)
+    if (args.height is None) != (args.width is None):
+        raise SystemExit("give both --height and --width, or neither (then the test resize of --image decides)")
+    if args.opset < 16:
+        raise SystemExit(f"--opset {args.opset} has no grid_sample; use 16 or newer")
+    if not os.path.isfile(args.config_file):
+        raise SystemExit(f"config file {args.config_file!r} does not exist; pass a LazyConfig .py file")
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    model = build_model(cfg, "cpu")
+    switched = use_pytorch_attention(model)
+    logger.info("Deformable attention: %d modules switched to the pure-PyTorch path", switched)
+    image_file = args.image or first_test_image(cfg)
+    image_bgr = cv2.imread(image_file, cv2.IMREAD_COLOR)
+    if image_bgr is None:
+        raise SystemExit(f"cannot read image {image_file!r}: not an image, or a format OpenCV cannot decode")
+    size = (args.height, args.width) if args.height is not None else None
+    image = normalized_input(model, image_bgr, cfg, size)
+    detector = ExportableDetector(model).eval()
+    export(detector, image, args.output, args.opset)
+    check = compare_with_onnxruntime(detector, image, args.output)
+    report = {"onnx_file": args.output, "image": image_file, "input_shape": list(image.shape), **check}
+    print(
+        f"Exported {args.output} for input (1, 3, {image.shape[2]}, {image.shape[3]}); onnxruntime vs PyTorch on "
+        f"{image_file}: largest difference boxes {check['max_abs_diff_boxes']:.3g} px, "
+        f"scores {check['max_abs_diff_scores']:.3g}, {check['label_mismatches']} label mismatches "
+        f"of {check['num_detections']}"
+    )
+    if max(check["max_abs_diff_boxes"], check["max_abs_diff_scores"]) > args.tolerance:
+        raise SystemExit(f"onnxruntime differs from PyTorch by more than --tolerance {args.tolerance}")
+    return report
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    main()
