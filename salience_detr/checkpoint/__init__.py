@@ -1,0 +1,1 @@
+"""Converters from the official Salience-DETR checkpoints to this project's state dicts (``official``)."""

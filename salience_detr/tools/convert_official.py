@@ -1,0 +1,81 @@
+"""Convert an official Salience-DETR checkpoint into one that ``DetectionCheckpointer`` loads into this project's model.
+
+    python -m salience_detr.tools.convert_official IN.pth OUT.pth [--config-file configs/models/salience_detr_r50.py]
+
+The model of the config is built on the CPU to learn its entries and shapes; the converted state dict must fill
+it exactly (strict load) before anything is written. See ``salience_detr.checkpoint.official`` for the mapping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import salience_detr  # noqa: F401  (detectron2 compat layer before any detectron2 import)
+from detectron2.config import LazyConfig, instantiate
+
+from salience_detr.checkpoint.official import (
+    BACKBONE_RULES,
+    CLASS_ROW_KEYS,
+    DROPPED_KEYS,
+    ConversionError,
+    backbone_family,
+    convert_official_state_dict,
+    load_official_checkpoint,
+    save_model_checkpoint,
+)
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "models" / "salience_detr_r50.py"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("input", help="official checkpoint (.pth): a state dict, or one under model/state_dict/ema")
+    parser.add_argument("output", help="where to write {'model': state_dict} for DetectionCheckpointer")
+    parser.add_argument(
+        "--config-file", default=str(DEFAULT_CONFIG), help="LazyConfig whose `model` the checkpoint must fill"
+    )
+    parser.add_argument(
+        "--backbone-family",
+        choices=sorted(BACKBONE_RULES),
+        help="backbone key layout of the checkpoint (default: from the config's backbone)",
+    )
+    parser.add_argument(
+        "--allow-pickle", action="store_true", help="load files holding non-tensor objects (trusted files only)"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not Path(args.config_file).is_file():
+        print(f"error: config file {args.config_file} not found; pass --config-file", file=sys.stderr)
+        return 2
+    model = instantiate(LazyConfig.load(args.config_file).model)
+    family = args.backbone_family or backbone_family(model.backbone)
+    target_shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    try:
+        official, wrapper = load_official_checkpoint(args.input, allow_pickle=args.allow_pickle)
+        converted = convert_official_state_dict(official, target_shapes, family=family)
+    except ConversionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    model.load_state_dict(converted, strict=True)
+    save_model_checkpoint(converted, args.output)
+    source = f"the '{wrapper}' entry of {args.input}" if wrapper else f"{args.input} (a plain state dict)"
+    resized = sorted(
+        key for key in converted if CLASS_ROW_KEYS.fullmatch(key) and converted[key].shape != official[key].shape
+    )
+    dropped = sorted(DROPPED_KEYS & set(official))
+    print(f"read {len(official)} tensors from {source}; backbone layout: {family}")
+    if resized:
+        print(f"class rows picked by category id in {len(resized)} entries: {', '.join(resized)}")
+    if dropped:
+        print(f"dropped: {', '.join(dropped)}")
+    print(f"wrote {len(converted)} entries to {args.output}; they fill {args.config_file}'s model exactly")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
