@@ -105,11 +105,15 @@ def _is_valid_box(annotation: dict[str, Any], min_side: float) -> bool:
 
 
 def load_detection_dicts(
-    names: str | Sequence[str], filter_empty: bool = True, min_box_side: float = 1.0
+    names: str | Sequence[str],
+    filter_empty: bool = True,
+    min_box_side: float = 1.0,
+    max_images: int | None = None,
 ) -> list[dict[str, Any]]:
     """Dataset dicts of ``names`` with crowd and degenerate boxes removed (spec §8.2).
 
     With ``filter_empty`` the images left without a valid box are dropped, and how many is logged.
+    ``max_images`` keeps only the first images (quick checks such as ``train.fast_dev_run``).
     """
     names = [names] if isinstance(names, str) else list(names)
     if not names:
@@ -132,4 +136,4 @@ def load_detection_dicts(
         )
         if not dataset_dicts:
             raise ValueError(f"No image of {names} has a valid (non-crowd, >= {min_box_side}px) box.")
-    return dataset_dicts
+    return dataset_dicts if max_images is None else dataset_dicts[:max_images]

@@ -1,0 +1,17 @@
+# Training options read by train_net.py: detectron2's train dict plus the DETR recipe's extras.
+train = dict(
+    output_dir="./output/salience_detr",
+    init_checkpoint="",
+    max_iter=90000,
+    amp=dict(enabled=False, dtype="float16"),  # CUDA only; dtype "float16" (with a GradScaler) or "bfloat16"
+    ddp=dict(broadcast_buffers=False, find_unused_parameters=False, fp16_compression=False),
+    checkpointer=dict(period=5000, max_to_keep=100),
+    eval_period=5000,
+    log_period=20,
+    device="cuda",
+    clip_grad=dict(enabled=True, max_norm=0.1, norm_type=2.0),  # global L2 norm (spec §8.1)
+    accumulate_steps=1,  # optimizer step every N batches: effective batch = N x total_batch_size
+    seed=-1,  # -1: a random seed, logged
+    ema=dict(enabled=False, decay=0.9998),  # evaluation uses the EMA weights when enabled
+    fast_dev_run=False,  # True: 2 iterations, a checkpoint and an evaluation on 2 images, to test a set-up
+)

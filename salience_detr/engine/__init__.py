@@ -1,0 +1,19 @@
+"""Training-loop pieces for train_net.py: trainer, atomic checkpointer, EMA, CPU-capable launch, param groups."""
+
+from .checkpoint import AtomicDetectionCheckpointer
+from .ema import EMAHook, ModelEMA, unwrap_model
+from .launch import launch
+from .param_groups import detr_param_groups
+from .trainer import DetrTrainer, NonFiniteLossError, resolve_amp
+
+__all__ = [
+    "AtomicDetectionCheckpointer",
+    "DetrTrainer",
+    "EMAHook",
+    "ModelEMA",
+    "NonFiniteLossError",
+    "detr_param_groups",
+    "launch",
+    "resolve_amp",
+    "unwrap_model",
+]

@@ -1,0 +1,124 @@
+"""The training step: gradient accumulation, global-norm clipping, AMP on CUDA, non-finite loss checks.
+
+One trainer iteration is one optimizer step over ``accumulate_steps`` batches, so the schedule, the
+checkpoints and ``--resume`` all count optimizer steps whatever the accumulation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from typing import Any
+
+import torch
+from detectron2.engine import SimpleTrainer
+from torch.nn.parallel import DistributedDataParallel
+
+logger = logging.getLogger(__name__)
+
+AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or infinite."""
+
+
+def resolve_amp(enabled: bool, dtype: str, device: str) -> torch.dtype | None:
+    """The autocast dtype, or None when AMP is off. AMP here is a CUDA feature; on CPU it is refused."""
+    if not enabled:
+        return None
+    if dtype not in AMP_DTYPES:
+        raise ValueError(f"train.amp.dtype must be one of {sorted(AMP_DTYPES)}, got {dtype!r}")
+    if not str(device).startswith("cuda"):
+        raise ValueError(
+            f"train.amp.enabled=True needs a CUDA device, but train.device={device!r}. "
+            "Set train.amp.enabled=False to train on CPU."
+        )
+    return AMP_DTYPES[dtype]
+
+
+class DetrTrainer(SimpleTrainer):
+    """``SimpleTrainer`` with accumulation, clipping and optional AMP (fp16 uses a GradScaler, bf16 none)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        data_loader,
+        optimizer: torch.optim.Optimizer,
+        accumulate_steps: int = 1,
+        clip_grad_max_norm: float | None = None,
+        clip_grad_norm_type: float = 2.0,
+        amp_dtype: torch.dtype | None = None,
+    ) -> None:
+        if accumulate_steps < 1:
+            raise ValueError(f"train.accumulate_steps must be >= 1, got {accumulate_steps}")
+        super().__init__(model, data_loader, optimizer)
+        self.accumulate_steps = accumulate_steps
+        self.clip_grad_max_norm = clip_grad_max_norm
+        self.clip_grad_norm_type = clip_grad_norm_type
+        self.amp_dtype = amp_dtype
+        self.grad_scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.amp_dtype)
+
+    def _forward(self, data) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with self._autocast():
+            loss_dict = self.model(data)
+        if isinstance(loss_dict, torch.Tensor):
+            loss_dict = {"total_loss": loss_dict}
+        losses = sum(loss_dict.values())
+        if not torch.isfinite(losses).all():
+            terms = {k: float(v.detach()) for k, v in loss_dict.items()}
+            raise NonFiniteLossError(f"Non-finite loss at iteration {self.iter}: {terms}")
+        return losses, loss_dict
+
+    def run_step(self) -> None:
+        assert self.model.training, "[DetrTrainer] model was changed to eval mode!"
+        self.optimizer.zero_grad(set_to_none=True)
+        data_time = 0.0
+        summed: dict[str, torch.Tensor] = {}
+        for micro_step in range(self.accumulate_steps):
+            start = time.perf_counter()
+            data = next(self._data_loader_iter)
+            data_time += time.perf_counter() - start
+            is_last = micro_step == self.accumulate_steps - 1
+            sync = contextlib.nullcontext()
+            if not is_last and isinstance(self.model, DistributedDataParallel):
+                sync = self.model.no_sync()
+            with sync:
+                losses, loss_dict = self._forward(data)
+                scaled = losses / self.accumulate_steps
+                (self.grad_scaler.scale(scaled) if self.grad_scaler else scaled).backward()
+            for key, value in loss_dict.items():
+                summed[key] = summed.get(key, 0.0) + value.detach() / self.accumulate_steps
+        self._write_metrics(summed, data_time)
+        self._clip_and_step()
+
+    def _clip_and_step(self) -> None:
+        if self.grad_scaler is not None:
+            self.grad_scaler.unscale_(self.optimizer)
+        if self.clip_grad_max_norm:
+            params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_max_norm, self.clip_grad_norm_type)
+            self.storage.put_scalar("grad_norm", float(norm) if math.isfinite(float(norm)) else float("nan"))
+        if self.grad_scaler is not None:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            self.optimizer.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.grad_scaler is not None:
+            state["grad_scaler"] = self.grad_scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if self.grad_scaler is not None and "grad_scaler" in state_dict:
+            self.grad_scaler.load_state_dict(state_dict["grad_scaler"])

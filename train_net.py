@@ -1,0 +1,175 @@
+#!/usr/bin/env python
+"""Train and evaluate Salience DETR with a LazyConfig, in the shape of detectron2's lazyconfig_train_net.
+
+  python train_net.py --config-file configs/salience_detr/salience_detr_tiny_synthetic.py train.device=cpu
+  python train_net.py --config-file CONFIG --num-gpus 8                       # multi-GPU (NCCL)
+  python train_net.py --config-file CONFIG --num-gpus 2 train.device=cpu      # two CPU processes (GLOO)
+  python train_net.py --config-file CONFIG --resume                           # continue at the last iteration + 1
+  python train_net.py --config-file CONFIG --eval-only train.init_checkpoint=model_final.pth
+
+Everything after the flags is a ``key=value`` override of the config. One iteration is one optimizer step
+(``train.accumulate_steps`` batches).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import salience_detr  # noqa: F401  (first: makes detectron2 0.6 importable, registers the model and datasets)
+import torch
+from detectron2.config import LazyConfig, instantiate
+from detectron2.engine import default_argument_parser, default_setup, default_writers, hooks
+from detectron2.engine.defaults import create_ddp_model
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from salience_detr.data import dataset_info
+from salience_detr.engine import AtomicDetectionCheckpointer, DetrTrainer, EMAHook, ModelEMA, launch, resolve_amp
+
+logger = logging.getLogger("salience_detr.train_net")
+
+FAST_DEV_RUN_ITERS = 2
+FAST_DEV_RUN_EVAL_IMAGES = 2
+
+
+def register_config_datasets(cfg) -> None:
+    """Register the datasets a config declares in its ``datasets`` block (before any model work)."""
+    for registration in cfg.get("datasets", {}).values():
+        instantiate(registration)
+
+
+def _test_dataset_names(cfg) -> list[str]:
+    names = cfg.dataloader.test.dataset.names
+    return [names] if isinstance(names, str) else list(names)
+
+
+def resolve_num_classes(cfg) -> None:
+    """Fill ``model.num_classes`` from the training data when it is None; stop when the data has more classes."""
+    names = cfg.dataloader.train.dataset.names
+    first = names if isinstance(names, str) else names[0]
+    dataset_classes = dataset_info(first)["num_classes"]
+    if cfg.model.get("num_classes") is None:
+        cfg.model.num_classes = dataset_classes
+        logger.info("model.num_classes = %d, from dataset %s", dataset_classes, first)
+    elif dataset_classes > cfg.model.num_classes:
+        raise ValueError(
+            f"Dataset {first!r} has {dataset_classes} categories but model.num_classes={cfg.model.num_classes}. "
+            f"Set model.num_classes={dataset_classes} (or None to take it from the dataset)."
+        )
+
+
+def apply_fast_dev_run(cfg) -> None:
+    """Shrink the run to a few iterations, one checkpoint and an evaluation on a couple of images."""
+    if not cfg.train.get("fast_dev_run", False):
+        return
+    cfg.train.max_iter = FAST_DEV_RUN_ITERS
+    cfg.train.eval_period = FAST_DEV_RUN_ITERS
+    cfg.train.checkpointer.period = FAST_DEV_RUN_ITERS
+    cfg.train.log_period = 1
+    cfg.dataloader.test.dataset.max_images = FAST_DEV_RUN_EVAL_IMAGES
+
+
+def prepare_model(cfg) -> torch.nn.Module:
+    model = instantiate(cfg.model)
+    device = torch.device(cfg.train.device)
+    if device.type == "cuda" and comm.get_world_size() > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model.to(device)
+
+
+def do_test(cfg, model, ema: ModelEMA | None = None) -> dict:
+    """Evaluate ``model`` (or its EMA copy when EMA is on) with the config's evaluator."""
+    if "evaluator" not in cfg.dataloader:
+        return {}
+    eval_model = ema.model if ema is not None else model
+    if not cfg.dataloader.evaluator.get("output_dir"):
+        cfg.dataloader.evaluator.output_dir = os.path.join(cfg.train.output_dir, "inference")
+    test_loader = instantiate(cfg.dataloader.test)  # first: loading a generated dataset creates its json
+    results = inference_on_dataset(eval_model, test_loader, instantiate(cfg.dataloader.evaluator))
+    if comm.is_main_process() and results:
+        print_csv_format(results)
+    return results
+
+
+def _trainer_hooks(cfg, model, trainer, checkpointer, ema) -> list:
+    """Hooks in detectron2's order: timer, EMA, LR, checkpoint, eval, writers (main process only)."""
+    hook_list = [hooks.IterationTimer()]
+    if ema is not None:
+        hook_list.append(EMAHook(ema))
+    hook_list.append(hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)))
+    if comm.is_main_process():
+        hook_list.append(hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer))
+    hook_list.append(hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model, ema)))
+    if comm.is_main_process():
+        writers = default_writers(cfg.train.output_dir, cfg.train.max_iter)
+        hook_list.append(hooks.PeriodicWriter(writers, period=cfg.train.log_period))
+    return hook_list
+
+
+def do_train(args, cfg) -> None:
+    amp_dtype = resolve_amp(cfg.train.amp.enabled, cfg.train.amp.get("dtype", "float16"), cfg.train.device)
+    model = prepare_model(cfg)
+    logger.info("Model:\n%s", model)
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    ddp_kwargs = dict(cfg.train.ddp)
+    if torch.device(cfg.train.device).type == "cpu":
+        ddp_kwargs["device_ids"] = None
+    model = create_ddp_model(model, **ddp_kwargs)
+    ema = ModelEMA(model, cfg.train.ema.decay) if cfg.train.ema.enabled else None
+
+    clip = cfg.train.clip_grad
+    trainer = DetrTrainer(
+        model,
+        instantiate(cfg.dataloader.train),
+        optimizer,
+        accumulate_steps=cfg.train.accumulate_steps,
+        clip_grad_max_norm=clip.max_norm if clip.enabled else None,
+        clip_grad_norm_type=clip.norm_type,
+        amp_dtype=amp_dtype,
+    )
+    extra = {"ema": ema} if ema is not None else {}
+    checkpointer = AtomicDetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer, **extra)
+    trainer.register_hooks(_trainer_hooks(cfg, model, trainer, checkpointer, ema))
+
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
+    trainer.train(start_iter, cfg.train.max_iter)
+
+
+def main(args) -> None:
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    register_config_datasets(cfg)
+    resolve_num_classes(cfg)
+    apply_fast_dev_run(cfg)
+    default_setup(cfg, args)
+    setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="salience_detr")
+    logger.info("Running with train.device=%s, world size %d", cfg.train.device, comm.get_world_size())
+
+    if args.eval_only:
+        model = prepare_model(cfg)
+        ema = ModelEMA(model, cfg.train.ema.decay) if cfg.train.ema.enabled else None
+        extra = {"ema": ema} if ema is not None else {}
+        AtomicDetectionCheckpointer(model, **extra).load(cfg.train.init_checkpoint)
+        do_test(cfg, create_ddp_model(model), ema)
+    else:
+        do_train(args, cfg)
+
+
+def parse_args(argv: list[str] | None = None):
+    return default_argument_parser().parse_args(argv)
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, args.num_gpus))))
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
