@@ -97,6 +97,44 @@ if _C is None:
     )
 
 
+def _register_fake_kernels() -> None:
+    """Shape-only kernels, so torch.compile and FakeTensor tracing see through the compiled ops."""
+
+    @torch.library.register_fake("salience_detr::ms_deform_attn")
+    def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, im2col_step):
+        batch, _, num_heads, head_dim = value.shape
+        return value.new_empty((batch, sampling_locations.shape[1], num_heads * head_dim))
+
+    @torch.library.register_fake("salience_detr::ms_deform_attn_backward")
+    def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output, step):
+        return (
+            value.new_empty(value.shape),
+            sampling_locations.new_empty(sampling_locations.shape),
+            attention_weights.new_empty(attention_weights.shape),
+        )
+
+
+def _setup_autograd_context(ctx, inputs: tuple, output: Tensor) -> None:
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights, im2col_step = inputs
+    ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    ctx.im2col_step = im2col_step
+
+
+def _ms_deform_attn_backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+    grad_value, grad_locations, grad_weights = torch.ops.salience_detr.ms_deform_attn_backward(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output, ctx.im2col_step
+    )
+    return grad_value, None, None, grad_locations, grad_weights, None
+
+
+if _C is not None:
+    _register_fake_kernels()
+    torch.library.register_autograd(
+        "salience_detr::ms_deform_attn", _ms_deform_attn_backward, setup_context=_setup_autograd_context
+    )
+
+
 def extension_status() -> str:
     """Why the compiled operator is (or is not) available, for logs and collect_env."""
     return _EXTENSION_STATUS
