@@ -1,5 +1,7 @@
 import pytest
 import torch
+from detectron2.config import LazyConfig, instantiate
+from detectron2.structures import Boxes, Instances
 from timm.models.focalnet import FocalNet
 from timm.models.vision_transformer import VisionTransformer
 from torchvision.models.convnext import CNBlockConfig, ConvNeXt
@@ -166,3 +168,72 @@ def test_vit_freezing_and_input_checks():
         backbone(torch.randn(1, 3, 80, 96))
     with pytest.raises(ValueError, match="out_features"):
         ViTBackbone(embed_dim=64, depth=1, num_heads=2, out_features=("res2",))
+
+
+# Reduced depth for the training step; no drop path there, so a dropped block cannot leave a weight without a step.
+LARGE_CONFIGS = {
+    "convnext_l": ("ConvNeXtBackbone", dict(depths=(1, 1, 1, 1), drop_path_rate=0.0)),
+    "swin_l": ("SwinBackbone", dict(depths=(1, 1, 1, 1), drop_path_rate=0.0)),
+    "focalnet_l": ("FocalNetBackbone", dict(depths=(1, 1, 1, 1), drop_path_rate=0.0)),
+    "vit": ("ViTBackbone", dict(depth=1, drop_path_rate=0.0)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LARGE_CONFIGS))
+def test_experiment_config_loads_saves_and_model_neck_fits_backbone(name, tmp_path):
+    cfg = LazyConfig.load(f"configs/salience_detr/salience_detr_{name}_4scale_12ep.py")
+    assert {"model", "optimizer", "lr_multiplier", "dataloader", "train"} <= set(cfg)
+    assert name in cfg.train.output_dir and cfg.train.max_iter > 80_000
+    LazyConfig.save(cfg, str(tmp_path / "config.yaml"))
+    with torch.device("meta"):
+        model = instantiate(cfg.model)
+    assert type(model.backbone).__name__ == LARGE_CONFIGS[name][0]
+    shapes = model.backbone.output_shape()
+    assert model.neck.in_channels == [shapes[f].channels for f in model.in_features]
+    assert [shapes[f].stride for f in model.in_features] == [8, 16, 32] and len(model.neck.convs) == 4
+    expected = [256] * 3 if name == "vit" else [384, 768, 1536]
+    assert model.neck.in_channels == expected
+
+
+def _tiny_transformer(cfg):
+    """Shrink everything but the backbone so a CPU training step takes seconds (as tests/test_meta_arch.py does)."""
+    model = cfg.model
+    model.num_classes = 5
+    model.embed_dim = 64
+    model.position_embedding.num_pos_feats = 32
+    model.transformer.encoder.num_layers = 2
+    model.transformer.encoder.layer.update(d_ffn=128, n_heads=4, n_points=2, topk_sa=30)
+    model.transformer.decoder.num_layers = 2
+    model.transformer.decoder.layer.update(d_ffn=128, n_heads=4, n_points=2)
+    model.transformer.neck.num_blocks = 1
+    model.transformer.num_queries = 50
+    model.transformer.layer_filter_ratio = (1.0, 0.5)
+    model.denoising_generator.denoising_nums = 10
+
+
+def _detection_input(height, width, boxes, classes):
+    instances = Instances((height, width))
+    instances.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+    instances.gt_classes = torch.tensor(classes, dtype=torch.int64)
+    return {"image": torch.randint(0, 256, (3, height, width), dtype=torch.uint8), "instances": instances}
+
+
+@pytest.mark.slow  # 20-50 s each on a shared 2-core CPU: full-width 1536-channel stages
+@pytest.mark.parametrize("name", sorted(LARGE_CONFIGS))
+def test_training_step_of_full_model_with_reduced_depth_large_backbone(name):
+    cfg = LazyConfig.load(f"configs/salience_detr/salience_detr_{name}_4scale_12ep.py")
+    cfg.model.backbone.update(LARGE_CONFIGS[name][1])
+    _tiny_transformer(cfg)
+    torch.manual_seed(0)
+    model = instantiate(cfg.model).train()
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    before = {n: p.detach().clone() for n, p in model.backbone.named_parameters()}
+    batch = [_detection_input(96, 128, [[10, 12, 60, 70]], [1]), _detection_input(100, 90, [[5, 5, 40, 80]], [3])]
+    losses = model(batch)
+    assert "loss_salience" in losses and all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    optimizer.step()
+    for param_name, param in model.backbone.named_parameters():
+        changed = not torch.equal(param.detach(), before[param_name])
+        assert changed == param.requires_grad, param_name
