@@ -192,7 +192,8 @@ def test_cli_writes_a_file_detection_checkpointer_loads(tmp_path, model, officia
     assert set(saved) == {"model"} and set(saved["model"]) == set(model.state_dict())
 
 
-def test_cli_reports_refusal(tmp_path, official, capsys):
+def test_cli_reports_refusal(tmp_path, model, official, capsys, monkeypatch):
+    monkeypatch.setattr(convert_official, "instantiate", lambda config: model)  # the config was built above
     source = tmp_path / "official.pth"
     torch.save(dict(official, **{"transformer.unknown": torch.zeros(1)}), source)
     assert convert_official.main([str(source), str(tmp_path / "out.pth"), "--config-file", str(R50_CONFIG)]) == 1

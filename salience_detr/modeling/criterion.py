@@ -112,6 +112,7 @@ class HybridSetCriterion(nn.Module):
         }
 
     def matched_losses(self, outputs: dict, targets: Sequence[dict], num_boxes: float) -> tuple[dict, MatchIndices]:
+        """Hungarian-match one output set, then its unweighted losses and the matching."""
         indices = self.matcher(outputs["pred_logits"], outputs["pred_boxes"], targets)
         return self.set_losses(outputs, targets, indices, num_boxes), indices
 
@@ -148,7 +149,9 @@ class HybridSetCriterion(nn.Module):
         """Scale each term by the weight of its base name (``loss_bbox_dn_3`` -> ``loss_bbox``)."""
         return {name: value * self.weight_dict["_".join(name.split("_")[:2])] for name, value in losses.items()}
 
-    def forward(self, outputs: dict, targets: Sequence[dict], return_indices: bool = False):
+    def forward(
+        self, outputs: dict, targets: Sequence[dict], return_indices: bool = False
+    ) -> dict[str, Tensor] | tuple[dict[str, Tensor], MatchIndices]:
         self.check_targets(targets, outputs["pred_logits"].shape[0])
         num_boxes = average_num_boxes(targets, outputs["pred_logits"].device)
 
