@@ -124,7 +124,8 @@ def show(picture_bgr: np.ndarray) -> bool:
         cv2.imshow(WINDOW_NAME, picture_bgr)
         return cv2.waitKey(1) != ESCAPE_KEY
     except cv2.error as error:
-        raise DemoError(f"this OpenCV build cannot open a window ({error.err}); pass --output to write files") from error
+        message = f"this OpenCV build cannot open a window ({error.err}); pass --output to write files"
+        raise DemoError(message) from error
 
 
 def open_video_writer(path: str, fps: float, frame_size: tuple[int, int], preferred: str | None) -> cv2.VideoWriter:

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 
@@ -27,6 +26,7 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 from salience_detr.utils import build_model, resize_for_model, test_augmentations
 from salience_detr.utils.visualization import (
     label_panel,
+    level_start_index,
     salience_heatmaps,
     salience_panels,
     tile_panels,
@@ -96,12 +96,6 @@ class SaliencePredictor:
 def above_threshold(instances: Instances, threshold: float) -> Instances:
     """Detections with score >= threshold (the model itself returns its top-k without a threshold)."""
     return instances[instances.scores >= threshold]
-
-
-def level_start_index(spatial_shapes: torch.Tensor) -> torch.Tensor:
-    """Offset of each level's first token in the flattened multi-scale sequence."""
-    sizes = spatial_shapes[:, 0] * spatial_shapes[:, 1]
-    return torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
 
 
 class VisualizationDemo:

@@ -49,11 +49,12 @@ def deformable_attention_flop_handle(inputs: list[Any], outputs: list[Any]) -> C
     """``salience_detr::ms_deform_attn(value (B,Nv,H,Dh), shapes, starts, locations (B,Nq,H,L,P,2), weights, step)``."""
     batch, _, heads, head_dim = get_shape(inputs[0])
     _, queries, _, levels, points, _ = get_shape(inputs[3])
-    return Counter({DEFORMABLE_ATTENTION: batch * queries * heads * levels * points * head_dim * MACS_PER_SAMPLED_CHANNEL})
+    samples = batch * queries * heads * levels * points
+    return Counter({DEFORMABLE_ATTENTION: samples * head_dim * MACS_PER_SAMPLED_CHANNEL})
 
 
 def grid_sample_flop_handle(inputs: list[Any], outputs: list[Any]) -> Counter:
-    """``grid_sample(input (N,C,Hin,Win), grid (N,Hout,Wout,2))``: one bilinear sample per output element.
+    """``grid_sampler(input (N,C,Hin,Win), grid (N,Hout,Wout,2), ...)``: one bilinear sample per output element.
 
     The reference deformable attention weights each sample exactly once afterwards (an element-wise product
     fvcore ignores), so that multiply-add is counted here and both backends report the same number."""
@@ -87,7 +88,7 @@ def count_flops(model: nn.Module, image: Tensor) -> dict[str, Any]:
     """Total and per-component GFLOPs of one forward pass, and the ops fvcore could not count."""
     analysis = FlopCountAnalysis(DetectionsAsTensors(model), (image,))
     analysis.set_op_handle("salience_detr::ms_deform_attn", deformable_attention_flop_handle)
-    analysis.set_op_handle("aten::grid_sample", grid_sample_flop_handle)
+    analysis.set_op_handle("aten::grid_sampler", grid_sample_flop_handle)  # F.grid_sample, traced
     analysis.set_op_handle("aten::scaled_dot_product_attention", attention_flop_handle)
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
     by_module = analysis.by_module()
@@ -229,7 +230,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for name, variant_cfg in roi_variants(cfg).items():
         logger.info("Benchmarking %s", name)
         model = build_model(variant_cfg, str(device))
-        results[name] = benchmark_model(model, args.height, args.width, device, args.batch_size, args.warmup, args.num_iter)
+        results[name] = benchmark_model(
+            model, args.height, args.width, device, args.batch_size, args.warmup, args.num_iter
+        )
     report = {
         "config_file": args.config_file,
         "input_size": [args.height, args.width],
