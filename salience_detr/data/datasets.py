@@ -23,8 +23,14 @@ class DatasetPathError(FileNotFoundError):
     """A dataset's annotation file or image folder does not exist."""
 
 
-def check_dataset_paths(name: str, json_file: str, image_root: str) -> None:
+def check_dataset_paths(name: str, json_file: str | None, image_root: str | None) -> None:
     """Raise :class:`DatasetPathError` naming the missing path of dataset ``name``."""
+    for argument, path in (("json_file", json_file), ("image_root", image_root)):
+        if not path:
+            raise DatasetPathError(
+                f"Dataset {name!r}: no {argument} given. Pass it, e.g. as the config override "
+                f"datasets.<split>.{argument}=/path/to/it (configs/common/data/custom.py)."
+            )
     for kind, path, exists in (
         ("annotation file", json_file, os.path.isfile),
         ("image folder", image_root, os.path.isdir),
@@ -45,7 +51,7 @@ def read_coco_categories(json_file: str) -> list[dict[str, Any]]:
     return sorted(categories, key=lambda c: c["id"])
 
 
-def register_coco_dataset(name: str, json_file: str, image_root: str) -> dict[str, Any]:
+def register_coco_dataset(name: str, json_file: str | None, image_root: str | None) -> dict[str, Any]:
     """Register a COCO-format dataset under ``name`` and return its metadata (with ``num_classes``).
 
     Re-registering the same name with the same paths is a no-op, so configs can be instantiated twice.

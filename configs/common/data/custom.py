@@ -11,8 +11,8 @@ from salience_detr.data import register_coco_dataset
 from .coco_detr import dataloader
 
 datasets = dict(
-    train=L(register_coco_dataset)(name="custom_train", json_file="???", image_root="???"),
-    val=L(register_coco_dataset)(name="custom_val", json_file="???", image_root="???"),
+    train=L(register_coco_dataset)(name="custom_train", json_file=None, image_root=None),
+    val=L(register_coco_dataset)(name="custom_val", json_file=None, image_root=None),
 )
 
 dataloader.train.dataset.names = "custom_train"
