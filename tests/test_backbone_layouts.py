@@ -8,7 +8,12 @@ from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 from torchvision.models.swin_transformer import SwinTransformer
 
 import salience_detr  # noqa: F401  (applies the detectron2 compat layer first)
-from salience_detr.checkpoint.backbone_layouts import BACKBONE_LAYOUTS, convert_backbone_state_dict
+from salience_detr.checkpoint.backbone_layouts import (
+    BACKBONE_LAYOUTS,
+    convert_backbone_state_dict,
+    pretrained_trunk_state_dict,
+    save_pretrained_trunk,
+)
 from salience_detr.modeling.backbone import ConvNeXtBackbone, FocalNetBackbone, SwinBackbone
 
 DESIGN = Path("/work/shared/design")
@@ -220,3 +225,49 @@ def test_focalnet_official_checkpoint_gives_official_features(size):
     expected = _official_focalnet_features(checkpoint, x, depths, focal_level)
     for got, want in zip(backbone(x).values(), expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_converted_names_fall_into_the_official_optimizer_groups(family):
+    """The recipe groups parameters by substrings ("norm"/"bias": no weight decay; "backbone": lr x 0.1), so every
+    renamed parameter must keep the official name's group. Position indices are buffers, not parameters."""
+    tsv_name, backbone_cls = FAMILIES[family]
+    synthetic = {key: torch.empty(shape, device="meta") for key, shape in _official_shapes(tsv_name).items()}
+    with torch.device("meta"):
+        parameter_names = {f"backbone.{name}" for name, _ in backbone_cls().named_parameters()}
+    checked = 0
+    for key, value in synthetic.items():
+        new_key, _ = BACKBONE_LAYOUTS[family](key, value)
+        if new_key in parameter_names:
+            no_decay = [any(word in name for word in ("norm", "bias")) for name in (key, new_key)]
+            assert no_decay[0] == no_decay[1], (key, new_key)
+            checked += 1
+    assert checked == len(parameter_names)
+
+
+def test_pretrained_classification_weights_load_into_the_trunk(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    convnext = ConvNeXt([CNBlockConfig(16, 32, 1), CNBlockConfig(32, 64, 1), CNBlockConfig(64, 128, 2), CNBlockConfig(128, None, 1)])
+    swin = SwinTransformer([4, 4], 16, [2, 2, 2, 2], [1, 2, 4, 8], [7, 7])
+    detector_shapes = _official_focalnet_shapes(16, (1, 1, 2, 1), 4)
+    focalnet = {k[len("backbone.0.") :]: v for k, v in detector_shapes.items() if k.startswith("backbone.0.")}
+    focalnet = _random_official({**focalnet, "norm.weight": (128,), "norm.bias": (128,), "head.weight": (10, 128)}, generator)
+    cases = [
+        ("convnext", convnext.state_dict(), ConvNeXtBackbone(dims=(16, 32, 64, 128), depths=(1, 1, 2, 1))),
+        ("swin", swin.state_dict(), SwinBackbone(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))),
+        ("focalnet", focalnet, FocalNetBackbone(embed_dim=16, depths=(1, 1, 2, 1))),
+    ]
+    for family, classification, backbone in cases:
+        source, destination = tmp_path / f"{family}_cls.pth", tmp_path / f"{family}_d2.pth"
+        torch.save({"model": classification}, source)
+        save_pretrained_trunk(family, str(source), str(destination))
+        trunk = torch.load(destination, weights_only=True)["model"]
+        result = backbone.load_state_dict(_strip_prefix(trunk), strict=False)
+        assert not result.unexpected_keys
+        # only FocalNet's detection output norms have no classification counterpart
+        assert set(result.missing_keys) == {k for k in backbone.state_dict() if k.startswith("output_norms.")}
+        loaded = backbone.state_dict()
+        for key, value in _strip_prefix(trunk).items():
+            torch.testing.assert_close(loaded[key], value.to(loaded[key].dtype), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="unknown backbone family"):
+        pretrained_trunk_state_dict("resnet", {})

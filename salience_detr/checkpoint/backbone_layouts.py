@@ -12,6 +12,10 @@ so a converter never drops weights silently. Key lists: ``official_{convnext_l,s
   downsampler -> stage ``i + 1``'s; ``gamma_k`` -> ``lsk.gamma``; post-norms ``normk`` -> ``normk_post``; the
   linear ``modulation.{f,proj}`` and ``mlp.fc{1,2}`` weights become 1x1 conv weights; the per-stage output norms
   ``backbone.1.norm{1,2,3}`` -> ``output_norms.res{3,4,5}``.
+
+``pretrained_trunk_state_dict`` applies the same rules to the ImageNet classification weights the official runs
+started from (torchvision ConvNeXt-L, torchvision-layout Swin-L 22k, Microsoft FocalNet-L fl4), so a training run
+can begin from them through ``train.init_checkpoint``.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 
+import torch
 from torch import Tensor
 
 __all__ = [
@@ -27,6 +32,8 @@ __all__ = [
     "convert_convnext_entry",
     "convert_focalnet_entry",
     "convert_swin_entry",
+    "pretrained_trunk_state_dict",
+    "save_pretrained_trunk",
 ]
 
 LayoutRule = Callable[[str, Tensor], "tuple[str, Tensor]"]
@@ -105,3 +112,26 @@ def convert_backbone_state_dict(family: str, state_dict: Mapping[str, Tensor]) -
     if len(converted) != sum(key.startswith("backbone.") for key in state_dict):
         raise ValueError(f"two official {family} keys map to the same project key; the layout rules are wrong")
     return converted
+
+
+#: Where each family's official detector keeps the classification trunk, and the classifier parts to leave out.
+_TRUNK_PREFIX = {"convnext": "backbone.", "swin": "backbone.0.", "focalnet": "backbone.0."}
+_CLASSIFIER_ONLY = re.compile(r"(classifier|head|norm)\.")
+
+
+def pretrained_trunk_state_dict(family: str, classification: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """ImageNet classification weights -> this project's ``backbone.*`` entries (classifier and final norm left out).
+
+    The FocalNet output norms have no classification counterpart and keep their initialisation, as officially.
+    """
+    if family not in _TRUNK_PREFIX:
+        raise ValueError(f"unknown backbone family {family!r}; expected one of {sorted(_TRUNK_PREFIX)}")
+    trunk = {_TRUNK_PREFIX[family] + k: v for k, v in classification.items() if not _CLASSIFIER_ONLY.match(k)}
+    return convert_backbone_state_dict(family, trunk)
+
+
+def save_pretrained_trunk(family: str, source: str, destination: str) -> None:
+    """Convert a classification checkpoint file into ``{"model": backbone entries}`` for ``train.init_checkpoint``."""
+    checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+    state_dict = checkpoint.get("model", checkpoint)
+    torch.save({"model": pretrained_trunk_state_dict(family, state_dict)}, destination)
