@@ -195,6 +195,20 @@ def test_experiment_config_loads_saves_and_model_neck_fits_backbone(name, tmp_pa
     assert model.neck.in_channels == expected
 
 
+def test_vit_experiment_trains_the_new_pyramid_at_full_rate_and_skips_decay_on_embeddings():
+    cfg = LazyConfig.load("configs/salience_detr/salience_detr_vit_4scale_12ep.py")
+    cfg.model.backbone.depth = 1
+    with torch.device("meta"):
+        model = instantiate(cfg.model)
+    cfg.optimizer.params.model = model
+    groups = instantiate(cfg.optimizer.params)
+    setting = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    backbone = model.backbone
+    assert setting[id(backbone.pyramid["res3"][0].weight)] == (1e-4, 1e-4)
+    assert setting[id(backbone.vit.blocks[0].attn.qkv.weight)] == (1e-5, 1e-4)
+    assert setting[id(backbone.vit.pos_embed)] == setting[id(backbone.vit.cls_token)] == (1e-5, 0.0)
+
+
 def _tiny_transformer(cfg):
     """Shrink everything but the backbone so a CPU training step takes seconds (as tests/test_meta_arch.py does)."""
     model = cfg.model
@@ -237,3 +251,10 @@ def test_training_step_of_full_model_with_reduced_depth_large_backbone(name):
     for param_name, param in model.backbone.named_parameters():
         changed = not torch.equal(param.detach(), before[param_name])
         assert changed == param.requires_grad, param_name
+    model.eval()
+    with torch.no_grad():
+        outputs = model([{"image": item["image"]} for item in batch])
+    for item, output in zip(batch, outputs):
+        instances = output["instances"]
+        assert instances.image_size == tuple(item["image"].shape[-2:]) and len(instances) > 0
+        assert torch.isfinite(instances.pred_boxes.tensor).all() and instances.scores.max() <= 1

@@ -10,7 +10,8 @@ from .salience_detr_r50_4scale_12ep import dataloader, lr_multiplier, optimizer,
 optimizer.params.low_lr_keywords = ("backbone.vit.", "sampling_offsets", "reference_points")
 optimizer.params.no_decay_keywords = ("norm", "bias", "pos_embed", "cls_token")
 
-# Start from ImageNet ViT-B/16 weights in timm's layout, prefixed with "backbone.vit." (plain state-dict keys), e.g.
+# Start from ImageNet ViT-B/16 weights in timm's layout, their keys prefixed with "backbone.vit." (classifier and
+# final norm left out, this backbone has neither), e.g. on a machine with internet access:
 #   python -c "import timm, torch; m = timm.create_model('vit_base_patch16_224.augreg_in21k', pretrained=True); \
 #       torch.save({'model': {'backbone.vit.' + k: v for k, v in m.state_dict().items() \
 #       if not k.startswith(('head', 'norm.'))}}, 'pretrained/vit_b16_in21k.pth')"
