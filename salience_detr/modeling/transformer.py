@@ -145,6 +145,11 @@ class SalienceTransformer(nn.Module):
                 f"SalienceTransformer expects {self.num_feature_levels} feature levels, got {len(features)}; "
                 "match the neck's num_outs to transformer.num_feature_levels."
             )
+        if position_embeddings[0].shape[1] != self.embed_dim:
+            raise ValueError(
+                f"position embeddings have {position_embeddings[0].shape[1]} channels but embed_dim={self.embed_dim}; "
+                "set position_embedding.num_pos_feats to embed_dim // 2."
+            )
         feat_flatten = flatten_levels(features)
         mask_flatten = flatten_levels(level_masks)
         lvl_pos = flatten_levels([pos + emb.view(1, -1, 1, 1) for pos, emb in zip(position_embeddings, self.level_embeds)])

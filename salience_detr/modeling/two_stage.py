@@ -73,6 +73,7 @@ def grid_nms(
     image) — the official code requires Q' = max_keep; a smaller Q' is how small inputs keep working.
     """
     batch_size, num_candidates = scores.shape
+    scores = scores.float()  # NMS kernels need full precision under autocast
     flat_index = token_index.reshape(-1)
     level = torch.searchsorted(level_start_index, flat_index, right=True) - 1
     width = spatial_shapes[level, 1]
