@@ -82,8 +82,13 @@ def test_training_step_gives_finite_losses_with_empty_image(tiny_model):
 
 def test_training_step_without_any_box(tiny_model):
     tiny_model.train()
+    tiny_model.zero_grad(set_to_none=True)
     losses = tiny_model([make_input(64, 64, [], []), make_input(64, 96, [], [])])
     assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    # every trainable parameter takes part (DDP without find_unused_parameters), the dn embedding included
+    unused = [n for n, p in tiny_model.named_parameters() if p.requires_grad and p.grad is None]
+    assert unused == []
     tiny_model.zero_grad()
 
 
