@@ -7,6 +7,7 @@ from .datasets import (
     dataset_info,
     load_detection_dicts,
     register_coco_dataset,
+    resolve_dataset,
 )
 from .mapper import DetrDatasetMapper, UnreadableImageError
 from .synthetic import SHAPE_CLASSES, SyntheticSpec, ensure_synthetic_dataset, register_synthetic_datasets
@@ -25,4 +26,5 @@ __all__ = [
     "load_detection_dicts",
     "register_coco_dataset",
     "register_synthetic_datasets",
+    "resolve_dataset",
 ]

@@ -92,6 +92,19 @@ def dataset_info(name: str) -> dict[str, Any]:
     }
 
 
+def resolve_dataset(name: str, json_file: str | None = None, image_root: str | None = None) -> list[dict[str, Any]]:
+    """The dicts of dataset ``name``, registering it from ``json_file`` and ``image_root`` when given (tools)."""
+    if json_file or image_root:
+        register_coco_dataset(name, json_file, image_root)
+    elif name not in DatasetCatalog.list():
+        raise KeyError(
+            f"Dataset {name!r} is not registered; pass its COCO json and image folder to register it. "
+            f"Registered: {', '.join(sorted(DatasetCatalog.list()))}"
+        )
+    check_registered_paths([name])
+    return DatasetCatalog.get(name)
+
+
 def check_registered_paths(names: Sequence[str]) -> None:
     """Check the files behind registered COCO-format datasets (detectron2's builtin COCO included).
 

@@ -1,0 +1,97 @@
+"""COCO evaluation of an existing detection results file against a registered dataset, without the model.
+
+    python -m salience_detr.tools.evaluate_json --dataset synthetic_val \
+        --json output/salience_detr_tiny_synthetic/inference/coco_instances_results.json
+    python -m salience_detr.tools.evaluate_json --dataset my_val --coco-json val.json --image-root val/ --json res.json
+
+The results file is what detectron2's COCOEvaluator writes (``coco_instances_results.json``: dataset category
+ids, XYWH boxes). Like COCOEvaluator, only the images that appear in the results are evaluated unless
+``--all-images`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+from pathlib import Path
+
+import salience_detr  # noqa: F401  (before detectron2; registers the built-in datasets)
+from detectron2.data import MetadataCatalog
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from tabulate import tabulate
+
+from salience_detr.data import resolve_dataset
+
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def load_results(path: str) -> list[dict]:
+    try:
+        results = json.loads(Path(path).read_text())
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"Results file {path!r} does not exist.") from error
+    except json.JSONDecodeError as error:
+        raise ValueError(f"Results file {path!r} is not valid JSON ({error}).") from error
+    if not isinstance(results, list) or any(not {"image_id", "category_id", "bbox", "score"} <= set(r) for r in results):
+        raise ValueError(
+            f"{path!r} is not a COCO detection results list: every entry needs image_id, category_id, bbox, score."
+        )
+    return results
+
+
+def evaluate_results(json_file: str, results: list[dict], all_images: bool = False) -> dict[str, float]:
+    """Box AP metrics (percent; NaN where a size range has no object) and per-category AP."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO(json_file)
+    unknown = {r["image_id"] for r in results} - set(coco_gt.getImgIds())
+    if unknown:
+        raise ValueError(f"{len(unknown)} image ids of the results are not in {json_file!r}, e.g. {sorted(unknown)[:5]}")
+    if not results:
+        return {name: 0.0 for name in METRIC_NAMES}
+    image_ids = sorted(coco_gt.getImgIds()) if all_images else sorted({r["image_id"] for r in results})
+    evaluator = COCOeval(coco_gt, coco_gt.loadRes(results), "bbox")
+    evaluator.params.imgIds = image_ids
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    metrics = {name: float(v * 100 if v >= 0 else "nan") for name, v in zip(METRIC_NAMES, evaluator.stats)}
+    precision = evaluator.eval["precision"]  # iou, recall, class, area, max dets
+    for index, category_id in enumerate(evaluator.params.catIds):
+        per_class = precision[:, :, index, 0, -1]
+        per_class = per_class[per_class > -1]
+        name = coco_gt.cats[category_id]["name"]
+        metrics[f"AP-{name}"] = float(per_class.mean() * 100) if per_class.size else float("nan")
+    return metrics
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", required=True, help="registered dataset name, e.g. synthetic_val, coco_2017_val")
+    parser.add_argument("--json", required=True, help="COCO results file (coco_instances_results.json)")
+    parser.add_argument("--coco-json", help="register --dataset from this COCO annotation file")
+    parser.add_argument("--image-root", help="image folder of --coco-json")
+    parser.add_argument("--all-images", action="store_true", help="evaluate every image, not only those with results")
+    parser.add_argument("--output", help="write the metrics to this JSON file")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    logging.basicConfig(level=logging.INFO)
+    args = parse_args(argv)
+    results = load_results(args.json)
+    resolve_dataset(args.dataset, args.coco_json, args.image_root)  # also generates a built-in dataset
+    metrics = evaluate_results(MetadataCatalog.get(args.dataset).json_file, results, args.all_images)
+    print(tabulate([[f"{metrics[n]:.3f}" for n in METRIC_NAMES]], headers=METRIC_NAMES, tablefmt="pipe"))
+    per_class = [(k[3:], f"{v:.3f}") for k, v in metrics.items() if k.startswith("AP-")]
+    print(tabulate(per_class, headers=["category", "AP"], tablefmt="pipe"))
+    if args.output:
+        Path(args.output).write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Draw the detections of a COCO results file next to the ground truth, one PNG per image.
+
+    python -m salience_detr.tools.visualize_json_results \
+        --input output/salience_detr_tiny_synthetic/inference/coco_instances_results.json \
+        --dataset synthetic_val --output output/salience_detr_tiny_synthetic/vis --conf-threshold 0.5 --num-images 8
+
+Left: predictions with a score of at least ``--conf-threshold``; right: ground truth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections import defaultdict
+
+import numpy as np
+import salience_detr  # noqa: F401  (before detectron2; registers the built-in datasets)
+from detectron2.data import MetadataCatalog
+from detectron2.data import detection_utils as utils
+from detectron2.structures import Boxes, BoxMode, Instances
+from detectron2.utils.visualizer import Visualizer
+from PIL import Image
+from tqdm import tqdm
+
+from salience_detr.data import resolve_dataset
+from salience_detr.tools.evaluate_json import load_results
+from salience_detr.tools.visualize_data import draw_ground_truth, output_path
+
+
+def results_to_instances(results: list[dict], image_size: tuple[int, int], id_map: dict[int, int]) -> Instances:
+    """Instances of one image from COCO results (dataset category ids mapped to contiguous ids)."""
+    instances = Instances(image_size)
+    boxes = np.array([r["bbox"] for r in results], dtype=np.float64).reshape(-1, 4)
+    instances.pred_boxes = Boxes(BoxMode.convert(boxes, BoxMode.XYWH_ABS, BoxMode.XYXY_ABS))
+    instances.scores = np.array([r["score"] for r in results], dtype=np.float32)
+    try:
+        instances.pred_classes = np.array([id_map[r["category_id"]] for r in results], dtype=np.int64)
+    except KeyError as error:
+        raise ValueError(f"Results use category id {error.args[0]}, which the dataset does not have.") from None
+    return instances
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True, help="COCO results file (coco_instances_results.json)")
+    parser.add_argument("--dataset", required=True, help="registered dataset name, e.g. synthetic_val")
+    parser.add_argument("--output", required=True, help="folder for the PNG files")
+    parser.add_argument("--conf-threshold", type=float, default=0.5, help="draw detections at or above this score")
+    parser.add_argument("--num-images", type=int, default=None, help="draw only the first N images")
+    parser.add_argument("--coco-json", help="register --dataset from this COCO annotation file")
+    parser.add_argument("--image-root", help="image folder of --coco-json")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    args = parse_args(argv)
+    by_image = defaultdict(list)
+    for result in load_results(args.input):
+        if result["score"] >= args.conf_threshold:
+            by_image[result["image_id"]].append(result)
+    records = resolve_dataset(args.dataset, args.coco_json, args.image_root)[: args.num_images]
+    metadata = MetadataCatalog.get(args.dataset)
+    id_map = metadata.get("thing_dataset_id_to_contiguous_id")
+    os.makedirs(args.output, exist_ok=True)
+    written = []
+    for record in tqdm(records, desc="Drawing detections", unit="image"):
+        image = utils.read_image(record["file_name"], format="RGB")
+        predictions = results_to_instances(by_image[record["image_id"]], image.shape[:2], id_map)
+        drawn = Visualizer(image, metadata=metadata).draw_instance_predictions(predictions).get_image()
+        side_by_side = np.concatenate([drawn, draw_ground_truth(record, metadata)], axis=1)
+        path = output_path(args.output, record)
+        Image.fromarray(side_by_side).save(path)
+        written.append(path)
+    print(f"Wrote {len(written)} images to {args.output}")
+    return written
+
+
+if __name__ == "__main__":
+    main()
