@@ -2,7 +2,7 @@
 // argument, never inside a kernel.
 #include "ms_deform_attn.h"
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 namespace salience_detr {
 namespace {

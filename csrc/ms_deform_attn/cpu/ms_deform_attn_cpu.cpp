@@ -7,10 +7,12 @@
 #include "../bilinear.h"
 #include "../ms_deform_attn.h"
 
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <vector>
@@ -267,8 +269,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   const LevelLayout levels(in.spatial_shapes, in.level_start_index);
   const at::ScalarType acc_type = at::toOpMathType(in.value.scalar_type());
   at::Tensor grad_value_acc = at::zeros(in.value.sizes(), in.value.options().dtype(acc_type));
-  at::Tensor grad_locations = at::empty_like(in.sampling_locations);
-  at::Tensor grad_weights = at::empty_like(in.attention_weights);
+  at::Tensor grad_locations = at::empty(in.sampling_locations.sizes(), in.sampling_locations.options());
+  at::Tensor grad_weights = at::empty(in.attention_weights.sizes(), in.attention_weights.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
     backward_kernel<scalar_t>(in, levels, grad_out, grad_value_acc, grad_locations, grad_weights);
   });
