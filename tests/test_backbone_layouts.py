@@ -112,7 +112,9 @@ def _random_official(shapes, generator):
 @pytest.mark.parametrize("size", [(64, 96), (70, 90)])
 def test_convnext_and_swin_official_checkpoints_give_official_features(size):
     generator = torch.Generator().manual_seed(0)
-    convnext = ConvNeXt([CNBlockConfig(16, 32, 1), CNBlockConfig(32, 64, 1), CNBlockConfig(64, 128, 2), CNBlockConfig(128, None, 1)])
+    convnext = ConvNeXt(
+        [CNBlockConfig(16, 32, 1), CNBlockConfig(32, 64, 1), CNBlockConfig(64, 128, 2), CNBlockConfig(128, None, 1)]
+    )
     swin = SwinTransformer([4, 4], 16, [2, 2, 2, 2], [1, 2, 4, 8], [7, 7])
     cases = [
         ("convnext", convnext, "backbone.", ConvNeXtBackbone(dims=(16, 32, 64, 128), depths=(1, 1, 2, 1))),
@@ -184,7 +186,10 @@ def _official_focalnet_features(sd, x, depths, focal_level):
 
 
 def _official_focalnet_shapes(embed_dim, depths, focal_level):
-    shapes = {"backbone.0.patch_embed.proj.weight": (embed_dim, 3, 7, 7), "backbone.0.patch_embed.proj.bias": (embed_dim,)}
+    shapes = {
+        "backbone.0.patch_embed.proj.weight": (embed_dim, 3, 7, 7),
+        "backbone.0.patch_embed.proj.bias": (embed_dim,),
+    }
     shapes.update({f"backbone.0.patch_embed.norm.{k}": (embed_dim,) for k in ("weight", "bias")})
     for stage, depth in enumerate(depths):
         dim = embed_dim * 2**stage
@@ -247,11 +252,15 @@ def test_converted_names_fall_into_the_official_optimizer_groups(family):
 
 def test_pretrained_classification_weights_load_into_the_trunk(tmp_path):
     generator = torch.Generator().manual_seed(0)
-    convnext = ConvNeXt([CNBlockConfig(16, 32, 1), CNBlockConfig(32, 64, 1), CNBlockConfig(64, 128, 2), CNBlockConfig(128, None, 1)])
+    convnext = ConvNeXt(
+        [CNBlockConfig(16, 32, 1), CNBlockConfig(32, 64, 1), CNBlockConfig(64, 128, 2), CNBlockConfig(128, None, 1)]
+    )
     swin = SwinTransformer([4, 4], 16, [2, 2, 2, 2], [1, 2, 4, 8], [7, 7])
     detector_shapes = _official_focalnet_shapes(16, (1, 1, 2, 1), 4)
     focalnet = {k[len("backbone.0.") :]: v for k, v in detector_shapes.items() if k.startswith("backbone.0.")}
-    focalnet = _random_official({**focalnet, "norm.weight": (128,), "norm.bias": (128,), "head.weight": (10, 128)}, generator)
+    focalnet = _random_official(
+        {**focalnet, "norm.weight": (128,), "norm.bias": (128,), "head.weight": (10, 128)}, generator
+    )
     cases = [
         ("convnext", convnext.state_dict(), ConvNeXtBackbone(dims=(16, 32, 64, 128), depths=(1, 1, 2, 1))),
         ("swin", swin.state_dict(), SwinBackbone(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))),
@@ -271,3 +280,41 @@ def test_pretrained_classification_weights_load_into_the_trunk(tmp_path):
             torch.testing.assert_close(loaded[key], value.to(loaded[key].dtype), rtol=0, atol=0)
     with pytest.raises(ValueError, match="unknown backbone family"):
         pretrained_trunk_state_dict("resnet", {})
+
+
+def _official_large_checkpoint(tsv_name):
+    """A synthetic full official checkpoint: the R50 model's non-backbone entries with the channel mapper sized for
+    384/768/1536 inputs (as ``ChannelMapper(in_channels=backbone.num_channels)`` builds it), plus the backbone list."""
+    shapes = {}
+    for line in (DESIGN / "official_r50_state_dict_keys.tsv").read_text().splitlines()[1:]:
+        key, shape = line.split("\t")[:2]
+        if not key.startswith("backbone."):
+            shapes[key] = ast.literal_eval(shape)
+    for level, (channels, kernel) in enumerate([(384, 1), (768, 1), (1536, 1), (1536, 3)]):
+        shapes[f"neck.convs.{level}.0.weight"] = (256, channels, kernel, kernel)
+    shapes.update(_official_shapes(tsv_name))
+    return {key: torch.empty(shape, device="meta") for key, shape in shapes.items()}
+
+
+@pytest.mark.parametrize(
+    "name, tsv_name",
+    [
+        ("convnext_l", "official_convnext_l_backbone_keys.tsv"),
+        ("swin_l", "official_swin_l_backbone_keys.tsv"),
+        ("focalnet_l", "official_focalnet_l_backbone_keys.tsv"),
+    ],
+)
+def test_converter_fills_every_entry_of_the_large_backbone_models(name, tsv_name):
+    from detectron2.config import LazyConfig, instantiate
+
+    from salience_detr.checkpoint.official import backbone_family, convert_official_state_dict
+
+    with torch.device("meta"):
+        model = instantiate(LazyConfig.load(f"configs/models/salience_detr_{name}.py").model)
+    target = model.state_dict()
+    official = _official_large_checkpoint(tsv_name)
+    converted = convert_official_state_dict(
+        official, {k: v.shape for k, v in target.items()}, backbone_family(model.backbone)
+    )
+    assert set(converted) == set(target)
+    assert sum(k.startswith("backbone.") for k in converted) == sum(k.startswith("backbone.") for k in official)

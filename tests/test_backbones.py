@@ -47,7 +47,12 @@ def test_small_variant_declared_strides_and_channels(family, size):
     shapes = backbone.output_shape()
     assert list(outputs) == ["res3", "res4", "res5"] == list(shapes)
     for name, feature in outputs.items():
-        assert feature.shape == (2, shapes[name].channels, size[0] // shapes[name].stride, size[1] // shapes[name].stride)
+        assert feature.shape == (
+            2,
+            shapes[name].channels,
+            size[0] // shapes[name].stride,
+            size[1] // shapes[name].stride,
+        )
     assert [shapes[n].stride for n in shapes] == [8, 16, 32]
     assert backbone.size_divisibility == 32
 
@@ -100,7 +105,12 @@ def test_requested_subset_of_stages_only(family):
 @pytest.mark.parametrize("size", [(64, 96), (72, 100)])
 def test_convnext_equals_torchvision_feature_extractor(size):
     backbone = _randomize(_small("convnext"))
-    settings = [CNBlockConfig(16, 32, 1), CNBlockConfig(32, 64, 1), CNBlockConfig(64, 128, 2), CNBlockConfig(128, None, 1)]
+    settings = [
+        CNBlockConfig(16, 32, 1),
+        CNBlockConfig(32, 64, 1),
+        CNBlockConfig(64, 128, 2),
+        CNBlockConfig(128, None, 1),
+    ]
     reference = ConvNeXt(settings)
     missing, unexpected = reference.load_state_dict(backbone.state_dict(), strict=False)
     assert not unexpected and all(key.startswith("classifier.") for key in missing)
@@ -128,8 +138,15 @@ def test_swin_equals_torchvision_at_any_input_size(size):
 def test_focalnet_equals_timm_intermediates_plus_output_norms():
     backbone = _randomize(_small("focalnet"))
     reference = FocalNet(
-        embed_dim=16, depths=(1, 1, 2, 1), focal_levels=(4,) * 4, focal_windows=(3,) * 4, use_overlap_down=True,
-        use_post_norm=True, normalize_modulator=True, layerscale_value=1e-4, num_classes=0,
+        embed_dim=16,
+        depths=(1, 1, 2, 1),
+        focal_levels=(4,) * 4,
+        focal_windows=(3,) * 4,
+        use_overlap_down=True,
+        use_post_norm=True,
+        normalize_modulator=True,
+        layerscale_value=1e-4,
+        num_classes=0,
     )
     trunk = {k: v for k, v in backbone.state_dict().items() if not k.startswith("output_norms.")}
     missing, unexpected = reference.load_state_dict(trunk, strict=False)
@@ -144,13 +161,23 @@ def test_vit_pyramid_shapes_and_equals_timm_last_block():
     torch.manual_seed(0)
     backbone = ViTBackbone(embed_dim=64, depth=2, num_heads=2, out_channels=32, drop_path_rate=0.0).eval()
     shapes = backbone.output_shape()
-    assert {n: (s.channels, s.stride) for n, s in shapes.items()} == {"res3": (32, 8), "res4": (32, 16), "res5": (32, 32)}
+    assert {n: (s.channels, s.stride) for n, s in shapes.items()} == {
+        "res3": (32, 8),
+        "res4": (32, 16),
+        "res5": (32, 32),
+    }
     x = torch.randn(2, 3, 96, 128)  # not the 224 pre-training size: position embeddings are resampled
     outputs = backbone(x)
     for name, feature in outputs.items():
         assert feature.shape == (2, 32, 96 // shapes[name].stride, 128 // shapes[name].stride)
     reference = VisionTransformer(
-        patch_size=16, embed_dim=64, depth=2, num_heads=2, num_classes=0, global_pool="", final_norm=False,
+        patch_size=16,
+        embed_dim=64,
+        depth=2,
+        num_heads=2,
+        num_classes=0,
+        global_pool="",
+        final_norm=False,
         dynamic_img_size=True,
     )
     reference.load_state_dict(backbone.vit.state_dict())
