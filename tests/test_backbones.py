@@ -285,3 +285,15 @@ def test_training_step_of_full_model_with_reduced_depth_large_backbone(name):
         instances = output["instances"]
         assert instances.image_size == tuple(item["image"].shape[-2:]) and len(instances) > 0
         assert torch.isfinite(instances.pred_boxes.tensor).all() and instances.scores.max() <= 1
+
+
+@pytest.mark.parametrize("family", sorted(SMALL))
+def test_small_variant_runs_under_bfloat16_autocast(family):
+    backbone = _small(family)
+    x = torch.randn(1, 3, 64, 96)
+    reference = backbone(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = backbone(x)
+    for name, feature in outputs.items():
+        assert feature.shape == reference[name].shape and torch.isfinite(feature).all()
+        torch.testing.assert_close(feature.float(), reference[name], rtol=0.1, atol=0.1)
