@@ -7,6 +7,7 @@ level by nearest interpolation. Boxes inside the model are normalized cxcywh rel
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any
 
@@ -18,6 +19,7 @@ from detectron2.structures import Boxes, ImageList, Instances
 from torch import Tensor, nn
 from torchvision.ops import box_convert
 
+from .roi_refine import LastOutputRecorder, RoIInputs, RoIRefineHead
 from .transformer import SalienceTransformer, TransformerOutput
 
 
@@ -79,6 +81,7 @@ class SalienceDETR(nn.Module):
         select_box_nums_for_evaluation: int = 300,
         size_divisibility: int = 32,
         return_salience: bool = False,
+        roi_refine: RoIRefineHead | None = None,
     ):
         super().__init__()
         for name, value in (("num_classes", num_classes), ("embed_dim", embed_dim)):
@@ -93,6 +96,7 @@ class SalienceDETR(nn.Module):
         self.transformer = transformer
         self.denoising_generator = denoising_generator
         self.criterion = criterion
+        self.roi_refine = roi_refine
         self.focus_criterion = focus_criterion
         self.num_classes = num_classes
         self.input_format = input_format
@@ -140,19 +144,39 @@ class SalienceDETR(nn.Module):
         level_masks = level_masks_for(mask, features)
         position_embeddings = [self.position_embedding(m).to(f.dtype) for m, f in zip(level_masks, features)]
 
+        # the optional RoI head reads the last decoder layer's query features (recorded, not returned)
+        recorder = contextlib.nullcontext()
+        if self.roi_refine is not None:
+            recorder = LastOutputRecorder(self.transformer.decoder.norm)
+        padded_size = tuple(images.tensor.shape[-2:])
         if not self.training:
-            output = self.transformer(features, level_masks, position_embeddings)
+            with recorder:
+                output = self.transformer(features, level_masks, position_embeddings)
+            if self.roi_refine is not None:
+                roi_inputs = RoIInputs(recorder.output, features, images.image_sizes, padded_size)
+                output = self.roi_refine.refine_output(output, roi_inputs)
             return self.inference(output, batched_inputs, images.image_sizes)
 
         targets = self.prepare_targets(batched_inputs, images)
         make_denoising = functools.partial(
             self.denoising_generator, [t["labels"] for t in targets], [t["boxes"] for t in targets]
         )
-        output = self.transformer(features, level_masks, position_embeddings, make_denoising)
-        return self.losses(output, targets, tuple(images.tensor.shape[-2:]))
+        with recorder:
+            output = self.transformer(features, level_masks, position_embeddings, make_denoising)
+        roi_inputs = None
+        if self.roi_refine is not None:
+            roi_inputs = RoIInputs(recorder.output, features, images.image_sizes, padded_size)
+        return self.losses(output, targets, padded_size, roi_inputs)
 
-    def losses(self, output: TransformerOutput, targets: list[dict[str, Tensor]], padded_size: tuple[int, int]):
-        """Weighted loss dict: set criterion (decoder layers, encoder proposals, denoising) + salience loss."""
+    def losses(
+        self,
+        output: TransformerOutput,
+        targets: list[dict[str, Tensor]],
+        padded_size: tuple[int, int],
+        roi_inputs: RoIInputs | None = None,
+    ):
+        """Weighted loss dict: set criterion (decoder layers, encoder proposals, denoising) + salience loss
+        (+ the RoI head's losses on the last layer's matching when ``roi_inputs`` is given)."""
         # keeps the denoising label embedding in the graph for DDP even when no image has boxes (official no-op)
         pred_logits = output.pred_logits + self.denoising_generator.label_encoder.weight[0, 0] * 0.0
         num_denoising = output.denoising.label_query.shape[1]
@@ -162,7 +186,12 @@ class SalienceDETR(nn.Module):
         outputs["enc_outputs"] = {"pred_logits": output.enc_logits, "pred_boxes": output.enc_boxes}
         outputs["dn_outputs"] = dn_outputs
         set_targets = [{"labels": t["labels"], "boxes": t["boxes"]} for t in targets]
-        loss_dict = dict(self.criterion(outputs, set_targets))
+        if roi_inputs is None:
+            loss_dict = dict(self.criterion(outputs, set_targets))
+        else:
+            loss_dict, indices = self.criterion(outputs, set_targets, return_indices=True)
+            loss_dict = dict(loss_dict)
+            loss_dict.update(self.roi_refine.training_losses(output, roi_inputs, set_targets, indices))
         loss_dict.update(self.focus_criterion(output.salience, [t["boxes_xyxy"] for t in targets], padded_size))
         return loss_dict
 
