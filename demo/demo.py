@@ -178,9 +178,7 @@ def open_capture(source: int | str) -> cv2.VideoCapture:
     return capture
 
 
-def run_images(demo: VisualizationDemo, args: argparse.Namespace) -> None:
-    files = expand_inputs(args.input)
-    outputs = image_output_paths(files, args.output) if args.output else [None] * len(files)
+def run_images(demo: VisualizationDemo, args: argparse.Namespace, files: list[str], outputs: list) -> None:
     for path, output in tqdm.tqdm(list(zip(files, outputs)), disable=len(files) == 1, desc="images"):
         image = read_image(path)
         start = time.perf_counter()
@@ -197,10 +195,10 @@ def run_images(demo: VisualizationDemo, args: argparse.Namespace) -> None:
             raise DemoError(f"could not write {output!r}: use an image extension such as .jpg or .png")
 
 
-def run_stream(demo: VisualizationDemo, args: argparse.Namespace, source: int | str) -> int:
+def run_stream(
+    demo: VisualizationDemo, args: argparse.Namespace, capture: cv2.VideoCapture, source: int | str, output: str | None
+) -> int:
     """Video file or camera: every frame through the model; returns the number of frames written or shown."""
-    output = video_output_path(args, "webcam" if isinstance(source, int) else source)
-    capture = open_capture(source)
     total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if isinstance(source, str) else 0
     if args.max_frames is not None:
         total = min(total, args.max_frames) if total > 0 else args.max_frames
@@ -220,7 +218,6 @@ def run_stream(demo: VisualizationDemo, args: argparse.Namespace, source: int | 
                 writer = open_video_writer(output, fps, (picture.shape[1], picture.shape[0]), args.codec)
             writer.write(picture)
     finally:
-        capture.release()
         if writer is not None:
             writer.release()
     if count == 0:
@@ -230,24 +227,38 @@ def run_stream(demo: VisualizationDemo, args: argparse.Namespace, source: int | 
     return count
 
 
+def build_demo(cfg, args: argparse.Namespace) -> VisualizationDemo:
+    return VisualizationDemo(
+        cfg,
+        confidence_threshold=args.confidence_threshold,
+        show_salience=args.show_salience,
+        show_queries=args.show_queries,
+        salience_layout=args.salience_layout,
+        device=args.device,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
     setup_logger(name="salience_detr")
     logger.info("Arguments: %s", args)
     try:
+        if args.max_frames is not None and args.max_frames < 1:
+            raise DemoError(f"--max-frames must be a positive number of frames, got {args.max_frames}")
         cfg = setup_cfg(args)
-        demo = VisualizationDemo(
-            cfg,
-            confidence_threshold=args.confidence_threshold,
-            show_salience=args.show_salience,
-            show_queries=args.show_queries,
-            salience_layout=args.salience_layout,
-            device=args.device,
-        )
+        # inputs and outputs are checked before the model is built, so mistakes are reported in a second
         if args.input:
-            run_images(demo, args)
+            files = expand_inputs(args.input)
+            outputs = image_output_paths(files, args.output) if args.output else [None] * len(files)
+            run_images(build_demo(cfg, args), args, files, outputs)
         else:
-            run_stream(demo, args, args.camera if args.webcam else args.video_input)
+            source = args.camera if args.webcam else args.video_input
+            output = video_output_path(args, "webcam" if args.webcam else source)
+            capture = open_capture(source)
+            try:
+                run_stream(build_demo(cfg, args), args, capture, source, output)
+            finally:
+                capture.release()
     except DemoError as error:
         logger.error("%s", error)
         return 2

@@ -4,8 +4,8 @@
         [--height 800 --width 1333] [--device cpu|cuda] [--num-iter 50] [--output benchmark.json]
 
 The model runs in eval mode on one random image of exactly the given size (the size after the test resize), with
-random weights unless ``train.init_checkpoint`` is set through ``--opts``: cost does not depend on the weights
-except through how many proposals survive NMS. FLOPs come from fvcore (one multiply-add = one flop) with a handle
+random weights unless ``--weights`` names a checkpoint: cost does not depend on the weights except through how many
+proposals survive NMS (``train.init_checkpoint``, often ImageNet backbone weights, is ignored). FLOPs come from fvcore (one multiply-add = one flop) with a handle
 for multi-scale deformable attention, which fvcore would otherwise skip: it counts the compiled operator and the
 pure-PyTorch path (``grid_sample``) alike. When the config has an RoI refinement head, both the head on and off
 (``model.roi_refine=None``) are measured in the same run.
@@ -31,11 +31,11 @@ import torch
 from torch import Tensor, nn
 
 import salience_detr  # noqa: F401  (makes detectron2 importable and registers the model)
-from detectron2.config import LazyConfig
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import LazyConfig, instantiate
 from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
 from salience_detr.layers.ms_deform_attn import BACKEND_ENV, BACKENDS, resolve_backend
-from salience_detr.utils import build_model
 from tabulate import tabulate
 
 logger = logging.getLogger(__name__)
@@ -201,6 +201,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-iter", type=int, default=50, help="timed forward passes (the median is reported)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed forward passes first")
     parser.add_argument("--backend", choices=BACKENDS, help=f"deformable attention backend (sets {BACKEND_ENV})")
+    parser.add_argument("--weights", help="checkpoint to load (default: random weights)")
     parser.add_argument("--output", default="benchmark.json", help="where to write the JSON results")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides, key=value")
     return parser
@@ -214,6 +215,8 @@ def check_args(args: argparse.Namespace) -> torch.device:
         raise SystemExit(f"--warmup must be >= 0, got {args.warmup}")
     if not os.path.isfile(args.config_file):
         raise SystemExit(f"config file {args.config_file!r} does not exist; pass a LazyConfig .py file")
+    if args.weights and not os.path.isfile(args.weights):
+        raise SystemExit(f"--weights {args.weights!r} does not exist; pass a checkpoint file or leave it out")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda was asked for, but PyTorch sees no CUDA device; use --device cpu")
@@ -229,7 +232,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results = {}
     for name, variant_cfg in roi_variants(cfg).items():
         logger.info("Benchmarking %s", name)
-        model = build_model(variant_cfg, str(device))
+        model = instantiate(variant_cfg.model)
+        if args.weights:
+            DetectionCheckpointer(model).load(args.weights)
         results[name] = benchmark_model(
             model, args.height, args.width, device, args.batch_size, args.warmup, args.num_iter
         )
