@@ -341,3 +341,24 @@ def test_dataset_with_more_classes_than_model_stops(standin_config, tiny_synthet
     cfg.model.num_classes = None
     train_net.resolve_num_classes(cfg)
     assert cfg.model.num_classes == 5
+
+
+@pytest.mark.slow
+def test_tiny_synthetic_config_fast_dev_run(tiny_synthetic_cache, tmp_path):
+    """The README's config with the real model: two iterations, a checkpoint, evaluation on two images."""
+    out = tmp_path / "run"
+    overrides = [f"datasets.synthetic.{key}={value}" for key, value in TINY_SPEC.items()] + [
+        f"datasets.synthetic.cache_dir={tiny_synthetic_cache}",
+        f"train.output_dir={out}",
+        "train.fast_dev_run=True",
+        "dataloader.train.num_workers=0",
+        "dataloader.test.num_workers=0",
+        "dataloader.train.total_batch_size=2",
+    ]
+    config = REPO / "configs" / "salience_detr" / "salience_detr_tiny_synthetic.py"
+    log = run_train_net(config, overrides)
+    assert (out / "model_final.pth").is_file()
+    assert "Evaluation results for bbox" in log
+    predictions = json.loads((out / "inference" / "coco_instances_results.json").read_text())
+    assert {p["image_id"] for p in predictions} <= {1, 2}
+    assert [m["iteration"] for m in read_metrics(out) if "total_loss" in m] == [0, 1]

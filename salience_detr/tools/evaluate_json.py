@@ -26,6 +26,13 @@ from tabulate import tabulate
 
 from salience_detr.data import resolve_dataset
 
+
+def add_dataset_arguments(parser: argparse.ArgumentParser, example: str) -> None:
+    """--dataset, plus --coco-json/--image-root to register a dataset that is not registered yet."""
+    parser.add_argument("--dataset", required=True, help=f"registered dataset name, e.g. {example}")
+    parser.add_argument("--coco-json", help="register --dataset from this COCO annotation file")
+    parser.add_argument("--image-root", help="image folder of --coco-json")
+
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
@@ -70,10 +77,8 @@ def evaluate_results(json_file: str, results: list[dict], all_images: bool = Fal
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", required=True, help="registered dataset name, e.g. synthetic_val, coco_2017_val")
+    add_dataset_arguments(parser, "synthetic_val, coco_2017_val")
     parser.add_argument("--json", required=True, help="COCO results file (coco_instances_results.json)")
-    parser.add_argument("--coco-json", help="register --dataset from this COCO annotation file")
-    parser.add_argument("--image-root", help="image folder of --coco-json")
     parser.add_argument("--all-images", action="store_true", help="evaluate every image, not only those with results")
     parser.add_argument("--output", help="write the metrics to this JSON file")
     return parser.parse_args(argv)

@@ -19,6 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from salience_detr.data import resolve_dataset
+from salience_detr.tools.evaluate_json import add_dataset_arguments
 
 
 def draw_ground_truth(record: dict[str, Any], metadata, scale: float = 1.0) -> np.ndarray:
@@ -34,10 +35,8 @@ def output_path(output_dir: str, record: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", required=True, help="registered dataset name, e.g. synthetic_train")
+    add_dataset_arguments(parser, "synthetic_train")
     parser.add_argument("--output", required=True, help="folder for the PNG files")
-    parser.add_argument("--coco-json", help="register --dataset from this COCO annotation file")
-    parser.add_argument("--image-root", help="image folder of --coco-json")
     parser.add_argument("--num-images", type=int, default=None, help="draw only the first N images")
     parser.add_argument("--scale", type=float, default=1.0, help="drawing scale")
     return parser.parse_args(argv)

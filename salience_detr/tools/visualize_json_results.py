@@ -23,7 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from salience_detr.data import resolve_dataset
-from salience_detr.tools.evaluate_json import load_results
+from salience_detr.tools.evaluate_json import add_dataset_arguments, load_results
 from salience_detr.tools.visualize_data import draw_ground_truth, output_path
 
 
@@ -43,12 +43,10 @@ def results_to_instances(results: list[dict], image_size: tuple[int, int], id_ma
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, help="COCO results file (coco_instances_results.json)")
-    parser.add_argument("--dataset", required=True, help="registered dataset name, e.g. synthetic_val")
+    add_dataset_arguments(parser, "synthetic_val")
     parser.add_argument("--output", required=True, help="folder for the PNG files")
     parser.add_argument("--conf-threshold", type=float, default=0.5, help="draw detections at or above this score")
     parser.add_argument("--num-images", type=int, default=None, help="draw only the first N images")
-    parser.add_argument("--coco-json", help="register --dataset from this COCO annotation file")
-    parser.add_argument("--image-root", help="image folder of --coco-json")
     return parser.parse_args(argv)
 
 

@@ -1,0 +1,54 @@
+"""A small Salience DETR trained from scratch on the built-in synthetic shapes dataset, on CPU in minutes.
+
+The README's first command uses it. Same architecture as the R50 model, scaled down: ResNet-18 with
+GroupNorm (no pretrained weights here, and batches of 4), 128 channels, 2 encoder and 3 decoder layers,
+100 queries, 20 denoising queries, ~256 px images. Every backbone weight trains at the full learning rate
+(the 0.1x factor of the recipe is for pretrained backbones).
+"""
+
+from detectron2.config import LazyCall as L
+from detectron2.modeling.backbone import ResNet
+
+from ..common.data.synthetic import dataloader, datasets
+from ..common.optim import AdamW as optimizer
+from ..common.schedule import multistep_with_warmup
+from ..common.train import train
+from ..models.salience_detr_r50 import model
+
+MAX_ITER = 1500
+
+model.num_classes = 5
+model.embed_dim = 128
+model.position_embedding.num_pos_feats = 64
+model.backbone.stem.norm = "GN"
+model.backbone.stages = L(ResNet.make_default_stages)(depth=18, norm="GN")
+model.backbone.freeze_at = 0
+model.neck.in_channels = [128, 256, 512]
+model.transformer.encoder.num_layers = 2
+model.transformer.encoder.layer.d_ffn = 512
+model.transformer.encoder.layer.topk_sa = 100
+model.transformer.layer_filter_ratio = (1.0, 0.6)
+model.transformer.neck.num_blocks = 1
+model.transformer.decoder.num_layers = 3
+model.transformer.decoder.layer.d_ffn = 512
+model.transformer.num_queries = 100
+model.denoising_generator.denoising_nums = 20
+model.select_box_nums_for_evaluation = 100
+
+optimizer.lr = 2e-4
+optimizer.params.low_lr_keywords = ["sampling_offsets"]
+
+lr_multiplier = multistep_with_warmup(MAX_ITER, [int(MAX_ITER * 0.8)], warmup_iters=100)
+
+datasets.synthetic.update(image_size=256, max_objects=6, min_object_size=12, max_object_size=128)
+dataloader.train.total_batch_size = 4
+dataloader.train.mapper.update(min_sizes=[192, 224, 256], max_size=320, crop_pre_sizes=[192, 224], crop_size=[128, 192])
+dataloader.test.mapper.update(test_min_size=224, test_max_size=320)
+
+train.device = "cpu"
+train.output_dir = "./output/salience_detr_tiny_synthetic"
+train.max_iter = MAX_ITER
+train.eval_period = MAX_ITER
+train.checkpointer.period = 500
+train.log_period = 20
+train.seed = 0
