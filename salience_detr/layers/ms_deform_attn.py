@@ -13,6 +13,7 @@ module's ``backend`` argument) forces one.
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import subprocess
@@ -75,9 +76,7 @@ def _jit_build() -> ModuleType:
 def _load_extension() -> tuple[ModuleType | None, str]:
     """Import ``salience_detr._C`` (which registers the ops); else try one JIT build; else explain why not."""
     try:
-        from .. import _C
-
-        return _C, "salience_detr._C imported"
+        return importlib.import_module("salience_detr._C"), "salience_detr._C imported"
     except ImportError as error:
         import_error = f"salience_detr._C could not be imported ({error})"
     if os.environ.get(NO_JIT_ENV, "0") == "1":
@@ -140,9 +139,13 @@ def extension_status() -> str:
     return _EXTENSION_STATUS
 
 
+# Read once: a plain dict is also what torch.compile can trace through when it picks the backend.
+_BUILD_INFO: dict[str, object] | None = None if _C is None else dict(_C.build_info())
+
+
 def extension_build_info() -> dict[str, object] | None:
     """Compiler, CUDA version and architectures the loaded extension was built with (None without one)."""
-    return None if _C is None else dict(_C.build_info())
+    return None if _BUILD_INFO is None else dict(_BUILD_INFO)
 
 
 def compiled_backend_available(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
@@ -154,7 +157,7 @@ def compiled_backend_available(device: torch.device, dtype: torch.dtype) -> tupl
     if device.type == "cpu":
         return True, "CPU kernels are built"
     if device.type == "cuda":
-        if _C.build_info()["with_cuda"]:
+        if _BUILD_INFO["with_cuda"]:
             return True, "CUDA kernels are built"
         return False, f"salience_detr._C was built without CUDA kernels; rebuild with FORCE_CUDA=1 ({BUILD_HINT})"
     return False, f"device type {device.type!r} has no compiled kernel"
