@@ -1,0 +1,255 @@
+import copy
+
+import pytest
+import torch
+
+import salience_detr  # noqa: F401  (detectron2 compatibility before any detectron2 import)
+from detectron2.config import LazyCall as L
+from detectron2.config import instantiate
+from detectron2.utils.events import EventStorage
+from torch import nn
+from torchvision.ops import box_convert
+
+from salience_detr.modeling.roi_refine import (
+    RoIInputs,
+    RoIRefineHead,
+    absolute_xyxy,
+    current_iteration,
+    level_strides,
+    matched_mask,
+    warmup_factor,
+)
+from test_meta_arch import make_input, tiny_model_config
+
+EMBED_DIM = 32
+NUM_CLASSES = 3
+STRIDES = (8, 16, 32, 64)
+
+
+def small_head(**overrides) -> RoIRefineHead:
+    torch.manual_seed(0)
+    options = dict(embed_dim=EMBED_DIM, num_rois=4, num_layers=1, num_heads=4, ffn_dim=64, warmup_iters=0)
+    return RoIRefineHead(**{**options, **overrides})
+
+
+def feature_maps(batch_size: int, padded_size: tuple[int, int]) -> list[torch.Tensor]:
+    """Random levels at strides 8..64 with the sizes a stride-2 conv chain gives (ceil division)."""
+    maps = []
+    for stride in STRIDES:
+        size = (-(-padded_size[0] // stride), -(-padded_size[1] // stride))
+        maps.append(torch.randn(batch_size, EMBED_DIM, *size))
+    return maps
+
+
+def random_boxes(batch_size: int, num_queries: int, low: float = 0.2, high: float = 0.8) -> torch.Tensor:
+    """Normalized cxcywh boxes whose XYXY corners lie inside [low, high] of the image."""
+    corners = torch.rand(batch_size, num_queries, 2, 2) * (high - low) + low
+    xyxy = torch.cat([corners.amin(2), corners.amax(2) + 0.01], -1)
+    return box_convert(xyxy, "xyxy", "cxcywh")
+
+
+def head_inputs(image_sizes, padded_size, num_queries=6):
+    torch.manual_seed(1)
+    batch_size = len(image_sizes)
+    logits = torch.randn(batch_size, num_queries, NUM_CLASSES)
+    boxes = random_boxes(batch_size, num_queries)
+    inputs = RoIInputs(
+        torch.randn(batch_size, num_queries, EMBED_DIM), feature_maps(batch_size, padded_size), image_sizes, padded_size
+    )
+    return logits, boxes, inputs
+
+
+def test_shapes_with_different_image_sizes_and_fewer_queries_than_k():
+    head = small_head(num_rois=100)
+    logits, boxes, inputs = head_inputs([(96, 128), (64, 80), (128, 40)], (128, 128), num_queries=6)
+    refinement = head(logits, boxes, inputs)
+    assert refinement.boxes.shape == boxes.shape and refinement.logits.shape == logits.shape
+    assert len(refinement.batch_index) == 3 * 6  # every query of every image, since Q < num_rois
+    assert refinement.refined_boxes.shape == (18, 4) and refinement.iou_logits.shape == (18,)
+    assert torch.isfinite(refinement.boxes).all() and torch.isfinite(refinement.logits).all()
+
+
+def test_selection_is_top_k_by_sigmoid_score_plus_extra_queries():
+    head = small_head(num_rois=2)
+    logits, boxes, inputs = head_inputs([(96, 128), (64, 80)], (96, 128), num_queries=6)
+    logits[:, :, :] = -5.0
+    logits[0, 3, 1] = 4.0
+    logits[0, 5, 0] = 3.0
+    extra = torch.zeros(2, 6, dtype=torch.bool)
+    extra[1, 0] = True
+    refinement = head(logits, boxes, inputs, extra)
+    selected = set(zip(refinement.batch_index.tolist(), refinement.query_index.tolist()))
+    assert {(0, 3), (0, 5), (1, 0)} <= selected
+    assert sum(1 for b, _ in selected if b == 0) == 2
+    assert sum(1 for b, _ in selected if b == 1) == 3  # two by score plus the extra one
+
+
+def test_rois_use_each_images_unpadded_size():
+    boxes = torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]])
+    xyxy = absolute_xyxy(boxes, torch.tensor([0, 1]), [(100, 200), (40, 60)])
+    assert torch.allclose(xyxy, torch.tensor([[50.0, 25.0, 150.0, 75.0], [0.0, 0.0, 60.0, 40.0]]))
+
+
+def test_crops_from_a_padded_batch_equal_those_of_the_image_alone():
+    head = small_head(num_rois=5)
+    image_sizes, padded = [(120, 128), (64, 64)], (128, 128)
+    logits, boxes, inputs = head_inputs(image_sizes, padded, num_queries=5)
+    boxes = random_boxes(2, 5, low=0.3, high=0.7)  # small boxes: finest level, away from the image border
+    selected = torch.ones(2, 5, dtype=torch.bool)
+    batch_cells = head.crop(inputs, boxes.flatten(0, 1), selected)
+
+    alone_features = [f[1:, :, : -(-64 // s), : -(-64 // s)] for f, s in zip(inputs.features, STRIDES)]
+    alone = RoIInputs(inputs.query_features[1:], alone_features, image_sizes[1:], (64, 64))
+    alone_cells = head.crop(alone, boxes[1], selected[1:])
+    assert torch.allclose(batch_cells[5:], alone_cells, atol=1e-6)
+    assert not torch.allclose(batch_cells[:5], alone_cells, atol=1e-3)
+
+
+def test_level_strides_are_inferred_from_the_padded_size():
+    assert level_strides(feature_maps(1, (800, 1216)), (800, 1216)) == list(STRIDES)
+    with pytest.raises(ValueError, match="power-of-two stride"):
+        level_strides([torch.zeros(1, 4, 36, 36)], (100, 100))
+
+
+def test_zeroed_delta_layer_keeps_boxes_and_changed_layer_moves_them():
+    head = small_head(iou_beta=0.0)
+    logits, boxes, inputs = head_inputs([(96, 128)], (96, 128))
+    refinement = head(logits, boxes, inputs)
+    assert torch.allclose(refinement.boxes, boxes, atol=1e-6)
+    assert torch.equal(refinement.logits, logits)
+    nn.init.normal_(head.delta_head.layers[-1].weight, std=0.5)
+    moved = head(logits, boxes, inputs).boxes
+    changed = (moved - boxes).abs().amax(-1) > 1e-4
+    selected = torch.zeros(6, dtype=torch.bool)
+    selected[refinement.query_index] = True
+    assert changed[0, selected].all() and not changed[0, ~selected].any()
+
+
+def test_iou_rescoring_uses_geometric_mix():
+    head = small_head(iou_beta=0.5)
+    nn.init.zeros_(head.iou_head.layers[-1].weight)
+    nn.init.constant_(head.iou_head.layers[-1].bias, 0.0)  # predicted IoU 0.5 everywhere
+    logits, boxes, inputs = head_inputs([(96, 128)], (96, 128), num_queries=4)
+    rescored = head(logits, boxes, inputs).logits.sigmoid()
+    assert torch.allclose(rescored, (logits.sigmoid() * 0.5).sqrt(), atol=1e-5)
+
+
+def test_losses_with_an_image_without_boxes_are_finite_and_train_only_the_head():
+    head = small_head(num_rois=2)
+    logits, boxes, inputs = head_inputs([(96, 128), (64, 80)], (96, 128), num_queries=6)
+    boxes.requires_grad_(True)
+    inputs.query_features.requires_grad_(True)
+    targets = [
+        {"labels": torch.tensor([0, 2]), "boxes": random_boxes(1, 2)[0]},
+        {"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)},
+    ]
+    indices = [(torch.tensor([4, 1]), torch.tensor([1, 0])), (torch.zeros(0, dtype=torch.long),) * 2]
+    refinement = head(logits, boxes, inputs, matched_mask(indices, (2, 6), boxes.device))
+    losses = head.losses(refinement, targets, indices)
+    assert set(losses) == {"loss_roi_bbox", "loss_roi_giou", "loss_roi_iou"}
+    assert all(torch.isfinite(v) and v > 0 for v in losses.values())
+    sum(losses.values()).backward()
+    assert boxes.grad is None and inputs.query_features.grad is None
+    assert head.delta_head.layers[-1].weight.grad.abs().sum() > 0
+
+
+def test_losses_need_the_matched_queries_selected():
+    head = small_head(num_rois=1)
+    logits, boxes, inputs = head_inputs([(96, 128)], (96, 128))
+    refinement = head(logits, boxes, inputs)
+    missing = next(q for q in range(6) if q not in refinement.query_index.tolist())
+    target = [{"labels": torch.tensor([0]), "boxes": random_boxes(1, 1)[0]}]
+    with pytest.raises(ValueError, match="extra_selected"):
+        head.losses(refinement, target, [(torch.tensor([missing]), torch.tensor([0]))])
+
+
+def test_warmup_ramps_from_zero_and_reads_the_event_storage():
+    assert current_iteration() is None and warmup_factor(None, 100) == 1.0
+    assert warmup_factor(0, 100) == pytest.approx(0.01) and warmup_factor(500, 100) == 1.0
+    with EventStorage(start_iter=49):
+        assert current_iteration() == 49
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="iou_beta"):
+        small_head(iou_beta=1.5)
+    with pytest.raises(ValueError, match="loss_roi_iou"):
+        small_head(loss_weights={"loss_roi_bbox": 5.0, "loss_roi_giou": 2.0})
+    head = small_head()
+    logits, boxes, inputs = head_inputs([(96, 128)], (96, 128))
+    with pytest.raises(ValueError, match="query features"):
+        head(logits, boxes, RoIInputs(inputs.query_features[:, :3], inputs.features, [(96, 128)], (96, 128)))
+
+
+# ---- wired into SalienceDETR (tiny model from test_meta_arch) ----
+
+
+@pytest.fixture(scope="module")
+def roi_model():
+    cfg = tiny_model_config()
+    cfg.model.roi_refine = L(RoIRefineHead)(
+        embed_dim="${..embed_dim}", num_rois=10, num_layers=1, num_heads=4, ffn_dim=64, iou_beta=0.0, warmup_iters=0
+    )
+    torch.manual_seed(0)
+    return instantiate(cfg.model)
+
+
+def small_batch():
+    return [
+        make_input(64, 96, [[10, 12, 60, 50], [50, 20, 90, 60]], [1, 4]),
+        make_input(48, 64, [], []),
+    ]
+
+
+def detections(model, batch):
+    model.eval()
+    with torch.no_grad():
+        return [r["instances"] for r in model(batch)]
+
+
+def test_state_dict_without_the_head_is_the_original():
+    torch.manual_seed(0)
+    base = instantiate(tiny_model_config().model)
+    assert base.roi_refine is None
+    keys = set(base.state_dict())
+    cfg = tiny_model_config()
+    cfg.model.roi_refine = L(RoIRefineHead)(embed_dim="${..embed_dim}", num_heads=4)
+    with_head = set(instantiate(cfg.model).state_dict())
+    assert {k for k in with_head if not k.startswith("roi_refine.")} == keys
+    assert any(k.startswith("roi_refine.") for k in with_head)
+
+
+def test_inference_uses_refined_boxes(roi_model):
+    torch.manual_seed(2)
+    batch = small_batch()
+    refined = detections(roi_model, batch)
+    head = roi_model.roi_refine
+    roi_model.roi_refine = None
+    try:
+        base = detections(roi_model, batch)
+    finally:
+        roi_model.roi_refine = head
+    for a, b in zip(refined, base):  # zero-initialised delta layer: identical detections
+        assert torch.allclose(a.pred_boxes.tensor, b.pred_boxes.tensor, atol=1e-3)
+        assert torch.equal(a.pred_classes, b.pred_classes) and torch.allclose(a.scores, b.scores)
+
+    changed = copy.deepcopy(roi_model)
+    nn.init.normal_(changed.roi_refine.delta_head.layers[-1].weight, std=0.5)
+    moved = detections(changed, batch)
+    assert not torch.allclose(moved[0].pred_boxes.tensor, refined[0].pred_boxes.tensor, atol=1e-2)
+
+
+def test_training_adds_finite_roi_losses_without_gradient_to_the_decoder(roi_model):
+    roi_model.train()
+    torch.manual_seed(3)
+    with EventStorage(start_iter=0):
+        losses = roi_model(small_batch())
+    assert {"loss_roi_bbox", "loss_roi_giou", "loss_roi_iou"} <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values())
+    roi_model.zero_grad()
+    sum(v for k, v in losses.items() if k.startswith("loss_roi")).backward()
+    decoder_grads = [p.grad for p in roi_model.transformer.decoder.parameters()]
+    assert all(g is None or not g.abs().any() for g in decoder_grads)
+    assert roi_model.roi_refine.delta_head.layers[-1].weight.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().any() for p in roi_model.neck.parameters())
+    roi_model.zero_grad()
