@@ -55,7 +55,7 @@ def test_export_matches_pytorch_in_onnxruntime(photo, tmp_path, capsys):
     assert (height, width) == (96, 128)  # the photo (90 x 120) through the config's test resize
     assert [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim] == [1, 3, height, width]
 
-    # the graph and the detectron2 model agree on an input that needs no padding (sizes divisible by 32)
+    # the graph and the detectron2 model agree (another export size: 64 x 96)
     cfg = LazyConfig.load(TINY_CONFIG)
     model = build_model(cfg, "cpu")
     DetectionCheckpointer(model, save_dir=str(tmp_path)).save("random_weights")
@@ -65,14 +65,13 @@ def test_export_matches_pytorch_in_onnxruntime(photo, tmp_path, capsys):
                       "--width", "96", "--opts", f"train.init_checkpoint={tmp_path / 'random_weights.pth'}"])
     session = onnxruntime.InferenceSession(str(fixed), providers=["CPUExecutionProvider"])
     boxes, scores, labels = session.run(None, {"image": image.numpy()})
-    boxes = np.clip(boxes, 0, [96, 64, 96, 64])  # detectron2's detector_postprocess clips, then drops empty boxes
-    nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     raw = (image[0] * model.pixel_std + model.pixel_mean).round().clamp(0, 255).to(torch.uint8)
     with torch.no_grad():
         instances = model([{"image": raw}])[0]["instances"]
-    np.testing.assert_allclose(scores[nonempty][:10], instances.scores[:10].numpy(), atol=1e-3)
-    np.testing.assert_allclose(boxes[nonempty][:10], instances.pred_boxes.tensor[:10].numpy(), atol=0.05)
-    np.testing.assert_array_equal(labels[nonempty][:10], instances.pred_classes[:10].numpy())
+    assert len(scores) == len(instances)
+    np.testing.assert_allclose(scores, instances.scores.numpy(), atol=1e-4)
+    np.testing.assert_allclose(boxes, instances.pred_boxes.tensor.numpy(), atol=1e-2)
+    np.testing.assert_array_equal(labels, instances.pred_classes.numpy())
 
 
 def test_export_switches_attention_to_the_pytorch_path():

@@ -36,6 +36,7 @@ from detectron2.config import LazyConfig, instantiate
 from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
 from salience_detr.layers.ms_deform_attn import BACKEND_ENV, BACKENDS, resolve_backend
+from salience_detr.utils import DetectionsAsTensors
 from tabulate import tabulate
 
 logger = logging.getLogger(__name__)
@@ -70,18 +71,6 @@ def attention_flop_handle(inputs: list[Any], outputs: list[Any]) -> Counter:
     for size in query[:-2]:
         leading *= size
     return Counter({"attention": leading * query[-2] * value[-2] * (query[-1] + value[-1])})
-
-
-class DetectionsAsTensors(nn.Module):
-    """Image tensor in, (boxes, scores, classes) out: the form ``torch.jit.trace`` (and so fvcore) can follow."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        instances = self.model([{"image": image}])[0]["instances"]
-        return instances.pred_boxes.tensor, instances.scores, instances.pred_classes
 
 
 def count_flops(model: nn.Module, image: Tensor) -> dict[str, Any]:

@@ -4,9 +4,9 @@
         --output model.onnx [--image photo.jpg] [--height H --width W] [--opts train.init_checkpoint=model.pth]
 
 The exported graph takes one normalized image, ``image`` (1, 3, H, W) float32 = (RGB pixels - pixel_mean) /
-pixel_std of the model, already resized (e.g. with the config's test resize) to the export size, and returns
-``boxes`` (K, 4) XYXY in that image's pixels, ``scores`` (K,) and ``labels`` (K,) (contiguous class ids), the
-model's top-K without a threshold. Deformable attention goes through the pure-PyTorch path (``grid_sample``),
+pixel_std of the model, resized (e.g. with the config's test resize) to the export size, and returns
+``boxes`` (K, 4) XYXY in that image's pixels (clipped to it), ``scores`` (K,) and ``labels`` (K,) (contiguous class
+ids): the model's top-K without a threshold, exactly as its detectron2 eval path returns them. Deformable attention goes through the pure-PyTorch path (``grid_sample``),
 which every ONNX runtime has. The token budgets of the salience filter depend on the map sizes and are fixed
 when the graph is traced, so the image size is fixed too: export once per size you deploy.
 
@@ -17,6 +17,7 @@ or the first image of the config's test dataset) and prints the largest differen
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
 import sys
@@ -29,14 +30,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.onnx import symbolic_helper
-from torchvision.ops import box_convert
 
 import salience_detr  # noqa: F401  (makes detectron2 importable and registers the model and datasets)
 from detectron2.config import LazyConfig
 from detectron2.data import DatasetCatalog
 from salience_detr.layers import MultiScaleDeformableAttention
-from salience_detr.modeling.meta_arch import level_masks_for
-from salience_detr.utils import build_model, resize_for_model, test_augmentations
+from salience_detr.utils import DetectionsAsTensors, build_model, resize_for_model, test_augmentations
 
 logger = logging.getLogger(__name__)
 
@@ -47,34 +46,24 @@ ONNX_INT64, ONNX_INT32 = 7, 6  # onnx.TensorProto data types
 
 
 class ExportableDetector(nn.Module):
-    """Normalized image (1, 3, H, W) -> (boxes XYXY in pixels, scores, labels): the model's eval path without
-    detectron2's list-of-dicts input and ``Instances`` output, which ONNX cannot express. The whole tensor is
-    image (no padding mask), so the caller resizes to the export size instead of padding."""
+    """Normalized image (1, 3, H, W) -> (boxes XYXY in pixels, scores, labels) through the model's own eval path
+    (padding mask, RoI head and detectron2's box clipping included). The wrapper works on a copy of the model
+    whose normalization is the identity, because the graph's input is already normalized."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        for name in ("backbone", "neck", "position_embedding", "transformer", "in_features"):
-            if not hasattr(model, name):
-                raise TypeError(f"{type(model).__name__} has no '{name}': ONNX export supports SalienceDETR configs")
-        self.model = model
+        for name in ("pixel_mean", "pixel_std"):
+            if not isinstance(getattr(model, name, None), Tensor):
+                raise TypeError(f"{type(model).__name__} has no '{name}' buffer: export supports SalienceDETR configs")
+        identity = copy.deepcopy(model)
+        identity.pixel_mean.zero_()
+        identity.pixel_std.fill_(1.0)
+        self.detector = DetectionsAsTensors(identity)
 
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        model = self.model
-        mask = torch.zeros_like(image[:, 0], dtype=torch.bool)
-        features = model.backbone(image)
-        features = model.neck([features[name] for name in model.in_features])
-        level_masks = level_masks_for(mask, features)
-        positions = [model.position_embedding(m).to(f.dtype) for m, f in zip(level_masks, features)]
-        output = model.transformer(features, level_masks, positions)
-        logits, boxes = output.pred_logits[-1, 0], output.pred_boxes[-1, 0]
-        num_classes = logits.shape[-1]
-        num_select = min(model.select_box_nums_for_evaluation, logits.numel())
-        scores, flat_index = logits.sigmoid().flatten().topk(num_select)
-        query_index = torch.div(flat_index, num_classes, rounding_mode="floor")
-        height, width = image.shape[-2:]
-        scale = boxes.new_tensor([width, height, width, height])
-        boxes_xyxy = box_convert(boxes[query_index], "cxcywh", "xyxy") * scale
-        return boxes_xyxy, scores, flat_index % num_classes
+        if image.dim() != 4 or image.shape[0] != 1:
+            raise ValueError(f"expected one normalized image (1, 3, H, W), got {tuple(image.shape)}")
+        return self.detector(image[0])
 
 
 def searchsorted_symbolic(g, sorted_sequence, values, out_int32=False, right=False, side=None, sorter=None):

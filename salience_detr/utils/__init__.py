@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor, nn
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import instantiate
 from detectron2.data import transforms as T
@@ -19,7 +20,22 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TEST_RESIZE = (800, 1333)
 
-__all__ = ["DEFAULT_TEST_RESIZE", "build_model", "resize_for_model", "test_augmentations"]
+__all__ = ["DEFAULT_TEST_RESIZE", "DetectionsAsTensors", "build_model", "resize_for_model", "test_augmentations"]
+
+
+class DetectionsAsTensors(nn.Module):
+    """Image tensor (3, H, W) in, (boxes XYXY, scores, classes) out, through the model's own eval path.
+
+    Detectron2 models take a list of dicts and return ``Instances``; ``torch.jit.trace`` (and so fvcore's FLOP
+    count and the ONNX exporter) needs tensors on both sides. Boxes are in the input image's pixels."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        instances = self.model([{"image": image}])[0]["instances"]
+        return instances.pred_boxes.tensor, instances.scores, instances.pred_classes
 
 
 def build_model(cfg: Any, device: str | None = None) -> torch.nn.Module:
