@@ -71,19 +71,22 @@ def make_case(name: str, batch: int, num_queries: int, box_refs: bool, dtype: to
     )
 
 
-def _timed(step: Callable[[], None], repeat: int, device: str) -> float:
-    """Median seconds of ``repeat`` runs after one warm-up."""
+def _seconds(step: Callable[[], None], device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
     step()
-    times = []
-    for _ in range(repeat):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def _compare(compiled: Callable[[], None], reference: Callable[[], None], repeat: int, device: str) -> tuple[float, float]:
+    """Median seconds of each after a warm-up, the two interleaved so that load changes hit both alike."""
+    compiled()
+    reference()
+    times = [(_seconds(compiled, device), _seconds(reference, device)) for _ in range(repeat)]
+    return tuple(sorted(column)[len(column) // 2] for column in zip(*times))
 
 
 def _step(case: Case, backend: str, backward: bool) -> Callable[[], None]:
@@ -109,8 +112,9 @@ def benchmark(device: str, repeat: int) -> list[tuple[str, str, str, float, floa
         ]
         for case in cases:
             for backward, pass_name in ((False, "forward"), (True, "fwd+bwd")):
-                compiled = _timed(_step(case, "compiled", backward), repeat, device)
-                reference = _timed(_step(case, "pytorch", backward), repeat, device)
+                compiled, reference = _compare(
+                    _step(case, "compiled", backward), _step(case, "pytorch", backward), repeat, device
+                )
                 rows.append((case.name, str(dtype).replace("torch.", ""), pass_name, compiled, reference))
     return rows
 
@@ -126,14 +130,10 @@ def main(argv: list[str] | None = None) -> None:
     if not available:
         parser.error(f"the compiled operator cannot run on {args.device}: {reason}")
     print(f"device: {args.device}, torch threads: {torch.get_num_threads()}, repeat: {args.repeat} (median)")
-    header = f"| {'case':<31} | {'dtype':<8} | {'pass':<7} | {'compiled ms':>11} | {'reference ms':>12} | {'ratio':>5} |"
-    print(header)
-    print("|" + "|".join("-" * (len(cell) + 2) for cell in header.strip("|").split("|")[:-1]) + "|" + "-------|")
+    print("| case | dtype | pass | compiled ms | reference ms | reference / compiled |")
+    print("|---|---|---|---:|---:|---:|")
     for name, dtype, pass_name, compiled, reference in benchmark(args.device, args.repeat):
-        print(
-            f"| {name:<31} | {dtype:<8} | {pass_name:<7} | {compiled * 1e3:>11.1f} | {reference * 1e3:>12.1f} "
-            f"| {reference / compiled:>5.2f} |"
-        )
+        print(f"| {name} | {dtype} | {pass_name} | {compiled * 1e3:.1f} | {reference * 1e3:.1f} | {reference / compiled:.2f} |")
 
 
 if __name__ == "__main__":
