@@ -48,7 +48,9 @@ def test_benchmark_reports_every_field(tmp_path, capsys):
     model = instantiate(LazyConfig.load(TINY_CONFIG).model)
     assert result["params_m"] == pytest.approx(sum(p.numel() for p in model.parameters()) / 1e6)
     assert 0 < result["gflops_deformable_attention"] < result["gflops"]
-    assert {"backbone", "transformer"} <= set(result["gflops_by_component"])
+    components = result["gflops_by_component"]
+    assert {"backbone", "transformer", "transformer.encoder", "transformer.decoder"} <= set(components)
+    assert components["transformer.encoder"] + components["transformer.decoder"] < components["transformer"]
     assert result["latency_ms_min"] <= result["latency_ms_median"] <= result["latency_ms_max"]
     assert result["images_per_s"] == pytest.approx(1000.0 / result["latency_ms_median"])
     assert result["peak_memory_mb"] > 0

@@ -81,7 +81,9 @@ def count_flops(model: nn.Module, image: Tensor) -> dict[str, Any]:
     analysis.set_op_handle("aten::scaled_dot_product_attention", attention_flop_handle)
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
     by_module = analysis.by_module()
-    components = {name: by_module.get(f"model.{name}", 0) / 1e9 for name, _ in model.named_children()}
+    # top-level modules and their children (e.g. transformer.encoder), the granularity of the paper's cost tables
+    names = [name for name, _ in model.named_modules() if name and name.count(".") <= 1]
+    components = {name: by_module.get(f"model.{name}", 0) / 1e9 for name in names}
     return {
         "gflops": analysis.total() / 1e9,
         "gflops_deformable_attention": analysis.by_operator().get(DEFORMABLE_ATTENTION, 0) / 1e9,
