@@ -71,6 +71,12 @@ def apply_fast_dev_run(cfg) -> None:
     cfg.dataloader.test.dataset.max_images = FAST_DEV_RUN_EVAL_IMAGES
 
 
+def share_cpu_threads(cfg) -> None:
+    """Several CPU training processes on one machine split its cores instead of each taking all of them."""
+    if torch.device(cfg.train.device).type == "cpu" and comm.get_local_size() > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.get_local_size()))
+
+
 def prepare_model(cfg) -> torch.nn.Module:
     model = instantiate(cfg.model)
     device = torch.device(cfg.train.device)
@@ -139,21 +145,32 @@ def do_train(args, cfg) -> None:
     trainer.train(start_iter, cfg.train.max_iter)
 
 
+def load_ema_for_eval(cfg, model, extra_state: dict) -> ModelEMA | None:
+    """The checkpoint's EMA weights when train.ema.enabled; without them, evaluate the plain weights."""
+    if not cfg.train.ema.enabled:
+        return None
+    if "ema" not in extra_state:
+        logger.warning("train.ema.enabled but %s holds no EMA weights; evaluating its model weights.", cfg.train.init_checkpoint)
+        return None
+    ema = ModelEMA(model, cfg.train.ema.decay)
+    ema.load_state_dict(extra_state["ema"])
+    return ema
+
+
 def main(args) -> None:
     cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
     register_config_datasets(cfg)
     resolve_num_classes(cfg)
     apply_fast_dev_run(cfg)
     default_setup(cfg, args)
+    share_cpu_threads(cfg)
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="salience_detr")
     logger.info("Running with train.device=%s, world size %d", cfg.train.device, comm.get_world_size())
 
     if args.eval_only:
         model = prepare_model(cfg)
-        ema = ModelEMA(model, cfg.train.ema.decay) if cfg.train.ema.enabled else None
-        extra = {"ema": ema} if ema is not None else {}
-        AtomicDetectionCheckpointer(model, **extra).load(cfg.train.init_checkpoint)
-        do_test(cfg, create_ddp_model(model), ema)
+        extra_state = AtomicDetectionCheckpointer(model).load(cfg.train.init_checkpoint)
+        do_test(cfg, create_ddp_model(model), load_ema_for_eval(cfg, model, extra_state))
     else:
         do_train(args, cfg)
 
@@ -164,7 +181,6 @@ def parse_args(argv: list[str] | None = None):
 
 if __name__ == "__main__":
     args = parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, args.num_gpus))))
     launch(
         main,
         args.num_gpus,

@@ -157,6 +157,15 @@ def test_cpu_run_trains_checkpoints_and_evaluates(standin_config, tiny_synthetic
     iterations = [m["iteration"] for m in read_metrics(out) if "total_loss" in m]
     assert iterations == [0, 1, 2, 3]
 
+    eval_out = tmp_path / "eval"
+    eval_overrides = standin_overrides(tiny_synthetic_cache, eval_out, max_iter=4) + [
+        f"train.init_checkpoint={out / 'model_final.pth'}",
+        "train.ema.enabled=True",
+    ]
+    log = run_train_net(standin_config, eval_overrides, "--eval-only")
+    assert "Evaluation results for bbox" in log and "holds no EMA weights" not in log
+    assert json.loads((eval_out / "inference" / "coco_instances_results.json").read_text()) == predictions
+
 
 def run_until_killed(command, log_path, done, timeout=180):
     """Start ``command``, SIGKILL it as soon as ``done()`` holds, and return whether it held."""

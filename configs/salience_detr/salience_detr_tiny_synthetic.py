@@ -15,7 +15,7 @@ from ..common.schedule import multistep_with_warmup
 from ..common.train import train
 from ..models.salience_detr_r50 import model
 
-MAX_ITER = 1500
+MAX_ITER = 600  # about 1 s per iteration on 2 idle cores (2.2 CPU-s measured on 1 busy core)
 
 model.num_classes = 5
 model.embed_dim = 128
@@ -38,7 +38,7 @@ model.select_box_nums_for_evaluation = 100
 optimizer.lr = 2e-4
 optimizer.params.low_lr_keywords = ["sampling_offsets"]
 
-lr_multiplier = multistep_with_warmup(MAX_ITER, [int(MAX_ITER * 0.8)], warmup_iters=100)
+lr_multiplier = multistep_with_warmup(MAX_ITER, [int(MAX_ITER * 0.85)], warmup_iters=50)
 
 datasets.synthetic.update(image_size=256, max_objects=6, min_object_size=12, max_object_size=128)
 dataloader.train.total_batch_size = 4
@@ -49,6 +49,6 @@ train.device = "cpu"
 train.output_dir = "./output/salience_detr_tiny_synthetic"
 train.max_iter = MAX_ITER
 train.eval_period = MAX_ITER
-train.checkpointer.period = 500
+train.checkpointer.period = 200
 train.log_period = 20
 train.seed = 0
