@@ -9,7 +9,7 @@ and the tokens kept by each encoder layer (see ``salience_detr.utils.visualizati
 
 from __future__ import annotations
 
-import logging
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +23,7 @@ from detectron2.data.detection_utils import convert_image_to_rgb
 from detectron2.structures import Instances
 from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, Visualizer
+from salience_detr.modeling.roi_refine import LastOutputRecorder
 from salience_detr.utils import build_model, resize_for_model, test_augmentations
 from salience_detr.utils.visualization import (
     label_panel,
@@ -32,9 +33,6 @@ from salience_detr.utils.visualization import (
     tile_panels,
     token_panels,
 )
-
-logger = logging.getLogger(__name__)
-
 
 def dataset_metadata(cfg: Any) -> Metadata:
     """Metadata (class names) of the config's first test dataset; detectron2's empty metadata if there is none."""
@@ -65,10 +63,10 @@ class SaliencePredictor:
         self.augmentations, self.input_format = test_augmentations(cfg)
         self.with_internals = with_internals
         if with_internals:
-            if not hasattr(self.model, "return_salience"):
+            if not hasattr(self.model, "return_salience") or not hasattr(self.model, "transformer"):
                 raise ValueError(
-                    f"{type(self.model).__name__} has no 'return_salience' switch, so salience maps and kept tokens "
-                    "cannot be shown; use a SalienceDETR config."
+                    f"{type(self.model).__name__} has no 'return_salience' switch or no 'transformer', so salience "
+                    "maps and kept tokens cannot be shown; use a SalienceDETR config."
                 )
             self.model.return_salience = True
 
@@ -80,7 +78,10 @@ class SaliencePredictor:
         height, width = image_bgr.shape[:2]
         resized = resize_for_model(image_bgr, self.augmentations, self.input_format)
         tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
-        with torch.inference_mode():
+        # the eval outputs carry salience and kept tokens, not the query positions: those are read off the
+        # transformer's output as it passes
+        recorder = LastOutputRecorder(self.model.transformer) if self.with_internals else contextlib.nullcontext()
+        with torch.inference_mode(), recorder:
             output = self.model([{"image": tensor, "height": height, "width": width}])[0]
         input_size = tuple(resized.shape[:2])
         prediction = Prediction(output["instances"].to("cpu"), input_size, self._padded(*input_size))
@@ -88,8 +89,7 @@ class SaliencePredictor:
             prediction.salience = [level.cpu() for level in output["salience"]]
             prediction.selected_indices = [indices.cpu() for indices in output["selected_indices"]]
             prediction.spatial_shapes = output["spatial_shapes"].cpu()
-            if "query_index" in output:
-                prediction.query_index = output["query_index"].cpu()
+            prediction.query_index = recorder.output.query_index[0].cpu()
         return prediction
 
 
@@ -118,7 +118,6 @@ class VisualizationDemo:
         self.show_queries = show_queries
         self.salience_layout = salience_layout
         self.predictor = SaliencePredictor(cfg, device, with_internals=show_salience or show_queries)
-        self._warned_no_queries = False
 
     def _panels(self, image_bgr: np.ndarray, prediction: Prediction, kept: Instances, drawn_rgb: np.ndarray) -> list:
         """Captioned panels: detections, then salience heat-maps and kept tokens when asked for."""
@@ -132,14 +131,8 @@ class VisualizationDemo:
         else:
             panels = [label_panel(drawn_rgb, caption)]
         if self.show_queries:
-            index_sets = list(prediction.selected_indices)
-            captions = [f"encoder layer {layer}" for layer in range(len(index_sets))]
-            if prediction.query_index is not None:
-                index_sets.append(prediction.query_index)
-                captions.append("selected queries")
-            elif not self._warned_no_queries:
-                logger.warning("The model output has no 'query_index': only the kept tokens are drawn.")
-                self._warned_no_queries = True
+            index_sets = [*prediction.selected_indices, prediction.query_index]
+            captions = [f"encoder layer {layer}" for layer in range(len(index_sets) - 1)] + ["selected queries"]
             panels += token_panels(
                 image_rgb,
                 index_sets,

@@ -169,8 +169,10 @@ def test_show_salience_and_queries_compose_every_panel(tiny_cfg, image_folder, t
     prediction, _, picture = demo.run_on_image(_picture(0))
     assert len(prediction.salience) == len(prediction.spatial_shapes) >= 2
     assert len(prediction.selected_indices) >= 1
-    queries = 0 if prediction.query_index is None else 1
-    panels = 1 + len(prediction.salience) + len(prediction.selected_indices) + queries
+    assert 0 < prediction.query_index.numel() <= tiny_cfg.model.transformer.num_queries
+    tokens = int((prediction.spatial_shapes[:, 0] * prediction.spatial_shapes[:, 1]).sum())
+    assert 0 <= int(prediction.query_index.min()) and int(prediction.query_index.max()) < tokens
+    panels = 1 + len(prediction.salience) + len(prediction.selected_indices) + 1  # + the selected queries
     columns = min(4, panels)
     rows = -(-panels // columns)
     assert picture.shape[1] == columns * IMAGE_SIZE[1]
