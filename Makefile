@@ -39,4 +39,4 @@ quickstart: setup
 	$(PY) -m salience_detr.tools.quickstart
 
 test: setup
-	$(PY) -m pytest tests -q -ra $(PYTEST_ARGS)
+	$(PY) -m pytest tests -q -ra --durations=20 $(PYTEST_ARGS)
