@@ -253,3 +253,15 @@ def test_training_adds_finite_roi_losses_without_gradient_to_the_decoder(roi_mod
     assert roi_model.roi_refine.delta_head.layers[-1].weight.grad.abs().sum() > 0
     assert any(p.grad is not None and p.grad.abs().any() for p in roi_model.neck.parameters())
     roi_model.zero_grad()
+
+
+def test_warmup_scales_every_loss_term():
+    head = small_head(num_rois=2, warmup_iters=10)
+    logits, boxes, inputs = head_inputs([(96, 128)], (96, 128))
+    targets = [{"labels": torch.tensor([1]), "boxes": random_boxes(1, 1)[0]}]
+    indices = [(torch.tensor([2]), torch.tensor([0]))]
+    refinement = head(logits, boxes, inputs, matched_mask(indices, (1, 6), boxes.device))
+    full = head.losses(refinement, targets, indices)
+    early = head.losses(refinement, targets, indices, iteration=0)
+    for name, value in full.items():
+        assert torch.allclose(early[name], value * 0.1), name
