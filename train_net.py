@@ -26,6 +26,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from salience_detr.data import dataset_info
+from salience_detr.data.datasets import check_registered_paths
 from salience_detr.engine import AtomicDetectionCheckpointer, DetrTrainer, EMAHook, ModelEMA, launch, resolve_amp
 
 logger = logging.getLogger("salience_detr.train_net")
@@ -40,15 +41,19 @@ def register_config_datasets(cfg) -> None:
         instantiate(registration)
 
 
-def _test_dataset_names(cfg) -> list[str]:
-    names = cfg.dataloader.test.dataset.names
+def config_dataset_names(cfg, split: str) -> list[str]:
+    names = cfg.dataloader[split].dataset.names
     return [names] if isinstance(names, str) else list(names)
+
+
+def check_config_datasets(cfg) -> None:
+    """Fail on a missing annotation file or image folder now, not after the model is built."""
+    check_registered_paths(config_dataset_names(cfg, "train") + config_dataset_names(cfg, "test"))
 
 
 def resolve_num_classes(cfg) -> None:
     """Fill ``model.num_classes`` from the training data when it is None; stop when the data has more classes."""
-    names = cfg.dataloader.train.dataset.names
-    first = names if isinstance(names, str) else names[0]
+    first = config_dataset_names(cfg, "train")[0]
     dataset_classes = dataset_info(first)["num_classes"]
     if cfg.model.get("num_classes") is None:
         cfg.model.num_classes = dataset_classes
@@ -160,6 +165,7 @@ def load_ema_for_eval(cfg, model, extra_state: dict) -> ModelEMA | None:
 def main(args) -> None:
     cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
     register_config_datasets(cfg)
+    check_config_datasets(cfg)
     resolve_num_classes(cfg)
     apply_fast_dev_run(cfg)
     default_setup(cfg, args)

@@ -371,3 +371,14 @@ def test_tiny_synthetic_config_fast_dev_run(tiny_synthetic_cache, tmp_path):
     predictions = json.loads((out / "inference" / "coco_instances_results.json").read_text())
     assert {p["image_id"] for p in predictions} <= {1, 2}
     assert [m["iteration"] for m in read_metrics(out) if "total_loss" in m] == [0, 1]
+
+
+def test_missing_coco_files_stop_before_the_model(standin_config):
+    """detectron2 registers COCO under $DETECTRON2_DATASETS (default ./datasets), which this checkout lacks."""
+    import train_net
+    from salience_detr.data import DatasetPathError
+
+    cfg = LazyConfig.load(str(standin_config))
+    cfg.dataloader.train.dataset.names = "coco_2017_train"
+    with pytest.raises(DatasetPathError, match="coco_2017_train"):
+        train_net.check_config_datasets(cfg)
