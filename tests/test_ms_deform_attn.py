@@ -52,7 +52,9 @@ def make_inputs(
 
 
 def compiled_op(value, spatial_shapes, level_start_index, locations, weights, im2col_step=64):
-    return torch.ops.salience_detr.ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights, im2col_step)
+    return torch.ops.salience_detr.ms_deform_attn(
+        value, spatial_shapes, level_start_index, locations, weights, im2col_step
+    )
 
 
 def forward_and_grads(function, value, locations, weights):
@@ -140,15 +142,15 @@ def _mutated(index, replacement):
     return mutate
 
 
+# Adds a row to (or, negated, zeroes the height of) the last level: level_start_index stays valid.
+LAST_LEVEL_ROWS = torch.tensor([[0, 0], [0, 0], [0, 0], [1, 0]])
 BAD_ARGUMENTS = {
     "value 3-D": (_mutated(0, lambda v: v.flatten(2)), "value must be 4-D"),
     "value integer": (_mutated(0, lambda v: v.long()), "value must be floating point"),
     "spatial_shapes shape": (_mutated(1, lambda s: s[:, :1]), "spatial_shapes must be"),
     "spatial_shapes dtype": (_mutated(1, lambda s: s.int()), "spatial_shapes must be int64"),
-    "spatial_shapes non-positive": (_mutated(1, lambda s: s * torch.tensor([[1, 1], [1, 1], [1, 1], [0, 1]])),
-                                    r"spatial_shapes\[3\]"),
-    "spatial_shapes sum": (_mutated(1, lambda s: s + torch.tensor([[0, 0], [0, 0], [0, 0], [1, 0]])),
-                           "spatial_shapes describe"),
+    "spatial_shapes non-positive": (_mutated(1, lambda s: s * LAST_LEVEL_ROWS.logical_not()), r"spatial_shapes\[3\]"),
+    "spatial_shapes sum": (_mutated(1, lambda s: s + LAST_LEVEL_ROWS), "spatial_shapes describe"),
     "level_start_index length": (_mutated(2, lambda s: s[:3]), "level_start_index must be"),
     "level_start_index dtype": (_mutated(2, lambda s: s.int()), "level_start_index must be int64"),
     "level_start_index values": (_mutated(2, lambda s: s + 1), r"level_start_index\[0\]"),
@@ -204,8 +206,15 @@ def test_backend_choice(monkeypatch):
     assert msda.resolve_backend(torch.device("meta"), torch.float32, requested="auto") == "pytorch"
 
 
-@pytest.mark.parametrize("env, argument, expected", [(None, None, "compiled"), ("pytorch", None, "pytorch"),
-                                                     ("pytorch", "compiled", "compiled"), (None, "pytorch", "pytorch")])
+@pytest.mark.parametrize(
+    "env, argument, expected",
+    [
+        (None, None, "compiled"),
+        ("pytorch", None, "pytorch"),
+        ("pytorch", "compiled", "compiled"),
+        (None, "pytorch", "pytorch"),
+    ],
+)
 def test_module_runs_the_chosen_backend(monkeypatch, env, argument, expected):
     if env is not None:
         monkeypatch.setenv(msda.BACKEND_ENV, env)
@@ -230,7 +239,9 @@ def make_module_inputs(reference_dim: int, batch: int = 2, num_queries: int = 5,
     num_values = int((spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum())
     query = torch.randn(batch, num_queries, embed_dim, generator=generator, dtype=torch.float64)
     value = torch.randn(batch, num_values, embed_dim, generator=generator, dtype=torch.float64)
-    reference_points = torch.rand(batch, num_queries, len(SHAPES), reference_dim, generator=generator, dtype=torch.float64)
+    reference_points = torch.rand(
+        batch, num_queries, len(SHAPES), reference_dim, generator=generator, dtype=torch.float64
+    )
     return query, reference_points, value, spatial_shapes, level_start_index
 
 
@@ -251,7 +262,8 @@ def test_module_sampling_locations(reference_dim):
 
     batch, num_queries, _ = query.shape
     offsets = module.sampling_offsets(query).view(batch, num_queries, 2, 4, 3, 2)
-    weights = module.attention_weights(query).view(batch, num_queries, 2, 12).softmax(-1).view(batch, num_queries, 2, 4, 3)
+    weights = module.attention_weights(query).view(batch, num_queries, 2, 12).softmax(-1)
+    weights = weights.view(batch, num_queries, 2, 4, 3)
     locations = torch.empty_like(offsets)
     for level, (height, width) in enumerate(SHAPES):
         ref = reference_points[:, :, None, level, None, :]
@@ -282,7 +294,8 @@ def test_padding_mask_zeroes_padded_values():
     altered = value.clone()
     altered[mask] = 1e6
     masked = module(query, reference_points, value, spatial_shapes, level_start_index, mask)
-    torch.testing.assert_close(module(query, reference_points, altered, spatial_shapes, level_start_index, mask), masked)
+    altered_output = module(query, reference_points, altered, spatial_shapes, level_start_index, mask)
+    torch.testing.assert_close(altered_output, masked)
     assert not torch.allclose(module(query, reference_points, value, spatial_shapes, level_start_index), masked)
 
 
@@ -350,4 +363,5 @@ def test_cuda_matches_cpu_on_the_module():
     module = random_module().float()
     inputs = [tensor.float() if tensor.is_floating_point() else tensor for tensor in make_module_inputs(2)]
     expected = module(*inputs)
-    torch.testing.assert_close(module.cuda()(*(tensor.cuda() for tensor in inputs)).cpu(), expected, rtol=1e-5, atol=1e-5)
+    output = module.cuda()(*(tensor.cuda() for tensor in inputs))
+    torch.testing.assert_close(output.cpu(), expected, rtol=1e-5, atol=1e-5)

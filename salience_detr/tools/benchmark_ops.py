@@ -81,7 +81,9 @@ def _seconds(step: Callable[[], None], device: str) -> float:
     return time.perf_counter() - start
 
 
-def _compare(compiled: Callable[[], None], reference: Callable[[], None], repeat: int, device: str) -> tuple[float, float]:
+def _compare(
+    compiled: Callable[[], None], reference: Callable[[], None], repeat: int, device: str
+) -> tuple[float, float]:
     """Median seconds of each after a warm-up, the two interleaved so that load changes hit both alike."""
     compiled()
     reference()
@@ -90,7 +92,8 @@ def _compare(compiled: Callable[[], None], reference: Callable[[], None], repeat
 
 
 def _step(case: Case, backend: str, backward: bool) -> Callable[[], None]:
-    inputs = [t.detach().requires_grad_(backward) for t in (case.value, case.sampling_locations, case.attention_weights)]
+    tensors = (case.value, case.sampling_locations, case.attention_weights)
+    inputs = [tensor.detach().requires_grad_(backward) for tensor in tensors]
 
     def run() -> None:
         output = msda.multi_scale_deformable_attn(
@@ -133,7 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     print("| case | dtype | pass | compiled ms | reference ms | reference / compiled |")
     print("|---|---|---|---:|---:|---:|")
     for name, dtype, pass_name, compiled, reference in benchmark(args.device, args.repeat):
-        print(f"| {name} | {dtype} | {pass_name} | {compiled * 1e3:.1f} | {reference * 1e3:.1f} | {reference / compiled:.2f} |")
+        times = f"{compiled * 1e3:.1f} | {reference * 1e3:.1f} | {reference / compiled:.2f}"
+        print(f"| {name} | {dtype} | {pass_name} | {times} |")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,10 @@ from salience_detr.layers import ms_deform_attn as msda
 def operator_rows() -> list[tuple[str, str]]:
     """Whether salience_detr._C is loaded (and why not), how it was built, and the backend each device gets."""
     info = msda.extension_build_info()
-    rows = [("salience_detr._C", "loaded" if info else "NOT loaded"), ("salience_detr._C status", msda.extension_status())]
+    rows = [
+        ("salience_detr._C", "loaded" if info else "NOT loaded"),
+        ("salience_detr._C status", msda.extension_status()),
+    ]
     if info:
         rows += [
             ("salience_detr._C compiler", str(info["compiler"])),
