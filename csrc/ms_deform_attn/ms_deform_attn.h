@@ -3,7 +3,9 @@
 // Layout (Deformable DETR): value (B, Nv, H, Dh) with contiguous channels; spatial_shapes (L, 2) int64 as
 // (height, width); level_start_index (L,) int64; sampling_locations (B, Nq, H, L, P, 2) normalized (x, y);
 // attention_weights (B, Nq, H, L, P). The forward returns (B, Nq, H * Dh). Sampling is bilinear with zero
-// padding and pixel = location * size - 0.5 (grid_sample with align_corners=False).
+// padding and pixel = location * size - 0.5 (grid_sample with align_corners=False). im2col_step (> 0) is the
+// number of images per CUDA launch (any value works, it need not divide the batch); the CPU kernels parallelise
+// over the whole batch and only validate it.
 #pragma once
 
 #include <ATen/core/Tensor.h>
