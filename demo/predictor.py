@@ -9,7 +9,6 @@ and the tokens kept by each encoder layer (see ``salience_detr.utils.visualizati
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +22,6 @@ from detectron2.data.detection_utils import convert_image_to_rgb
 from detectron2.structures import Instances
 from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, Visualizer
-from salience_detr.modeling.roi_refine import LastOutputRecorder
 from salience_detr.utils import build_model, resize_for_model, test_augmentations
 from salience_detr.utils.visualization import (
     label_panel,
@@ -78,10 +76,7 @@ class SaliencePredictor:
         height, width = image_bgr.shape[:2]
         resized = resize_for_model(image_bgr, self.augmentations, self.input_format)
         tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
-        # the eval outputs carry salience and kept tokens, not the query positions: those are read off the
-        # transformer's output as it passes
-        recorder = LastOutputRecorder(self.model.transformer) if self.with_internals else contextlib.nullcontext()
-        with torch.inference_mode(), recorder:
+        with torch.inference_mode():
             output = self.model([{"image": tensor, "height": height, "width": width}])[0]
         input_size = tuple(resized.shape[:2])
         prediction = Prediction(output["instances"].to("cpu"), input_size, self._padded(*input_size))
@@ -89,7 +84,7 @@ class SaliencePredictor:
             prediction.salience = [level.cpu() for level in output["salience"]]
             prediction.selected_indices = [indices.cpu() for indices in output["selected_indices"]]
             prediction.spatial_shapes = output["spatial_shapes"].cpu()
-            prediction.query_index = recorder.output.query_index[0].cpu()
+            prediction.query_index = output["query_index"].cpu()
         return prediction
 
 

@@ -53,7 +53,7 @@ def test_init_prior_bias_and_zero_box_layer():
 def test_output_shapes_and_first_box_is_reference_at_init():
     decoder = make_decoder(num_layers=3)
     query, reference, *rest = decoder_inputs()
-    logits, boxes = decoder(query, reference, *rest)
+    logits, boxes, _ = decoder(query, reference, *rest)
     assert logits.shape == (3, 2, 7, 5) and boxes.shape == (3, 2, 7, 4)
     torch.testing.assert_close(boxes[0], inverse_sigmoid(reference).sigmoid())
 
@@ -68,7 +68,7 @@ def test_next_reference_comes_from_unnormalised_query_and_look_forward_twice():
     query, reference, *rest = decoder_inputs()
     layer_queries = []
     hooks = [layer.register_forward_hook(lambda module, args, out: layer_queries.append(out)) for layer in decoder.layers]
-    _, boxes = decoder(query, reference, *rest)
+    _, boxes, _ = decoder(query, reference, *rest)
     for hook in hooks:
         hook.remove()
     q0, q1 = layer_queries
@@ -87,7 +87,7 @@ def test_next_reference_comes_from_unnormalised_query_and_look_forward_twice():
 def test_box_of_first_layer_does_not_train_other_box_heads():
     decoder = make_decoder(num_layers=2)
     inputs = decoder_inputs()
-    _, boxes = decoder(*inputs)
+    _, boxes, _ = decoder(*inputs)
     boxes[0].sum().backward()
     grad = decoder.bbox_head[1].layers[0].weight.grad
     assert grad is None or torch.all(grad == 0)
@@ -99,11 +99,11 @@ def test_attention_mask_blocks_queries():
     query, reference, *rest = decoder_inputs(batch=1, queries=4)
     mask = torch.zeros(4, 4, dtype=torch.bool)
     mask[2:, :2] = True  # queries 2,3 cannot see 0,1
-    logits, _ = decoder(query, reference, *rest, attn_mask=mask)
+    logits, _, _ = decoder(query, reference, *rest, attn_mask=mask)
     changed = query.clone()
     changed[:, :2] += 1.0
     changed_ref = reference.clone()
-    logits_changed, _ = decoder(changed, changed_ref, *rest, attn_mask=mask)
+    logits_changed, _, _ = decoder(changed, changed_ref, *rest, attn_mask=mask)
     torch.testing.assert_close(logits[:, :, 2:], logits_changed[:, :, 2:])
     assert not torch.allclose(logits[:, :, :2], logits_changed[:, :, :2])
 

@@ -116,7 +116,8 @@ class SalienceDecoderLayer(nn.Module):
 class SalienceDecoder(nn.Module):
     """Stack of decoder layers with per-layer class/box heads and iterative box refinement (§4).
 
-    Returns the stacked logits (num_layers, B, Q, K) and boxes (num_layers, B, Q, 4), normalized cxcywh.
+    Returns the stacked logits (num_layers, B, Q, K), boxes (num_layers, B, Q, 4) normalized cxcywh, and the last
+    layer's normalised query features (B, Q, C), which the optional RoI head refines.
     """
 
     def __init__(self, layer: SalienceDecoderLayer, num_layers: int = 6, num_classes: int = 80):
@@ -151,7 +152,7 @@ class SalienceDecoder(nn.Module):
         valid_ratios: Tensor,
         key_padding_mask: Tensor | None = None,
         attn_mask: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """query (B,Q,C); reference_points (B,Q,4) sigmoid space; value (B,N,C); valid_ratios (B,L,2) as (w,h)."""
         valid_ratio_scale = torch.cat([valid_ratios, valid_ratios], -1)[:, None]
         classes, boxes = [], []
@@ -168,4 +169,4 @@ class SalienceDecoder(nn.Module):
             if index < self.num_layers - 1:
                 # the official code refines from the un-normalised query here (not `normed`)
                 reference_points = (self.bbox_head[index](query) + inverse_sigmoid(reference_points.detach())).sigmoid()
-        return torch.stack(classes), torch.stack(boxes)
+        return torch.stack(classes), torch.stack(boxes), normed

@@ -7,7 +7,6 @@ level by nearest interpolation. Boxes inside the model are normalized cxcywh rel
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import Any
 
@@ -19,7 +18,7 @@ from detectron2.structures import Boxes, ImageList, Instances
 from torch import Tensor, nn
 from torchvision.ops import box_convert
 
-from .roi_refine import LastOutputRecorder, RoIInputs, RoIRefineHead
+from .roi_refine import RoIInputs, RoIRefineHead
 from .transformer import SalienceTransformer, TransformerOutput
 
 
@@ -60,7 +59,8 @@ class SalienceDETR(nn.Module):
     Training input: detectron2 dicts with "image" (C,H,W) in ``input_format`` and "instances" (gt_boxes absolute
     XYXY in the image as given, gt_classes contiguous ids). Eval output: [{"instances": Instances(pred_boxes, scores,
     pred_classes)}] rescaled to "height"/"width". With ``return_salience=True`` eval outputs also carry the per-level
-    salience logit maps and the per-encoder-layer selected token indices (for visualisation).
+    salience logit maps, the per-encoder-layer selected token indices and the tokens chosen as queries (for
+    visualisation).
     """
 
     def __init__(
@@ -144,16 +144,11 @@ class SalienceDETR(nn.Module):
         level_masks = level_masks_for(mask, features)
         position_embeddings = [self.position_embedding(m).to(f.dtype) for m, f in zip(level_masks, features)]
 
-        # the optional RoI head reads the last decoder layer's query features (recorded, not returned)
-        recorder = contextlib.nullcontext()
-        if self.roi_refine is not None:
-            recorder = LastOutputRecorder(self.transformer.decoder.norm)
         padded_size = tuple(images.tensor.shape[-2:])
         if not self.training:
-            with recorder:
-                output = self.transformer(features, level_masks, position_embeddings)
+            output = self.transformer(features, level_masks, position_embeddings)
             if self.roi_refine is not None:
-                roi_inputs = RoIInputs(recorder.output, features, images.image_sizes, padded_size)
+                roi_inputs = RoIInputs(output.query_features, features, images.image_sizes, padded_size)
                 output = self.roi_refine.refine_output(output, roi_inputs)
             return self.inference(output, batched_inputs, images.image_sizes)
 
@@ -161,11 +156,10 @@ class SalienceDETR(nn.Module):
         make_denoising = functools.partial(
             self.denoising_generator, [t["labels"] for t in targets], [t["boxes"] for t in targets]
         )
-        with recorder:
-            output = self.transformer(features, level_masks, position_embeddings, make_denoising)
+        output = self.transformer(features, level_masks, position_embeddings, make_denoising)
         roi_inputs = None
         if self.roi_refine is not None:
-            roi_inputs = RoIInputs(recorder.output, features, images.image_sizes, padded_size)
+            roi_inputs = RoIInputs(output.query_features, features, images.image_sizes, padded_size)
         return self.losses(output, targets, padded_size, roi_inputs)
 
     def losses(
@@ -221,5 +215,6 @@ class SalienceDETR(nn.Module):
                 result["salience"] = [level[index, 0] for level in output.salience]
                 result["selected_indices"] = [layer[index] for layer in output.layer_indices]
                 result["spatial_shapes"] = output.spatial_shapes
+                result["query_index"] = output.query_index[index]
             results.append(result)
         return results

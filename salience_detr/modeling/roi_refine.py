@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from detectron2.modeling.box_regression import Box2BoxTransform
@@ -54,29 +53,6 @@ class RoIRefinement:
     query_index: Tensor
     refined_boxes: Tensor
     iou_logits: Tensor | None
-
-
-class LastOutputRecorder:
-    """Keeps a module's latest output inside a ``with`` block.
-
-    The decoder returns only logits and boxes; its last call of ``decoder.norm`` is the last layer's query feature,
-    which the head needs without changing the decoder's outputs (and so the official model) at all.
-    """
-
-    def __init__(self, module: nn.Module):
-        self.module = module
-        self.output: Tensor | None = None
-        self._handle = None
-
-    def __enter__(self) -> "LastOutputRecorder":
-        self._handle = self.module.register_forward_hook(self._record)
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self._handle.remove()
-
-    def _record(self, module: nn.Module, inputs: Any, output: Tensor) -> None:
-        self.output = output
 
 
 def current_iteration() -> int | None:

@@ -27,11 +27,13 @@ ALPHA_INIT_RANGE = 0.3
 class TransformerOutput:
     """Everything the meta-architecture needs for losses, post-processing and visualisation.
 
-    ``pred_logits``/``pred_boxes`` stack all decoder layers (num_layers, B, D + Q', ...), denoising queries first.
+    ``pred_logits``/``pred_boxes`` stack all decoder layers (num_layers, B, D + Q', ...), denoising queries first;
+    ``query_features`` (B, D + Q', C) are the last layer's normalised query features (the RoI head's input).
     """
 
     pred_logits: Tensor
     pred_boxes: Tensor
+    query_features: Tensor
     enc_logits: Tensor
     enc_boxes: Tensor
     salience: list[Tensor]
@@ -193,7 +195,7 @@ class SalienceTransformer(nn.Module):
             reference_points = torch.cat([denoising.box_query.sigmoid().to(reference_points.dtype), reference_points], 1)
             attn_mask = denoising.attn_mask
 
-        pred_logits, pred_boxes = self.decoder(
+        pred_logits, pred_boxes, query_features = self.decoder(
             target,
             reference_points,
             memory,
@@ -206,6 +208,7 @@ class SalienceTransformer(nn.Module):
         return TransformerOutput(
             pred_logits=pred_logits,
             pred_boxes=pred_boxes,
+            query_features=query_features,
             enc_logits=enc_logits,
             enc_boxes=enc_boxes,
             salience=salience,
