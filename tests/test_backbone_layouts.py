@@ -16,7 +16,7 @@ from salience_detr.checkpoint.backbone_layouts import (
 )
 from salience_detr.modeling.backbone import ConvNeXtBackbone, FocalNetBackbone, SwinBackbone
 
-DESIGN = Path("/work/shared/design")
+DESIGN = Path(__file__).parent / "data"  # copies of the official key lists
 FAMILIES = {
     "convnext": ("official_convnext_l_backbone_keys.tsv", ConvNeXtBackbone),
     "swin": ("official_swin_l_backbone_keys.tsv", SwinBackbone),

@@ -1,7 +1,6 @@
 import salience_detr  # noqa: F401  (applies the detectron2 compat layer first)
 
 import ast
-import os
 from pathlib import Path
 
 import pytest
@@ -26,12 +25,8 @@ R50_CONFIG = REPO / "configs" / "models" / "salience_detr_r50.py"
 
 
 def official_keys_file() -> Path:
-    """The key list of the official R50 checkpoint: $SALIENCE_DESIGN_DIR, tests/data, or the shared design folder."""
-    folders = [os.environ.get("SALIENCE_DESIGN_DIR"), REPO / "tests" / "data", "/work/shared/design"]
-    for folder in filter(None, folders):
-        if (Path(folder) / KEYS_NAME).is_file():
-            return Path(folder) / KEYS_NAME
-    raise FileNotFoundError(f"{KEYS_NAME} not found in {folders}; set SALIENCE_DESIGN_DIR to its folder")
+    """The key list of the official R50 checkpoint (a copy kept in tests/data)."""
+    return REPO / "tests" / "data" / KEYS_NAME
 
 
 CLASS_ROW_KEYS = [f"transformer.decoder.class_head.{i}.{p}" for i in range(6) for p in ("weight", "bias")] + [

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -5,7 +7,7 @@ import salience_detr  # noqa: F401  (detectron2 compatibility before any detectr
 from detectron2.config import LazyConfig, instantiate
 from detectron2.structures import Boxes, Instances
 
-OFFICIAL_KEYS = "/work/shared/design/official_r50_state_dict_keys.tsv"
+OFFICIAL_KEYS = Path(__file__).parent / "data" / "official_r50_state_dict_keys.tsv"
 # spec §10.2: 56 080 495 unique parameters with 91-way heads; the 80-class model drops 11 rows of the 6 decoder
 # class heads, the (tied) encoder class head and the denoising label embedding.
 OFFICIAL_PARAMS_91 = 56_080_495
