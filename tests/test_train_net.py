@@ -322,6 +322,11 @@ def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_0000001.pth"]
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
 
+    monkeypatch.undo()
+    (tmp_path / ".model_0000002.pth.abc123.tmp").write_bytes(b"left by a SIGKILL")
+    checkpointer.save("model_0000003")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_0000001.pth", "model_0000003.pth"]
+
 
 def test_ema_tracks_weights_and_resumes():
     model = _LinearLossModel()

@@ -2,11 +2,13 @@
 
 The checkpoint is written to a temporary file in the output folder and renamed over the final name
 (``os.replace`` is atomic on one file system), and ``last_checkpoint`` is updated the same way afterwards.
-A run killed mid-save therefore resumes from the previous complete checkpoint.
+A run killed mid-save therefore resumes from the previous complete checkpoint; the hidden temporary file
+such a kill leaves behind is removed by the next save.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 from typing import Any
@@ -40,6 +42,8 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
         data.update(kwargs)
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
+        for stale in glob.glob(os.path.join(self.save_dir, ".*.pth.*.tmp")):
+            os.remove(stale)
         self.logger.info("Saving checkpoint to %s", save_file)
         _atomic_write(save_file, lambda f: torch.save(data, f))
         self.tag_last_checkpoint(basename)
