@@ -42,6 +42,16 @@ def test_evaluate_json_scores_ground_truth_100_and_shifted_boxes_lower(val_set, 
     assert worse["AP50"] == pytest.approx(100.0) and worse["AP"] < 60.0
 
 
+def test_evaluate_json_counts_images_without_results_unless_told(val_set, tmp_path):
+    results = _results_from_ground_truth(val_set["json_file"])
+    first_image = results[0]["image_id"]
+    path = tmp_path / "first_image_only.json"
+    path.write_text(json.dumps([r for r in results if r["image_id"] == first_image]))
+    args = ["--dataset", val_set["name"], "--json", str(path)]
+    assert evaluate_json.main(args)["AP"] < 100.0
+    assert evaluate_json.main(args + ["--only-result-images"])["AP"] == pytest.approx(100.0)
+
+
 def test_evaluate_json_registers_a_dataset_from_paths(val_set, tmp_path):
     results = tmp_path / "r.json"
     results.write_text(json.dumps(_results_from_ground_truth(val_set["json_file"])))

@@ -40,10 +40,6 @@ optimizer.params.low_lr_keywords = ["sampling_offsets"]
 
 lr_multiplier = multistep_with_warmup(MAX_ITER, [int(MAX_ITER * 0.85)], warmup_iters=50)
 
-datasets.synthetic.update(image_size=256, max_objects=6, min_object_size=12, max_object_size=128)
-dataloader.train.total_batch_size = 4
-dataloader.train.mapper.update(min_sizes=[192, 224, 256], max_size=320, crop_pre_sizes=[192, 224], crop_size=[128, 192])
-dataloader.test.mapper.update(test_min_size=224, test_max_size=320)
 
 train.device = "cpu"
 train.output_dir = "./output/salience_detr_tiny_synthetic"

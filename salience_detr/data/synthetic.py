@@ -38,10 +38,10 @@ class SyntheticSpec:
 
     num_train: int = 600
     num_val: int = 100
-    image_size: int = 320
-    max_objects: int = 8
-    min_object_size: int = 10
-    max_object_size: int = 160
+    image_size: int = 256
+    max_objects: int = 6
+    min_object_size: int = 12
+    max_object_size: int = 128
     seed: int = 0
 
     def __post_init__(self) -> None:

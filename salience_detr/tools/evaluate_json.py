@@ -5,8 +5,9 @@
     python -m salience_detr.tools.evaluate_json --dataset my_val --coco-json val.json --image-root val/ --json res.json
 
 The results file is what detectron2's COCOEvaluator writes (``coco_instances_results.json``: dataset category
-ids, XYWH boxes). Like COCOEvaluator, only the images that appear in the results are evaluated unless
-``--all-images`` is given.
+ids, XYWH boxes). Like detectron2's COCOEvaluator, every image of the dataset counts (an image without
+results has all its objects missed); ``--only-result-images`` scores only the images that have results, which
+is what a run evaluated on a subset (``dataloader.test.dataset.max_images``) needs.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def load_results(path: str) -> list[dict]:
     return results
 
 
-def evaluate_results(json_file: str, results: list[dict], all_images: bool = False) -> dict[str, float]:
+def evaluate_results(json_file: str, results: list[dict], only_result_images: bool = False) -> dict[str, float]:
     """Box AP metrics (percent; NaN where a size range has no object) and per-category AP."""
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO(json_file)
@@ -59,7 +60,7 @@ def evaluate_results(json_file: str, results: list[dict], all_images: bool = Fal
         raise ValueError(f"{len(unknown)} image ids of the results are not in {json_file!r}, e.g. {sorted(unknown)[:5]}")
     if not results:
         return {name: 0.0 for name in METRIC_NAMES}
-    image_ids = sorted(coco_gt.getImgIds()) if all_images else sorted({r["image_id"] for r in results})
+    image_ids = sorted({r["image_id"] for r in results}) if only_result_images else sorted(coco_gt.getImgIds())
     evaluator = COCOeval(coco_gt, coco_gt.loadRes(results), "bbox")
     evaluator.params.imgIds = image_ids
     evaluator.evaluate()
@@ -79,7 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataset_arguments(parser, "synthetic_val, coco_2017_val")
     parser.add_argument("--json", required=True, help="COCO results file (coco_instances_results.json)")
-    parser.add_argument("--all-images", action="store_true", help="evaluate every image, not only those with results")
+    parser.add_argument(
+        "--only-result-images", action="store_true", help="score only the images that appear in the results"
+    )
     parser.add_argument("--output", help="write the metrics to this JSON file")
     return parser.parse_args(argv)
 
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     results = load_results(args.json)
     resolve_dataset(args.dataset, args.coco_json, args.image_root)  # also generates a built-in dataset
-    metrics = evaluate_results(MetadataCatalog.get(args.dataset).json_file, results, args.all_images)
+    metrics = evaluate_results(MetadataCatalog.get(args.dataset).json_file, results, args.only_result_images)
     print(tabulate([[f"{metrics[n]:.3f}" for n in METRIC_NAMES]], headers=METRIC_NAMES, tablefmt="pipe"))
     per_class = [(k[3:], f"{v:.3f}") for k, v in metrics.items() if k.startswith("AP-")]
     print(tabulate(per_class, headers=["category", "AP"], tablefmt="pipe"))
