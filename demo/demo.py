@@ -98,8 +98,12 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
 
 
 def image_output_paths(files: Sequence[str], output: str) -> list[str]:
-    """One output file per input: ``output`` itself for a single image unless it is (or ends like) a folder."""
-    if len(files) == 1 and not (os.path.isdir(output) or output.endswith(os.sep)):
+    """One output file per input: ``output`` itself for a single image when it names an image file, else a folder
+    (an existing one, one ending in a separator, or a name without extension)."""
+    is_folder = os.path.isdir(output) or output.endswith(os.sep) or not Path(output).suffix
+    if len(files) == 1 and not is_folder:
+        if Path(output).suffix.lower() not in IMAGE_EXTENSIONS:
+            raise DemoError(f"--output {output!r}: use an image extension ({', '.join(IMAGE_EXTENSIONS)}) or a folder")
         return [output]
     if os.path.isfile(output):
         raise DemoError(f"--output {output!r} is a file, but {len(files)} images need a folder")
@@ -192,7 +196,7 @@ def run_images(demo: VisualizationDemo, args: argparse.Namespace, files: list[st
             continue
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
         if not cv2.imwrite(output, picture):
-            raise DemoError(f"could not write {output!r}: use an image extension such as .jpg or .png")
+            raise DemoError(f"could not write {output!r} (check the folder's permissions and free space)")
 
 
 def run_stream(

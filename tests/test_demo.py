@@ -274,3 +274,11 @@ def test_video_codec_falls_back_when_the_preferred_one_is_missing(monkeypatch, t
     assert "XVID is not available" in caplog.text and os.path.getsize(path) > 0
     with pytest.raises(demo_cli.DemoError, match="must end in one of"):
         demo_cli.open_video_writer(str(tmp_path / "clip.gif"), 5.0, (32, 24), preferred=None)
+
+
+def test_output_without_extension_is_a_folder_and_a_bad_extension_is_refused(tmp_path):
+    files = [str(tmp_path / "a.jpg")]
+    assert demo_cli.image_output_paths(files, str(tmp_path / "out")) == [str(tmp_path / "out" / "a.jpg")]
+    assert demo_cli.image_output_paths(files, str(tmp_path / "b.png")) == [str(tmp_path / "b.png")]
+    with pytest.raises(demo_cli.DemoError, match="image extension"):
+        demo_cli.image_output_paths(files, str(tmp_path / "b.txt"))
