@@ -5,7 +5,7 @@ import torch
 
 import salience_detr  # noqa: F401  (detectron2 compatibility before any detectron2 import)
 from detectron2.config import LazyCall as L
-from detectron2.config import instantiate
+from detectron2.config import LazyConfig, instantiate
 from detectron2.utils.events import EventStorage
 from torch import nn
 from torchvision.ops import box_convert
@@ -217,6 +217,14 @@ def test_state_dict_without_the_head_is_the_original():
     with_head = set(instantiate(cfg.model).state_dict())
     assert {k for k in with_head if not k.startswith("roi_refine.")} == keys
     assert any(k.startswith("roi_refine.") for k in with_head)
+
+
+def test_command_line_none_string_is_refused_with_the_hydra_spelling():
+    cfg = LazyConfig.apply_overrides(tiny_model_config(), ["model.roi_refine=None"])  # Hydra reads this as a string
+    with pytest.raises(TypeError, match="model.roi_refine=null"):
+        instantiate(cfg.model)
+    cfg = LazyConfig.apply_overrides(tiny_model_config(), ["model.roi_refine=null"])
+    assert instantiate(cfg.model).roi_refine is None
 
 
 def test_inference_uses_refined_boxes(roi_model):

@@ -90,6 +90,11 @@ class SalienceDETR(nn.Module):
                     f"transformer.{name}={getattr(transformer, name)} differs from the model's {name}={value}; "
                     f"set both from one value (the model config interpolates ${{..{name}}})."
                 )
+        if roi_refine is not None and not isinstance(roi_refine, nn.Module):
+            raise TypeError(
+                f"roi_refine must be a RoIRefineHead or None, got {roi_refine!r}; "
+                "to switch the head off on the command line write model.roi_refine=null (Hydra syntax)."
+            )
         self.backbone = backbone
         self.neck = neck
         self.position_embedding = position_embedding
