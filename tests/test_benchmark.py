@@ -58,6 +58,15 @@ def test_benchmark_reports_every_field(tmp_path, capsys):
     assert name in table and "GFLOPs" in table and "images/s" in table
 
 
+
+def test_roi_config_is_traced_and_measured_with_the_head_on_and_off():
+    roi_config = TINY_CONFIG.replace("tiny_synthetic.py", "tiny_synthetic_roi.py")
+    argv = ["--config-file", roi_config, "--height", str(HEIGHT), "--width", str(WIDTH), "--device", "cpu"]
+    results = benchmark.main([*argv, "--num-iter", "1", "--warmup", "0"])["results"]
+    on, off = results["roi_refine on"], results["roi_refine off"]
+    assert on["params_m"] > off["params_m"] and on["gflops"] > off["gflops"]
+
+
 def test_flop_count_is_the_same_on_both_attention_backends(monkeypatch):
     model = instantiate(LazyConfig.load(TINY_CONFIG).model).eval()
     image = benchmark.random_image(HEIGHT, WIDTH, torch.device("cpu"))

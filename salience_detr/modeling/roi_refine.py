@@ -74,7 +74,7 @@ def select_queries(logits: Tensor, num_rois: int, extra: Tensor | None = None) -
     """(B, Q) bool: the top-``num_rois`` queries by maximum sigmoid class score, OR ``extra`` (e.g. matched ones)."""
     scores = logits.detach().sigmoid().amax(-1)
     top = scores.topk(min(num_rois, scores.shape[1]), dim=1).indices
-    selected = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, top, True)
+    selected = torch.zeros_like(scores, dtype=torch.bool).scatter(1, top, torch.ones_like(top, dtype=torch.bool))
     return selected if extra is None else selected | extra
 
 
@@ -88,7 +88,8 @@ def matched_mask(indices: MatchIndices, shape: tuple[int, int], device: torch.de
 
 def absolute_xyxy(boxes: Tensor, batch_index: Tensor, image_sizes: Sequence[tuple[int, int]]) -> Tensor:
     """Normalized cxcywh (relative to each unpadded image) -> absolute XYXY pixels, unchanged by padding."""
-    sizes = torch.as_tensor(image_sizes, dtype=boxes.dtype, device=boxes.device)
+    # stacked rather than converted at once: under tracing (FLOP counting, export) the sizes are 0-d tensors
+    sizes = torch.stack([torch.stack([torch.as_tensor(h), torch.as_tensor(w)]) for h, w in image_sizes]).to(boxes)
     scale = sizes[:, [1, 0, 1, 0]][batch_index]
     return box_convert(boxes, "cxcywh", "xyxy") * scale
 
