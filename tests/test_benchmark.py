@@ -59,10 +59,10 @@ def test_benchmark_reports_every_field(tmp_path, capsys):
 
 
 
-def test_roi_config_is_traced_and_measured_with_the_head_on_and_off():
+def test_roi_config_is_traced_and_measured_with_the_head_on_and_off(tmp_path):
     roi_config = TINY_CONFIG.replace("tiny_synthetic.py", "tiny_synthetic_roi.py")
     argv = ["--config-file", roi_config, "--height", str(HEIGHT), "--width", str(WIDTH), "--device", "cpu"]
-    results = benchmark.main([*argv, "--num-iter", "1", "--warmup", "0"])["results"]
+    results = benchmark.main([*argv, "--num-iter", "1", "--warmup", "0", "--output", str(tmp_path / "r.json")])["results"]
     on, off = results["roi_refine on"], results["roi_refine off"]
     assert on["params_m"] > off["params_m"] and on["gflops"] > off["gflops"]
 

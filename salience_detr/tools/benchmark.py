@@ -193,7 +193,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=5, help="untimed forward passes first")
     parser.add_argument("--backend", choices=BACKENDS, help=f"deformable attention backend (sets {BACKEND_ENV})")
     parser.add_argument("--weights", help="checkpoint to load (default: random weights)")
-    parser.add_argument("--output", default="benchmark.json", help="where to write the JSON results")
+    parser.add_argument("--output", default="output/benchmark.json", help="where to write the JSON results")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides, key=value")
     return parser
 
