@@ -31,6 +31,7 @@ def roi_refine_head() -> DictConfig:
         iou_beta=0.5,
         loss_weights={"loss_roi_bbox": 5.0, "loss_roi_giou": 2.0, "loss_roi_iou": 1.0},
         warmup_iters=500,
+        detach_features=True,  # False: the RoI loss also trains the neck and backbone through the crops
     )
 
 

@@ -4,6 +4,10 @@ After the last decoder layer, the top-K queries (plus, in training, every query 
 truth) crop a 7x7 RoIAlignV2 window from the neck level that fits their box size (FPN rule). A few
 query-conditioned cross-attention layers read the 49 cells and predict R-CNN box deltas relative to the detached
 decoder box, and optionally the IoU of the refined box for rescoring. The design is in shared/design/roi_refine.md.
+
+By default the crops are detached as well, so the head's loss trains the head alone: the base model learns exactly
+what it learns without the head (up to the shared global-norm gradient clipping), the head is a pure add-on, and
+switching it off at inference gives a clean paired ablation on the same weights.
 """
 
 from __future__ import annotations
@@ -149,6 +153,7 @@ class RoIRefineHead(nn.Module):
         iou_beta: float = 0.5,
         loss_weights: dict[str, float] | None = None,
         warmup_iters: int = 500,
+        detach_features: bool = True,
     ):
         super().__init__()
         if num_rois < 1 or num_layers < 1:
@@ -169,6 +174,7 @@ class RoIRefineHead(nn.Module):
         if missing:
             raise ValueError(f"loss_weights is missing {sorted(missing)}; give a weight for every RoI loss term.")
         self.warmup_iters = warmup_iters
+        self.detach_features = detach_features
         self.box_transform = Box2BoxTransform(weights=tuple(box_weights))
         self.box_embed = MLP(2 * embed_dim, embed_dim, embed_dim, 2)
         self.cell_embed = nn.Parameter(torch.zeros(pooler_resolution**2, embed_dim))
@@ -198,7 +204,7 @@ class RoIRefineHead(nn.Module):
         batch_index = selected.nonzero(as_tuple=True)[0]
         rois = absolute_xyxy(boxes, batch_index, inputs.image_sizes).float()
         per_image = rois.split(selected.sum(1).tolist())
-        features = [f.float() for f in inputs.features]
+        features = [(f.detach() if self.detach_features else f).float() for f in inputs.features]
         pooled = self.pooler(level_strides(features, inputs.padded_size))(features, [Boxes(b) for b in per_image])
         return pooled.flatten(2).transpose(1, 2)
 

@@ -1,0 +1,121 @@
+"""The RoI head's ablation (issue #5): the same schedule with and without the head, over several seeds.
+
+For every seed it trains the baseline config and its ``_roi`` twin with ``train_net.py`` (skipped when that run's
+``model_final.pth`` exists, so a killed ablation picks up where it stopped). Training ends with COCOEvaluator on
+the baseline and on the ``_roi`` model with its head on; the ``_roi`` weights are then evaluated again with the
+head's IoU rescoring off (beta 0) and with the head off, a paired comparison on the same weights. Prints AP / AP50 / AP75 per run and per-variant means, and writes them
+as JSON.
+
+  python -m salience_detr.tools.roi_ablation --seeds 0 1 2 [--output-dir output/roi_ablation] [--opts k=v ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import salience_detr  # noqa: F401  (detectron2 compatibility before any detectron2 import)
+from detectron2.config import LazyConfig, instantiate
+from detectron2.evaluation import inference_on_dataset
+from torch import nn
+
+from salience_detr.engine import AtomicDetectionCheckpointer
+from salience_detr.tools.quickstart import last_bbox_metrics, repo_root, run_step
+
+BASELINE = "configs/salience_detr/salience_detr_tiny_synthetic.py"
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def head_off(model: nn.Module) -> None:
+    model.roi_refine = None
+
+
+def no_rescoring(model: nn.Module) -> None:
+    model.roi_refine.iou_beta = 0.0
+
+
+# evaluated variants: (name, arm "base" or "roi", change applied to the trained model; None: training's own evaluation)
+VARIANTS: list[tuple[str, str, Callable[[nn.Module], None] | None]] = [
+    ("baseline", "base", None),
+    ("roi: head on", "roi", None),
+    ("roi: head on, beta 0", "roi", no_rescoring),
+    ("roi: head off", "roi", head_off),
+]
+
+
+def roi_twin(config_file: str) -> str:
+    path = Path(config_file)
+    twin = path.with_name(f"{path.stem}_roi{path.suffix}")
+    if not twin.is_file():
+        raise FileNotFoundError(f"{config_file} has no RoI twin {twin}; every Salience DETR config needs a *_roi* twin.")
+    return str(twin)
+
+
+def evaluate(config_file: str, overrides: list[str], weights: Path, change: Callable[[nn.Module], None]) -> dict:
+    """COCO bbox metrics of ``weights``, after ``change``, on the config's test set."""
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), overrides)
+    for registration in cfg.get("datasets", {}).values():
+        instantiate(registration)
+    model = instantiate(cfg.model).to(cfg.train.device)
+    AtomicDetectionCheckpointer(model).load(str(weights))
+    change(model)
+    cfg.dataloader.evaluator.output_dir = None
+    loader = instantiate(cfg.dataloader.test)
+    results = inference_on_dataset(model.eval(), loader, instantiate(cfg.dataloader.evaluator))
+    return {key: results["bbox"][key] for key in METRICS}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| run | seed | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+    for row in rows:
+        lines.append(f"| {row['variant']} | {row['seed']} | " + " | ".join(f"{row[m]:.1f}" for m in METRICS) + " |")
+    for name, *_ in VARIANTS:
+        chosen = [row for row in rows if row["variant"] == name]
+        if len(chosen) > 1:
+            means = [statistics.mean(row[m] for row in chosen) for m in METRICS]
+            spreads = [statistics.stdev(row[m] for row in chosen) for m in METRICS]
+            cells = " | ".join(f"{mu:.1f} ± {sd:.1f}" for mu, sd in zip(means, spreads))
+            lines.append(f"| **{name}**, mean ± sd | {len(chosen)} seeds | {cells} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config-file", default=BASELINE, help="baseline config; its *_roi twin is the other arm")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--output-dir", default="output/roi_ablation")
+    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="key=value overrides for both arms")
+    args = parser.parse_args(argv)
+
+    root = repo_root()
+    configs = {"base": str(root / args.config_file), "roi": roi_twin(str(root / args.config_file))}
+    output_dir = (root / args.output_dir).resolve()
+    timings: dict[str, float] = {}
+    rows = []
+    for seed in args.seeds:
+        for arm, config_file in configs.items():
+            run_dir = output_dir / f"{arm}_seed{seed}"
+            overrides = [f"train.seed={seed}", f"train.output_dir={run_dir}", *args.opts]
+            if not (run_dir / "model_final.pth").is_file():
+                command = [sys.executable, "train_net.py", "--config-file", config_file, "--resume", *overrides]
+                run_step(f"train {arm}, seed {seed}", command, root, timings)
+            for name, variant_arm, change in VARIANTS:
+                if variant_arm == arm:
+                    if change is None:
+                        metrics = {m: last_bbox_metrics(run_dir)[m] for m in METRICS}
+                    else:
+                        metrics = evaluate(config_file, overrides, run_dir / "model_final.pth", change)
+                    rows.append({"variant": name, "seed": seed, **metrics})
+                    print(f"{name}, seed {seed}: " + "  ".join(f"{m} {metrics[m]:.1f}" for m in METRICS), flush=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "ablation.json").write_text(json.dumps(rows, indent=1))
+    print("\n" + table(rows))
+    print(f"\nper-run metrics: {output_dir / 'ablation.json'}")
+
+
+if __name__ == "__main__":
+    main()

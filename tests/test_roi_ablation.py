@@ -1,0 +1,19 @@
+import pytest
+
+from salience_detr.tools.roi_ablation import BASELINE, METRICS, roi_twin, table
+
+
+def test_every_salience_detr_config_has_its_roi_twin(tmp_path):
+    assert roi_twin(BASELINE).endswith("salience_detr_tiny_synthetic_roi.py")
+    lonely = tmp_path / "lonely.py"
+    lonely.write_text("")
+    with pytest.raises(FileNotFoundError, match="lonely_roi.py"):
+        roi_twin(str(lonely))
+
+
+def test_table_lists_every_run_and_the_mean_over_seeds():
+    rows = [{"variant": "baseline", "seed": seed, **{m: 10.0 + seed for m in METRICS}} for seed in (0, 2)]
+    rows.append({"variant": "roi: head on", "seed": 0, **{m: 5.0 for m in METRICS}})
+    lines = table(rows).splitlines()
+    assert len(lines) == 2 + 3 + 1  # header, rule, three runs, one mean (a single seed has no spread)
+    assert lines[-1].startswith("| **baseline**, mean ± sd | 2 seeds | 11.0 ± 1.4 |")
