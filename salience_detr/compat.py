@@ -5,7 +5,8 @@ The only detectron2 on PyPI is the 0.6 source release without its C++ sources, i
 imports ``detectron2._C`` in four modules whose ops this project never calls (deformable convolution, rotated
 boxes, rotated RoIAlign, the fast COCO evaluation). ``apply()`` restores each missing name and registers a
 placeholder ``_C`` that fails with a clear message, only where the real thing is absent, so a detectron2
-built from source is left untouched. It runs once, from ``salience_detr/__init__.py``, before any detectron2
+built from source is left untouched. It also silences the deprecation warning that torch >= 2.9 prints for each
+``@torch.jit.script`` in detectron2's box regression module (twice per process, on every command). It runs once, from ``salience_detr/__init__.py``, before any detectron2
 import.
 """
 
@@ -15,6 +16,7 @@ import importlib.resources
 import importlib.util
 import sys
 import types
+import warnings
 
 _NUMPY_ALIASES = {"int": int, "float": float, "str": str, "object": object, "complex": complex, "bool": bool}
 _PIL_ALIASES = {"LINEAR": "BILINEAR", "ANTIALIAS": "LANCZOS", "CUBIC": "BICUBIC"}
@@ -90,8 +92,15 @@ def detectron2_has_compiled_ops() -> bool:
     return not getattr(module, "IS_PLACEHOLDER", False)
 
 
+def _silence_detectron2_jit_warning() -> None:
+    warnings.filterwarnings(
+        "ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning, module=r"torch\.jit\._script"
+    )
+
+
 def apply() -> None:
     """Restore what detectron2 0.6 needs; every step is a no-op where the name already exists."""
+    _silence_detectron2_jit_warning()
     _restore_numpy_aliases()
     _restore_pil_aliases()
     _install_pkg_resources_shim()

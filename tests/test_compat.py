@@ -48,3 +48,12 @@ def test_model_zoo_configs_resolve():
 
 def test_package_version():
     assert salience_detr.__version__
+
+
+def test_detectron2_import_prints_no_jit_deprecation_warning():
+    import subprocess
+    import sys
+
+    code = "import salience_detr, detectron2.modeling.box_regression"
+    done = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
