@@ -14,10 +14,8 @@ fit, or a target entry left unfilled is refused with a message that names it.
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -25,6 +23,8 @@ import torch
 from detectron2.data import MetadataCatalog
 from detectron2.modeling.backbone import ResNet
 from torch import Tensor
+
+from salience_detr.utils.atomic import atomic_write
 
 from .backbone_layouts import BACKBONE_LAYOUTS
 
@@ -193,14 +193,5 @@ def load_official_checkpoint(path: str, allow_pickle: bool = False) -> tuple[dic
 
 
 def save_model_checkpoint(state_dict: Mapping[str, Tensor], path: str) -> None:
-    """Write ``{"model": state_dict}`` (DetectionCheckpointer's layout) via a temporary file and ``os.replace``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, temp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            torch.save({"model": dict(state_dict)}, file)
-        os.replace(temp_path, path)
-    finally:
-        if os.path.exists(temp_path):
-            os.remove(temp_path)
+    """Write ``{"model": state_dict}`` (DetectionCheckpointer's layout) atomically."""
+    atomic_write(path, lambda file: torch.save({"model": dict(state_dict)}, file))

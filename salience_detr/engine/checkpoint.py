@@ -10,25 +10,12 @@ from __future__ import annotations
 
 import glob
 import os
-import tempfile
 from typing import Any
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-
-def _atomic_write(path: str, write) -> None:
-    folder = os.path.dirname(path) or "."
-    fd, temp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp_path, path)
-    finally:
-        if os.path.exists(temp_path):
-            os.remove(temp_path)
+from salience_detr.utils.atomic import atomic_write
 
 
 class AtomicDetectionCheckpointer(DetectionCheckpointer):
@@ -45,9 +32,9 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
         for stale in glob.glob(os.path.join(self.save_dir, ".*.pth.*.tmp")):
             os.remove(stale)
         self.logger.info("Saving checkpoint to %s", save_file)
-        _atomic_write(save_file, lambda f: torch.save(data, f))
+        atomic_write(save_file, lambda f: torch.save(data, f))
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         path = os.path.join(self.save_dir, "last_checkpoint")
-        _atomic_write(path, lambda f: f.write(last_filename_basename.encode()))
+        atomic_write(path, lambda f: f.write(last_filename_basename.encode()))
