@@ -98,6 +98,15 @@ def test_class_id_out_of_range_is_a_clear_error(tiny_model):
         tiny_model([make_input(64, 64, [[1, 1, 20, 20]], [NUM_CLASSES])])
 
 
+def test_batch_of_one_tiny_image_names_the_batchnorm_fix(tiny_model):
+    tiny_model.train()
+    with pytest.raises(ValueError, match="1x1 feature map at stride 64.*2 or more images"):
+        tiny_model([make_input(64, 64, [[1, 1, 20, 20]], [1])])
+    tiny_model.eval()
+    with torch.no_grad():
+        assert len(tiny_model([make_input(64, 64, [], [])])) == 1  # evaluation keeps working
+
+
 def test_eval_output_format_and_scaling(tiny_model):
     tiny_model.eval()
     batch = mixed_batch()

@@ -122,6 +122,19 @@ class SalienceDETR(nn.Module):
         images = [(x["image"].to(self.device).float() - self.pixel_mean) / self.pixel_std for x in batched_inputs]
         return ImageList.from_tensors(images, self.size_divisibility, pad_value=0.0)
 
+    def check_batchnorm_statistics(self, features: list[Tensor], padded_size: torch.Size) -> None:
+        """Name the fix before the transformer neck's BatchNorm fails on a level with one value per channel."""
+        single = [f for f in features if f.shape[0] * f.shape[-2] * f.shape[-1] == 1]
+        if not single:
+            return
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in self.transformer.modules()):
+            stride = padded_size[-1] // single[0].shape[-1]
+            raise ValueError(
+                f"a training batch of one {padded_size[0]}x{padded_size[1]} image gives a 1x1 feature map at stride "
+                f"{stride}, and the transformer neck's BatchNorm cannot take statistics of one value per channel. "
+                f"Train with 2 or more images per batch, or with images larger than {stride} px on a side."
+            )
+
     def prepare_targets(self, batched_inputs: list[dict[str, Any]], images: ImageList) -> list[dict[str, Tensor]]:
         """gt boxes -> cxcywh normalized by each unpadded image size; also keeps the absolute xyxy boxes."""
         targets = []
@@ -158,6 +171,7 @@ class SalienceDETR(nn.Module):
             return self.inference(output, batched_inputs, images.image_sizes)
 
         targets = self.prepare_targets(batched_inputs, images)
+        self.check_batchnorm_statistics(features, images.tensor.shape[-2:])
         make_denoising = functools.partial(
             self.denoising_generator, [t["labels"] for t in targets], [t["boxes"] for t in targets]
         )
