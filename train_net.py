@@ -139,6 +139,7 @@ def do_train(args, cfg) -> None:
         accumulate_steps=cfg.train.accumulate_steps,
         clip_grad_max_norm=clip.max_norm if clip.enabled else None,
         clip_grad_norm_type=clip.norm_type,
+        clip_grad_separate=clip.get("separate", ()),
         amp_dtype=amp_dtype,
     )
     extra = {"ema": ema} if ema is not None else {}

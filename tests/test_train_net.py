@@ -285,6 +285,29 @@ def test_gradient_clipping_bounds_the_update():
     assert torch.linalg.vector_norm(model.weight.detach() - before) == pytest.approx(0.1 * 0.1, rel=1e-4)
 
 
+class _BaseAndHeadModel(nn.Module):
+    """Two independent linear losses, standing in for a model and an add-on head trained by its own loss."""
+
+    def __init__(self, head_scale: float) -> None:
+        super().__init__()
+        self.base = _LinearLossModel(scale_loss=1000.0)
+        self.head = _LinearLossModel(scale_loss=head_scale)
+
+    def forward(self, batch):
+        return {"loss_base": self.base(batch)["loss_mse"], "loss_head": self.head(batch)["loss_mse"]}
+
+
+@pytest.mark.parametrize("separate", [(), ("head",)])
+def test_separately_clipped_head_leaves_the_base_step_unchanged(separate):
+    steps = []
+    for head_scale in (1.0, 1000.0):
+        model = _BaseAndHeadModel(head_scale)
+        storage = _one_step(model, _ListLoader(_batches()), clip_grad_max_norm=0.1, clip_grad_separate=separate)
+        steps.append(model.base.weight.detach().clone())
+    assert torch.equal(steps[0], steps[1]) == bool(separate)
+    assert ("grad_norm/head" in storage.histories()) == bool(separate)
+
+
 def test_non_finite_loss_stops_with_iteration_and_terms():
     model = _LinearLossModel(scale_loss=float("nan"))
     with pytest.raises(NonFiniteLossError, match=r"iteration 0: \{'loss_mse': nan\}"):

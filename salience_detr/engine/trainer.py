@@ -2,6 +2,10 @@
 
 One trainer iteration is one optimizer step over ``accumulate_steps`` batches, so the schedule, the
 checkpoints and ``--resume`` all count optimizer steps whatever the accumulation.
+
+Modules named in ``clip_grad_separate`` (e.g. the RoI head, whose loss trains only itself) are clipped on their own:
+under one global norm their gradients would rescale every other parameter's step, so adding them would change how
+the rest of the model trains.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -39,6 +44,23 @@ def resolve_amp(enabled: bool, dtype: str, device: str) -> torch.dtype | None:
     return AMP_DTYPES[dtype]
 
 
+def clip_groups(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, separate: Sequence[str]
+) -> dict[str, list[torch.nn.Parameter]]:
+    """The optimizer's parameters split by clipping group: "" for the model, then each ``separate`` module that has
+    parameters (a module path such as "roi_refine"; DDP's "module." prefix is ignored)."""
+    if isinstance(model, DistributedDataParallel):
+        model = model.module
+    group_of = {}
+    for name, param in model.named_parameters():
+        group_of[id(param)] = next((prefix for prefix in separate if name.startswith(f"{prefix}.")), "")
+    groups: dict[str, list[torch.nn.Parameter]] = {"": []}
+    for param_group in optimizer.param_groups:
+        for param in param_group["params"]:
+            groups.setdefault(group_of.get(id(param), ""), []).append(param)
+    return groups
+
+
 class DetrTrainer(SimpleTrainer):
     """``SimpleTrainer`` with accumulation, clipping and optional AMP (fp16 uses a GradScaler, bf16 none)."""
 
@@ -50,6 +72,7 @@ class DetrTrainer(SimpleTrainer):
         accumulate_steps: int = 1,
         clip_grad_max_norm: float | None = None,
         clip_grad_norm_type: float = 2.0,
+        clip_grad_separate: Sequence[str] = (),
         amp_dtype: torch.dtype | None = None,
     ) -> None:
         if accumulate_steps < 1:
@@ -58,6 +81,7 @@ class DetrTrainer(SimpleTrainer):
         self.accumulate_steps = accumulate_steps
         self.clip_grad_max_norm = clip_grad_max_norm
         self.clip_grad_norm_type = clip_grad_norm_type
+        self.clip_groups = clip_groups(model, optimizer, clip_grad_separate)
         self.amp_dtype = amp_dtype
         self.grad_scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
@@ -103,9 +127,11 @@ class DetrTrainer(SimpleTrainer):
         if self.grad_scaler is not None:
             self.grad_scaler.unscale_(self.optimizer)
         if self.clip_grad_max_norm:
-            params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
-            norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_max_norm, self.clip_grad_norm_type)
-            self.storage.put_scalar("grad_norm", float(norm) if math.isfinite(float(norm)) else float("nan"))
+            for name, group in self.clip_groups.items():
+                params = [p for p in group if p.grad is not None]
+                norm = float(torch.nn.utils.clip_grad_norm_(params, self.clip_grad_max_norm, self.clip_grad_norm_type))
+                key = "grad_norm" if not name else f"grad_norm/{name}"
+                self.storage.put_scalar(key, norm if math.isfinite(norm) else float("nan"))
         if self.grad_scaler is not None:
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()

@@ -5,9 +5,9 @@ truth) crop a 7x7 RoIAlignV2 window from the neck level that fits their box size
 query-conditioned cross-attention layers read the 49 cells and predict R-CNN box deltas relative to the detached
 decoder box, and optionally the IoU of the refined box for rescoring. The design is in shared/design/roi_refine.md.
 
-By default the crops are detached as well, so the head's loss trains the head alone: the base model learns exactly
-what it learns without the head (up to the shared global-norm gradient clipping), the head is a pure add-on, and
-switching it off at inference gives a clean paired ablation on the same weights.
+By default the crops are detached as well, so the head's loss trains the head alone; with the head clipped as its
+own group (``train.clip_grad.separate``) the base model trains bit for bit as without the head. The head is then a
+pure add-on, and switching it off at inference is the without-head arm of the ablation on the very same weights.
 """
 
 from __future__ import annotations
