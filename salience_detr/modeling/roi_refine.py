@@ -176,13 +176,16 @@ class RoIRefineHead(nn.Module):
         self.warmup_iters = warmup_iters
         self.detach_features = detach_features
         self.box_transform = Box2BoxTransform(weights=tuple(box_weights))
-        self.box_embed = MLP(2 * embed_dim, embed_dim, embed_dim, 2)
-        self.cell_embed = nn.Parameter(torch.zeros(pooler_resolution**2, embed_dim))
-        nn.init.normal_(self.cell_embed, std=0.02)
-        self.layers = nn.ModuleList(RoIRefineLayer(embed_dim, num_heads, ffn_dim, dropout) for _ in range(num_layers))
-        self.delta_head = MLP(embed_dim, embed_dim, 4, 2)
-        init_box_head(self.delta_head)
-        self.iou_head = MLP(embed_dim, embed_dim, 1, 2) if use_iou_head else None
+        # drawn from a copy of the CPU generator: adding the head leaves the random stream of the rest of training
+        # (denoising noise, sampling) as it is without the head
+        with torch.random.fork_rng(devices=[]):
+            self.box_embed = MLP(2 * embed_dim, embed_dim, embed_dim, 2)
+            self.cell_embed = nn.Parameter(torch.zeros(pooler_resolution**2, embed_dim))
+            nn.init.normal_(self.cell_embed, std=0.02)
+            self.layers = nn.ModuleList(RoIRefineLayer(embed_dim, num_heads, ffn_dim, dropout) for _ in range(num_layers))
+            self.delta_head = MLP(embed_dim, embed_dim, 4, 2)
+            init_box_head(self.delta_head)
+            self.iou_head = MLP(embed_dim, embed_dim, 1, 2) if use_iou_head else None
         self._poolers: dict[tuple[int, ...], ROIPooler] = {}
 
     def pooler(self, strides: Sequence[int]) -> ROIPooler:
