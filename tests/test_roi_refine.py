@@ -280,3 +280,34 @@ def test_warmup_scales_every_loss_term():
     early = head.losses(refinement, targets, indices, iteration=0)
     for name, value in full.items():
         assert torch.allclose(early[name], value * 0.1), name
+
+
+def test_adding_the_head_leaves_the_base_models_training_bit_for_bit_unchanged():
+    """Detached crops, a forked generator for its initialisation and its own clipping group: the with-head arm of
+    the ablation trains the same base model as the without-head arm, so switching the head off compares the two."""
+    from salience_detr.engine.trainer import DetrTrainer
+
+    class Batches:
+        def __iter__(self):
+            while True:
+                yield [make_input(96, 128, [[10, 12, 60, 50], [50, 20, 90, 60]], [1, 2]), make_input(96, 96, [], [])]
+
+    trained = []
+    for with_head in (False, True):
+        cfg = tiny_model_config()
+        if with_head:
+            cfg.model.roi_refine = L(RoIRefineHead)(embed_dim="${..embed_dim}", num_heads=4, warmup_iters=0)
+        torch.manual_seed(0)
+        model = instantiate(cfg.model).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        trainer = DetrTrainer(model, Batches(), optimizer, clip_grad_max_norm=0.1, clip_grad_separate=["roi_refine"])
+        with EventStorage(0) as storage:
+            trainer.storage = storage
+            for _ in range(2):
+                trainer.run_step()
+        state = {k: v for k, v in model.state_dict().items() if not k.startswith("roi_refine.")}
+        trained.append((state, torch.randn(4)))  # the random stream goes on identically
+    (base, base_next), (with_head, with_head_next) = trained
+    assert base.keys() == with_head.keys()
+    assert all(torch.equal(base[k], with_head[k]) for k in base)
+    assert torch.equal(base_next, with_head_next)
