@@ -14,6 +14,7 @@ from salience_detr.checkpoint.backbone_layouts import (
     pretrained_trunk_state_dict,
     save_pretrained_trunk,
 )
+from salience_detr.checkpoint.synthetic import read_official_keys
 from salience_detr.modeling.backbone import ConvNeXtBackbone, FocalNetBackbone, SwinBackbone
 
 DESIGN = Path(__file__).parent / "data"  # copies of the official key lists
@@ -285,11 +286,8 @@ def test_pretrained_classification_weights_load_into_the_trunk(tmp_path):
 def _official_large_checkpoint(tsv_name):
     """A synthetic full official checkpoint: the R50 model's non-backbone entries with the channel mapper sized for
     384/768/1536 inputs (as ``ChannelMapper(in_channels=backbone.num_channels)`` builds it), plus the backbone list."""
-    shapes = {}
-    for line in (DESIGN / "official_r50_state_dict_keys.tsv").read_text().splitlines()[1:]:
-        key, shape = line.split("\t")[:2]
-        if not key.startswith("backbone."):
-            shapes[key] = ast.literal_eval(shape)
+    entries = read_official_keys(DESIGN / "official_r50_state_dict_keys.tsv")
+    shapes = {entry.key: entry.shape for entry in entries if not entry.key.startswith("backbone.")}
     for level, (channels, kernel) in enumerate([(384, 1), (768, 1), (1536, 1), (1536, 3)]):
         shapes[f"neck.convs.{level}.0.weight"] = (256, channels, kernel, kernel)
     shapes.update(_official_shapes(tsv_name))

@@ -1,6 +1,5 @@
 import salience_detr  # noqa: F401  (applies the detectron2 compat layer first)
 
-import ast
 from pathlib import Path
 
 import pytest
@@ -17,16 +16,12 @@ from salience_detr.checkpoint.official import (
     convert_resnet_entry,
     unwrap_checkpoint,
 )
+from salience_detr.checkpoint.synthetic import random_official_state_dict, read_official_keys
 from salience_detr.tools import convert_official
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS_NAME = "official_r50_state_dict_keys.tsv"
 R50_CONFIG = REPO / "configs" / "models" / "salience_detr_r50.py"
-
-
-def official_keys_file() -> Path:
-    """The key list of the official R50 checkpoint (a copy kept in tests/data)."""
-    return REPO / "tests" / "data" / KEYS_NAME
 
 
 CLASS_ROW_KEYS = [f"transformer.decoder.class_head.{i}.{p}" for i in range(6) for p in ("weight", "bias")] + [
@@ -40,21 +35,9 @@ CLASS_ROW_KEYS = [f"transformer.decoder.class_head.{i}.{p}" for i in range(6) fo
 
 def synthetic_official_state_dict() -> dict[str, torch.Tensor]:
     """Random tensors with every key, shape and dtype of the official R50 model; tied entries share a tensor."""
-    gen = torch.Generator().manual_seed(0)
-    state_dict, tied = {}, {}
-    rows = [line.rstrip("\n").split("\t") for line in official_keys_file().read_text().splitlines()[1:] if line.strip()]
-    assert len(rows) == 1025
-    for key, shape, dtype, kind, _ in rows:
-        shape = ast.literal_eval(shape)
-        if dtype == "int64":
-            state_dict[key] = torch.randint(0, 1000, shape, generator=gen)
-        else:
-            state_dict[key] = torch.randn(shape, generator=gen, dtype=getattr(torch, dtype))
-        if kind.startswith("param(tied:"):
-            tied[key] = kind[len("param(tied:") : -1]
-    for key, source in tied.items():
-        state_dict[key] = state_dict[source]
-    return state_dict
+    entries = read_official_keys(REPO / "tests" / "data" / KEYS_NAME)
+    assert len(entries) == 1025
+    return random_official_state_dict(entries, seed=0)
 
 
 @pytest.fixture(scope="module")
