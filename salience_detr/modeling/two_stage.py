@@ -103,6 +103,11 @@ def select_proposals(
     num_candidates = min(4 * num_queries, enc_class.shape[1])
     top_scores, top_index = torch.topk(enc_class.max(-1)[0], num_candidates, dim=1)
     index = grid_nms(top_scores, top_index, spatial_shapes, level_start_index, num_queries)
+    return gather_proposals(enc_class, enc_coord, index)
+
+
+def gather_proposals(enc_class: Tensor, enc_coord: Tensor, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(index, enc_class[index], enc_coord[index])`` per image: the outputs of the tokens chosen as queries."""
     gathered_class = enc_class.gather(1, index.unsqueeze(-1).expand(-1, -1, enc_class.shape[-1]))
-    gathered_coord = enc_coord.gather(1, index.unsqueeze(-1).expand(-1, -1, 4))
+    gathered_coord = enc_coord.gather(1, index.unsqueeze(-1).expand(-1, -1, enc_coord.shape[-1]))
     return index, gathered_class, gathered_coord
