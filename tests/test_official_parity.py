@@ -22,6 +22,7 @@ from salience_detr.checkpoint.parity import (
     unmatched_detections,
 )
 from salience_detr.checkpoint.synthetic import random_official_state_dict, read_official_keys
+from salience_detr.tools.parity_official import DETECTION_BOX_TOL, DETECTION_SCORE_TOL, FIXTURE_FORMAT
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "data" / "official_parity_r50.pt"
@@ -29,13 +30,13 @@ KEYS = REPO / "tests" / "data" / "official_r50_state_dict_keys.tsv"
 CONFIG = REPO / "configs" / "salience_detr" / "salience_detr_r50_4scale_12ep.py"
 #: Measured differences are about 4e-6 of each stage's scale (float32 noise, backbone FrozenBN arithmetic).
 TOLERANCE = 1e-4
-DETECTION_SCORE_TOL = 1e-4
-DETECTION_BOX_TOL = 0.05
 
 
 @pytest.fixture(scope="module")
 def fixture():
-    return torch.load(FIXTURE, weights_only=True)
+    stored = torch.load(FIXTURE, weights_only=True)
+    assert stored["format"] == FIXTURE_FORMAT, "fixture written by another version of parity_official; regenerate it"
+    return stored
 
 
 @pytest.fixture(scope="module")
