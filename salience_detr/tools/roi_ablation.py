@@ -6,7 +6,12 @@ the baseline and on the ``_roi`` model with its head on; the ``_roi`` weights ar
 head's IoU rescoring off (beta 0) and with the head off, a paired comparison on the same weights. Prints AP / AP50 / AP75 per run and per-variant means, and writes them
 as JSON.
 
-  python -m salience_detr.tools.roi_ablation --seeds 0 1 2 [--output-dir output/roi_ablation] [--opts k=v ...]
+  python -m salience_detr.tools.roi_ablation --seeds 0 1 2 [--arms base roi] [--output-dir output/roi_ablation]
+      [--opts k=v ...]
+
+The head leaves the base model's training bit for bit unchanged (tests/test_roi_refine.py), so "roi: head off"
+equals "baseline" seed by seed; ``--arms roi`` trains only the RoI arm once that has been seen (runs already on
+disk are reported either way).
 """
 
 from __future__ import annotations
@@ -80,6 +85,13 @@ def table(rows: list[dict]) -> str:
             spreads = [statistics.stdev(row[m] for row in chosen) for m in METRICS]
             cells = " | ".join(f"{mu:.1f} ± {sd:.1f}" for mu, sd in zip(means, spreads))
             lines.append(f"| **{name}**, mean ± sd | {len(chosen)} seeds | {cells} |")
+    off = {row["seed"]: row for row in rows if row["variant"] == "roi: head off"}
+    for name in ("roi: head on", "roi: head on, beta 0"):
+        pairs = [(row, off[row["seed"]]) for row in rows if row["variant"] == name and row["seed"] in off]
+        if pairs:
+            deltas = [[on[m] - base[m] for on, base in pairs] for m in METRICS]
+            cells = " | ".join(f"{statistics.mean(d):+.1f} ({min(d):+.1f} to {max(d):+.1f})" for d in deltas)
+            lines.append(f"| **{name} minus head off**, mean (range) | {len(pairs)} seeds | {cells} |")
     return "\n".join(lines)
 
 
@@ -87,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config-file", default=BASELINE, help="baseline config; its *_roi twin is the other arm")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--arms", nargs="+", choices=["base", "roi"], default=["base", "roi"], help="arms to train")
     parser.add_argument("--output-dir", default="output/roi_ablation")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="key=value overrides for both arms")
     args = parser.parse_args(argv)
@@ -101,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
             run_dir = output_dir / f"{arm}_seed{seed}"
             overrides = [f"train.seed={seed}", f"train.output_dir={run_dir}", *args.opts]
             if not (run_dir / "model_final.pth").is_file():
+                if arm not in args.arms:
+                    continue
                 command = [sys.executable, "train_net.py", "--config-file", config_file, "--resume", *overrides]
                 run_step(f"train {arm}, seed {seed}", command, root, timings)
             for name, variant_arm, change in VARIANTS:
