@@ -22,12 +22,11 @@ from salience_detr.checkpoint.parity import (
     unmatched_detections,
 )
 from salience_detr.checkpoint.synthetic import random_official_state_dict, read_official_keys
-from salience_detr.tools.parity_official import DETECTION_BOX_TOL, DETECTION_SCORE_TOL, FIXTURE_FORMAT
+from salience_detr.tools.parity_official import DETECTION_BOX_TOL, DETECTION_SCORE_TOL, FIXTURE_FORMAT, OUR_CONFIG
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "data" / "official_parity_r50.pt"
 KEYS = REPO / "tests" / "data" / "official_r50_state_dict_keys.tsv"
-CONFIG = REPO / "configs" / "salience_detr" / "salience_detr_r50_4scale_12ep.py"
 #: Measured differences are about 4e-6 of each stage's scale (float32 noise, backbone FrozenBN arithmetic).
 TOLERANCE = 1e-4
 
@@ -48,7 +47,7 @@ def model(fixture):
                 f"the regenerated random weights differ from the fixture's ({key}): torch's random generator changed; "
                 "regenerate the fixture with salience_detr.tools.parity_official and the official code"
             )
-    model = instantiate(LazyConfig.load(str(CONFIG)).model).eval()
+    model = instantiate(LazyConfig.load(str(OUR_CONFIG)).model).eval()
     target_shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     model.load_state_dict(convert_official_state_dict(weights, target_shapes, backbone_family(model.backbone)))
     return model
