@@ -153,6 +153,36 @@ def test_losses_with_an_image_without_boxes_are_finite_and_train_only_the_head()
     assert head.delta_head.layers[-1].weight.grad.abs().sum() > 0
 
 
+def test_positive_iou_adds_the_refined_queries_near_an_object_with_their_best_ground_truth():
+    head = small_head(num_rois=6, positive_iou=0.5)
+    logits, _, inputs = head_inputs([(96, 128), (64, 80)], (96, 128), num_queries=4)
+    gt = torch.tensor([[10.0, 10.0, 50.0, 50.0], [60.0, 40.0, 100.0, 80.0]]) / torch.tensor([128.0, 96.0] * 2)
+    queries = torch.tensor(
+        [
+            [10.0, 10.0, 50.0, 50.0],  # matched to ground truth 0
+            [14.0, 10.0, 54.0, 50.0],  # IoU 0.82 with ground truth 0
+            [30.0, 30.0, 70.0, 70.0],  # IoU 0.14 with both: background
+            [62.0, 40.0, 100.0, 84.0],  # IoU 0.86 with ground truth 1
+        ]
+    ) / torch.tensor([128.0, 96.0] * 2)
+    boxes = box_convert(torch.stack([queries, queries]), "xyxy", "cxcywh")
+    targets = [
+        {"labels": torch.tensor([0, 1]), "boxes": box_convert(gt, "xyxy", "cxcywh")},
+        {"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)},
+    ]
+    indices = [(torch.tensor([0]), torch.tensor([0])), (torch.zeros(0, dtype=torch.long),) * 2]
+    refinement = head(logits, boxes, inputs, matched_mask(indices, (2, 4), boxes.device))
+    rows, target_boxes = head.targets_of_rows(refinement, targets, indices)
+    positives = [(int(refinement.batch_index[r]), int(refinement.query_index[r])) for r in rows]
+    assert positives == [(0, 0), (0, 1), (0, 3)]
+    assert torch.allclose(target_boxes, targets[0]["boxes"][[0, 0, 1]])
+    matched_only = small_head(num_rois=6, positive_iou=None).targets_of_rows(refinement, targets, indices)
+    assert matched_only[0].tolist() == rows[:1].tolist()
+    assert all(torch.isfinite(v) and v > 0 for v in head.losses(refinement, targets, indices).values())
+    with pytest.raises(ValueError, match="positive_iou"):
+        small_head(positive_iou=0.0)
+
+
 def test_losses_need_the_matched_queries_selected():
     head = small_head(num_rois=1)
     logits, boxes, inputs = head_inputs([(96, 128)], (96, 128))

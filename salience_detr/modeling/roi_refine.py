@@ -20,6 +20,7 @@ import torch
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.poolers import ROIPooler
 from detectron2.structures import Boxes
+from detectron2.structures.boxes import matched_pairwise_iou
 from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -55,6 +56,7 @@ class RoIRefinement:
     logits: Tensor
     batch_index: Tensor
     query_index: Tensor
+    input_boxes: Tensor
     refined_boxes: Tensor
     iou_logits: Tensor | None
 
@@ -150,10 +152,11 @@ class RoIRefineHead(nn.Module):
         canonical_level: int = 4,
         box_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0),
         use_iou_head: bool = True,
-        iou_beta: float = 0.5,
+        iou_beta: float = 0.2,
         loss_weights: dict[str, float] | None = None,
         warmup_iters: int = 500,
         detach_features: bool = True,
+        positive_iou: float | None = 0.5,
     ):
         super().__init__()
         if num_rois < 1 or num_layers < 1:
@@ -173,6 +176,9 @@ class RoIRefineHead(nn.Module):
             missing |= {"loss_roi_iou"} - set(self.loss_weights)
         if missing:
             raise ValueError(f"loss_weights is missing {sorted(missing)}; give a weight for every RoI loss term.")
+        if positive_iou is not None and not 0.0 < positive_iou <= 1.0:
+            raise ValueError(f"positive_iou must lie in (0, 1] or be None (matched queries only), got {positive_iou}.")
+        self.positive_iou = positive_iou
         self.warmup_iters = warmup_iters
         self.detach_features = detach_features
         self.box_transform = Box2BoxTransform(weights=tuple(box_weights))
@@ -242,16 +248,14 @@ class RoIRefineHead(nn.Module):
             prob = logits[batch_index, query_index].sigmoid()
             rescored = prob.pow(1 - self.iou_beta) * iou_logits.sigmoid().unsqueeze(-1).pow(self.iou_beta)
             new_logits = logits.index_put((batch_index, query_index), torch.logit(rescored, eps=1e-6))
-        return RoIRefinement(new_boxes, new_logits, batch_index, query_index, refined, iou_logits)
+        return RoIRefinement(new_boxes, new_logits, batch_index, query_index, input_boxes, refined, iou_logits)
 
-    def losses(
-        self,
-        refinement: RoIRefinement,
-        targets: Sequence[dict[str, Tensor]],
-        indices: MatchIndices,
-        iteration: int | None = None,
-    ) -> dict[str, Tensor]:
-        """Weighted L1 / GIoU (/ IoU BCE) of the matched queries' refined boxes, / number of boxes, warmed up."""
+    def targets_of_rows(
+        self, refinement: RoIRefinement, targets: Sequence[dict[str, Tensor]], indices: MatchIndices
+    ) -> tuple[Tensor, Tensor]:
+        """(rows, target boxes) the box losses train on: every matched query with its ground truth, and with
+        ``positive_iou`` also every other refined query whose input box overlaps a ground truth by that much (its
+        best-overlapping one), as R-CNN heads train on all proposals near an object."""
         num_queries = refinement.boxes.shape[1]
         device = refinement.refined_boxes.device
         row_of = torch.full((len(indices), num_queries), -1, dtype=torch.long, device=device)
@@ -262,16 +266,44 @@ class RoIRefineHead(nn.Module):
         if (rows < 0).any():
             raise ValueError("a matched query was not refined; pass the matched queries as extra_selected in forward.")
         target_boxes = torch.cat([t["boxes"][gt] for t, (_, gt) in zip(targets, indices)]).to(refinement.refined_boxes)
+        if self.positive_iou is None:
+            return rows, target_boxes
+        unmatched = torch.ones(num_rows, dtype=torch.bool, device=device)
+        unmatched[rows] = False
+        extra_rows, extra_boxes = [rows], [target_boxes]
+        for image, target in enumerate(targets):
+            if not len(target["boxes"]):
+                continue
+            candidates = (unmatched & (refinement.batch_index == image)).nonzero(as_tuple=True)[0]
+            gt_boxes = target["boxes"].to(target_boxes)
+            overlap = box_iou(
+                box_convert(refinement.input_boxes[candidates], "cxcywh", "xyxy"), box_convert(gt_boxes, "cxcywh", "xyxy")
+            )
+            best_iou, best_gt = overlap.max(1) if len(candidates) else (overlap.new_zeros(0), candidates)
+            positive = best_iou >= self.positive_iou
+            extra_rows.append(candidates[positive])
+            extra_boxes.append(gt_boxes[best_gt[positive]])
+        return torch.cat(extra_rows), torch.cat(extra_boxes)
+
+    def losses(
+        self,
+        refinement: RoIRefinement,
+        targets: Sequence[dict[str, Tensor]],
+        indices: MatchIndices,
+        iteration: int | None = None,
+    ) -> dict[str, Tensor]:
+        """Weighted L1 / GIoU (/ IoU BCE) of the positive queries' refined boxes, / number of boxes, warmed up."""
+        rows, target_boxes = self.targets_of_rows(refinement, targets, indices)
         refined = refinement.refined_boxes[rows]
         refined_xyxy = box_convert(refined, "cxcywh", "xyxy")
         target_xyxy = box_convert(target_boxes, "cxcywh", "xyxy")
-        num_boxes = average_num_boxes(targets, device)
+        num_boxes = average_num_boxes(targets, refinement.refined_boxes.device)
         losses = {
             "loss_roi_bbox": F.l1_loss(refined, target_boxes, reduction="sum") / num_boxes,
             "loss_roi_giou": generalized_box_iou_loss(refined_xyxy, target_xyxy, reduction="sum") / num_boxes,
         }
         if refinement.iou_logits is not None:
-            iou = torch.diag(box_iou(refined_xyxy.detach(), target_xyxy))
+            iou = matched_pairwise_iou(Boxes(refined_xyxy.detach()), Boxes(target_xyxy))
             bce = F.binary_cross_entropy_with_logits(refinement.iou_logits[rows], iou, reduction="sum")
             losses["loss_roi_iou"] = bce / num_boxes
         factor = warmup_factor(iteration, self.warmup_iters)
