@@ -27,7 +27,15 @@ from detectron2.utils.logger import setup_logger
 
 from salience_detr.data import dataset_info
 from salience_detr.data.datasets import check_registered_paths
-from salience_detr.engine import AtomicDetectionCheckpointer, DetrTrainer, EMAHook, ModelEMA, launch, resolve_amp
+from salience_detr.engine import (
+    AtomicDetectionCheckpointer,
+    DetrTrainer,
+    EMAHook,
+    ModelEMA,
+    freeze_all_but,
+    launch,
+    resolve_amp,
+)
 
 logger = logging.getLogger("salience_detr.train_net")
 
@@ -123,6 +131,12 @@ def do_train(args, cfg) -> None:
     amp_dtype = resolve_amp(cfg.train.amp.enabled, cfg.train.amp.get("dtype", "float16"), cfg.train.device)
     model = prepare_model(cfg)
     logger.info("Model:\n%s", model)
+    frozen = []
+    if cfg.train.get("trainable"):
+        frozen = freeze_all_but(model, list(cfg.train.trainable))
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        logger.info("Training only %s: %d of %d parameters", list(cfg.train.trainable), trained, total)
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
     ddp_kwargs = dict(cfg.train.ddp)
@@ -141,6 +155,7 @@ def do_train(args, cfg) -> None:
         clip_grad_norm_type=clip.norm_type,
         clip_grad_separate=clip.get("separate", ()),
         amp_dtype=amp_dtype,
+        frozen_modules=frozen,
     )
     extra = {"ema": ema} if ema is not None else {}
     checkpointer = AtomicDetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer, **extra)

@@ -341,3 +341,42 @@ def test_adding_the_head_leaves_the_base_models_training_bit_for_bit_unchanged()
     assert base.keys() == with_head.keys()
     assert all(torch.equal(base[k], with_head[k]) for k in base)
     assert torch.equal(base_next, with_head_next)
+
+
+def test_training_only_the_head_keeps_the_rest_as_loaded_batchnorm_statistics_included():
+    """train.trainable=["roi_refine"]: adding the head to a trained checkpoint trains the head and nothing else."""
+    from salience_detr.engine import DetrTrainer, detr_param_groups, freeze_all_but
+
+    cfg = tiny_model_config()
+    cfg.model.roi_refine = L(RoIRefineHead)(embed_dim="${..embed_dim}", num_heads=4, warmup_iters=0)
+    torch.manual_seed(0)
+    model = instantiate(cfg.model).train()
+    frozen = freeze_all_but(model, ["roi_refine"])
+    assert model.roi_refine not in frozen and model.transformer in frozen and model.backbone in frozen
+    assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"roi_refine"}
+    before = copy.deepcopy(model.state_dict())
+    optimizer = torch.optim.AdamW(detr_param_groups(model, 1e-3, 1e-4))
+    batches = iter(lambda: [make_input(96, 128, [[10, 12, 60, 50], [50, 20, 90, 60]], [1, 2]), make_input(96, 96, [], [])], None)
+    trainer = DetrTrainer(model, batches, optimizer, clip_grad_max_norm=0.1, frozen_modules=frozen)
+    with EventStorage(0) as storage:
+        trainer.storage = storage
+        for _ in range(2):
+            trainer.run_step()
+            model.train()  # as an evaluation hook leaves it: the trainer puts the frozen modules back in eval
+    after = model.state_dict()
+    batchnorms = [k for k in after if k.startswith("transformer.neck") and k.endswith("running_mean")]
+    assert batchnorms, "the tiny model's transformer neck should hold BatchNorm statistics"
+    assert all(torch.equal(before[k], after[k]) for k in after if not k.startswith("roi_refine."))
+    assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith("roi_refine."))
+
+
+def test_trainable_paths_are_checked_and_may_be_nested():
+    from salience_detr.engine import freeze_all_but
+
+    torch.manual_seed(0)
+    model = instantiate(tiny_model_config().model)
+    with pytest.raises(ValueError, match="'roi_refine'.*not a module with parameters"):
+        freeze_all_but(model, ["roi_refine"])  # this model has no head
+    frozen = freeze_all_but(model, ["transformer.decoder"])
+    assert model.transformer.encoder in frozen and model.transformer not in frozen and model.backbone in frozen
+    assert all(p.requires_grad == n.startswith("transformer.decoder.") for n, p in model.named_parameters())

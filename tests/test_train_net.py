@@ -167,6 +167,20 @@ def test_cpu_run_trains_checkpoints_and_evaluates(standin_config, tiny_synthetic
     assert json.loads((eval_out / "inference" / "coco_instances_results.json").read_text()) == predictions
 
 
+def test_trainable_trains_only_the_named_modules(standin_config, tiny_synthetic_cache, tmp_path):
+    out = tmp_path / "run"
+    overrides = standin_overrides(tiny_synthetic_cache, out, max_iter=3) + [
+        "train.trainable=[box_head]",
+        "train.checkpointer.period=1",
+        "train.eval_period=0",
+    ]
+    log = run_train_net(standin_config, overrides)
+    assert "Training only ['box_head']: 36 of" in log
+    first, last = (torch.load(out / name, weights_only=False)["model"] for name in ("model_0000000.pth", "model_final.pth"))
+    assert not torch.equal(first["box_head.weight"], last["box_head.weight"])
+    assert all(torch.equal(first[k], last[k]) for k in first if not k.startswith("box_head."))
+
+
 def run_until_killed(command, log_path, done, timeout=180):
     """Start ``command``, SIGKILL it as soon as ``done()`` holds, and return whether it held."""
     with open(log_path, "w") as log:

@@ -12,6 +12,9 @@ train = dict(
     # global L2 norm (spec §8.1); each module in `separate` is clipped on its own, so that the add-on RoI head
     # (trained by its own loss alone) does not change the step of the rest of the model
     clip_grad=dict(enabled=True, max_norm=0.1, norm_type=2.0, separate=["roi_refine"]),
+    # module paths that train, e.g. ["roi_refine"] to add the RoI head to a trained checkpoint; the rest stays as
+    # loaded (no gradients, eval mode). None: everything trains
+    trainable=None,
     accumulate_steps=1,  # optimizer step every N batches: effective batch = N x total_batch_size
     seed=-1,  # -1: a random seed, logged
     ema=dict(enabled=False, decay=0.9998),  # evaluation uses the EMA weights when enabled

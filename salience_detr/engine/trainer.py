@@ -74,6 +74,7 @@ class DetrTrainer(SimpleTrainer):
         clip_grad_norm_type: float = 2.0,
         clip_grad_separate: Sequence[str] = (),
         amp_dtype: torch.dtype | None = None,
+        frozen_modules: Sequence[torch.nn.Module] = (),
     ) -> None:
         if accumulate_steps < 1:
             raise ValueError(f"train.accumulate_steps must be >= 1, got {accumulate_steps}")
@@ -84,6 +85,7 @@ class DetrTrainer(SimpleTrainer):
         self.clip_groups = clip_groups(model, optimizer, clip_grad_separate)
         self.amp_dtype = amp_dtype
         self.grad_scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+        self.frozen_modules = list(frozen_modules)
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -103,6 +105,8 @@ class DetrTrainer(SimpleTrainer):
 
     def run_step(self) -> None:
         assert self.model.training, "[DetrTrainer] model was changed to eval mode!"
+        for module in self.frozen_modules:  # again every step: evaluation hooks switch the whole model back to train
+            module.eval()
         self.optimizer.zero_grad(set_to_none=True)
         data_time = 0.0
         summed: dict[str, torch.Tensor] = {}
@@ -129,6 +133,8 @@ class DetrTrainer(SimpleTrainer):
         if self.clip_grad_max_norm:
             for name, group in self.clip_groups.items():
                 params = [p for p in group if p.grad is not None]
+                if not params:
+                    continue
                 norm = float(torch.nn.utils.clip_grad_norm_(params, self.clip_grad_max_norm, self.clip_grad_norm_type))
                 key = "grad_norm" if not name else f"grad_norm/{name}"
                 self.storage.put_scalar(key, norm if math.isfinite(norm) else float("nan"))
