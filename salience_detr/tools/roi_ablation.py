@@ -1,17 +1,23 @@
 """The RoI head's ablation (issue #5): the same schedule with and without the head, over several seeds.
 
-For every seed it trains the baseline config and its ``_roi`` twin with ``train_net.py`` (skipped when that run's
-``model_final.pth`` exists, so a killed ablation picks up where it stopped). Training ends with COCOEvaluator on
-the baseline and on the ``_roi`` model with its head on; the ``_roi`` weights are then evaluated again with the
-head's IoU rescoring off (beta 0) and with the head off, a paired comparison on the same weights. Prints AP / AP50 / AP75 per run and per-variant means, and writes them
-as JSON.
+Arms, per seed (each skipped when its ``model_final.pth`` exists, so a killed ablation picks up where it stopped):
 
-  python -m salience_detr.tools.roi_ablation --seeds 0 1 2 [--arms base roi] [--output-dir output/roi_ablation]
-      [--opts k=v ...]
+- ``base``: the baseline config;
+- ``roi``: its ``_roi`` twin, base and head trained together;
+- ``head_only``: the ``_roi`` twin with ``train.trainable=[roi_refine]`` from the trained base of that seed (the
+  ``base`` arm's weights, else the ``roi`` arm's without its head): a fresh head trained alone on a base that no
+  longer moves, as when adding the head to a released checkpoint.
+
+Each run ends with COCOEvaluator; the ``_roi`` weights are evaluated again with the IoU rescoring off (beta 0) and
+with the head off, a paired comparison on the same weights. Prints AP / AP50 / AP75 per run, means and paired
+differences, and writes them as JSON.
+
+  python -m salience_detr.tools.roi_ablation --seeds 0 1 2 [--arms base roi head_only]
+      [--output-dir output/roi_ablation] [--opts k=v ...]
 
 The head leaves the base model's training bit for bit unchanged (tests/test_roi_refine.py), so "roi: head off"
-equals "baseline" seed by seed; ``--arms roi`` trains only the RoI arm once that has been seen (runs already on
-disk are reported either way).
+equals "baseline" seed by seed, and ``--arms roi head_only`` is enough once that has been seen (runs already on disk
+are reported either way).
 """
 
 from __future__ import annotations
@@ -24,12 +30,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import salience_detr  # noqa: F401  (detectron2 compatibility before any detectron2 import)
+import torch
 from detectron2.config import LazyConfig, instantiate
 from detectron2.evaluation import inference_on_dataset
 from torch import nn
 
 from salience_detr.engine import AtomicDetectionCheckpointer
 from salience_detr.tools.quickstart import last_bbox_metrics, repo_root, run_step
+from salience_detr.utils.atomic import atomic_write
 
 BASELINE = "configs/salience_detr/salience_detr_tiny_synthetic.py"
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -43,13 +51,17 @@ def no_rescoring(model: nn.Module) -> None:
     model.roi_refine.iou_beta = 0.0
 
 
-# evaluated variants: (name, arm "base" or "roi", change applied to the trained model; None: training's own evaluation)
+# evaluated variants: (name, arm, change applied to the trained model; None: training's own evaluation)
 VARIANTS: list[tuple[str, str, Callable[[nn.Module], None] | None]] = [
     ("baseline", "base", None),
     ("roi: head on", "roi", None),
     ("roi: head on, beta 0", "roi", no_rescoring),
     ("roi: head off", "roi", head_off),
+    ("head only: head on", "head_only", None),
+    ("head only: head on, beta 0", "head_only", no_rescoring),
 ]
+ARMS = ("base", "roi", "head_only")
+HEAD_OFF = "roi: head off"
 
 
 def roi_twin(config_file: str) -> str:
@@ -85,8 +97,8 @@ def table(rows: list[dict]) -> str:
             spreads = [statistics.stdev(row[m] for row in chosen) for m in METRICS]
             cells = " | ".join(f"{mu:.1f} ± {sd:.1f}" for mu, sd in zip(means, spreads))
             lines.append(f"| **{name}**, mean ± sd | {len(chosen)} seeds | {cells} |")
-    off = {row["seed"]: row for row in rows if row["variant"] == "roi: head off"}
-    for name in ("roi: head on", "roi: head on, beta 0"):
+    off = {row["seed"]: row for row in rows if row["variant"] == HEAD_OFF}
+    for name in (name for name, arm, _ in VARIANTS if arm != "base" and name != HEAD_OFF):
         pairs = [(row, off[row["seed"]]) for row in rows if row["variant"] == name and row["seed"] in off]
         if pairs:
             deltas = [[on[m] - base[m] for on, base in pairs] for m in METRICS]
@@ -95,17 +107,34 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def base_weights(output_dir: Path, seed: int) -> Path:
+    """The trained base of ``seed``: the baseline run's weights, else the ``roi`` run's with the head left out."""
+    baseline = output_dir / f"base_seed{seed}" / "model_final.pth"
+    if baseline.is_file():
+        return baseline
+    joint = output_dir / f"roi_seed{seed}" / "model_final.pth"
+    if not joint.is_file():
+        raise FileNotFoundError(f"the head_only arm of seed {seed} needs a trained base: {baseline} or {joint}.")
+    stripped = output_dir / f"roi_seed{seed}" / "base_without_head.pth"
+    if not stripped.is_file():
+        model = torch.load(joint, map_location="cpu", weights_only=False)["model"]
+        base = {key: value for key, value in model.items() if not key.startswith("roi_refine.")}
+        atomic_write(str(stripped), lambda f: torch.save({"model": base}, f))
+    return stripped
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config-file", default=BASELINE, help="baseline config; its *_roi twin is the other arm")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--arms", nargs="+", choices=["base", "roi"], default=["base", "roi"], help="arms to train")
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="arms to train")
     parser.add_argument("--output-dir", default="output/roi_ablation")
-    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="key=value overrides for both arms")
+    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="key=value overrides for every arm")
     args = parser.parse_args(argv)
 
     root = repo_root()
-    configs = {"base": str(root / args.config_file), "roi": roi_twin(str(root / args.config_file))}
+    twin = roi_twin(str(root / args.config_file))
+    configs = {"base": str(root / args.config_file), "roi": twin, "head_only": twin}
     output_dir = (root / args.output_dir).resolve()
     timings: dict[str, float] = {}
     rows = []
@@ -116,6 +145,9 @@ def main(argv: list[str] | None = None) -> None:
             if not (run_dir / "model_final.pth").is_file():
                 if arm not in args.arms:
                     continue
+                if arm == "head_only":
+                    init = base_weights(output_dir, seed)
+                    overrides += ["train.trainable=[roi_refine]", f"train.init_checkpoint={init}"]
                 command = [sys.executable, "train_net.py", "--config-file", config_file, "--resume", *overrides]
                 run_step(f"train {arm}, seed {seed}", command, root, timings)
             for name, variant_arm, change in VARIANTS:
