@@ -356,7 +356,8 @@ def test_training_only_the_head_keeps_the_rest_as_loaded_batchnorm_statistics_in
     assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"roi_refine"}
     before = copy.deepcopy(model.state_dict())
     optimizer = torch.optim.AdamW(detr_param_groups(model, 1e-3, 1e-4))
-    batches = iter(lambda: [make_input(96, 128, [[10, 12, 60, 50], [50, 20, 90, 60]], [1, 2]), make_input(96, 96, [], [])], None)
+    batch = [make_input(96, 128, [[10, 12, 60, 50], [50, 20, 90, 60]], [1, 2]), make_input(96, 96, [], [])]
+    batches = iter(lambda: batch, None)
     trainer = DetrTrainer(model, batches, optimizer, clip_grad_max_norm=0.1, frozen_modules=frozen)
     with EventStorage(0) as storage:
         trainer.storage = storage

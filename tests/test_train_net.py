@@ -176,7 +176,7 @@ def test_trainable_trains_only_the_named_modules(standin_config, tiny_synthetic_
     ]
     log = run_train_net(standin_config, overrides)
     assert "Training only ['box_head']: 36 of" in log
-    first, last = (torch.load(out / name, weights_only=False)["model"] for name in ("model_0000000.pth", "model_final.pth"))
+    first, last = (torch.load(out / f, weights_only=False)["model"] for f in ("model_0000000.pth", "model_final.pth"))
     assert not torch.equal(first["box_head.weight"], last["box_head.weight"])
     assert all(torch.equal(first[k], last[k]) for k in first if not k.startswith("box_head."))
 

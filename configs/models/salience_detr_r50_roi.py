@@ -28,7 +28,7 @@ def roi_refine_head() -> DictConfig:
         canonical_level=4,
         box_weights=[10.0, 10.0, 5.0, 5.0],
         use_iou_head=True,
-        iou_beta=0.2,
+        iou_beta=0.0,  # refined boxes keep the class scores; 0.2 rescores with the IoU head (benchmarks/roi_refine.md)
         loss_weights={"loss_roi_bbox": 5.0, "loss_roi_giou": 2.0, "loss_roi_iou": 1.0},
         warmup_iters=500,
         positive_iou=0.5,  # None: train on the matched queries only

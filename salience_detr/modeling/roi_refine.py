@@ -5,6 +5,10 @@ truth) crop a 7x7 RoIAlignV2 window from the neck level that fits their box size
 query-conditioned cross-attention layers read the 49 cells and predict R-CNN box deltas relative to the detached
 decoder box, and optionally the IoU of the refined box for rescoring. The design is in shared/design/roi_refine.md.
 
+Its box losses train on the matched queries and, with ``positive_iou`` (default 0.5), on every other refined query
+whose box overlaps a ground truth that much, as R-CNN heads do: 8.6 times the examples on the trained tiny model, and
+drawn from the queries it refines at inference (benchmarks/roi_refine.md measures the gain).
+
 By default the crops are detached as well, so the head's loss trains the head alone; with the head clipped as its
 own group (``train.clip_grad.separate``) the base model trains bit for bit as without the head. The head is then a
 pure add-on, and switching it off at inference is the without-head arm of the ablation on the very same weights.
@@ -152,7 +156,7 @@ class RoIRefineHead(nn.Module):
         canonical_level: int = 4,
         box_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0),
         use_iou_head: bool = True,
-        iou_beta: float = 0.2,
+        iou_beta: float = 0.0,
         loss_weights: dict[str, float] | None = None,
         warmup_iters: int = 500,
         detach_features: bool = True,
@@ -276,9 +280,8 @@ class RoIRefineHead(nn.Module):
                 continue
             candidates = (unmatched & (refinement.batch_index == image)).nonzero(as_tuple=True)[0]
             gt_boxes = target["boxes"].to(target_boxes)
-            overlap = box_iou(
-                box_convert(refinement.input_boxes[candidates], "cxcywh", "xyxy"), box_convert(gt_boxes, "cxcywh", "xyxy")
-            )
+            candidate_xyxy = box_convert(refinement.input_boxes[candidates], "cxcywh", "xyxy")
+            overlap = box_iou(candidate_xyxy, box_convert(gt_boxes, "cxcywh", "xyxy"))
             best_iou, best_gt = overlap.max(1) if len(candidates) else (overlap.new_zeros(0), candidates)
             positive = best_iou >= self.positive_iou
             extra_rows.append(candidates[positive])
