@@ -295,7 +295,11 @@ class RoIRefineHead(nn.Module):
         indices: MatchIndices,
         iteration: int | None = None,
     ) -> dict[str, Tensor]:
-        """Weighted L1 / GIoU (/ IoU BCE) of the positive queries' refined boxes, / number of boxes, warmed up."""
+        """Weighted L1 / GIoU (/ IoU BCE) of the positive queries' refined boxes, warmed up.
+
+        Sums over the positives divided by the number of ground-truth boxes, as the other box losses; with
+        ``positive_iou`` there are several positives per box, so these terms read several times the decoder's.
+        """
         rows, target_boxes = self.targets_of_rows(refinement, targets, indices)
         refined = refinement.refined_boxes[rows]
         refined_xyxy = box_convert(refined, "cxcywh", "xyxy")
