@@ -183,6 +183,17 @@ def test_positive_iou_adds_the_refined_queries_near_an_object_with_their_best_gr
         small_head(positive_iou=0.0)
 
 
+def test_positive_iou_with_every_refined_query_matched_adds_nothing():
+    head = small_head(num_rois=1, positive_iou=0.5)
+    logits, boxes, inputs = head_inputs([(96, 128), (64, 80)], (96, 128), num_queries=1)
+    targets = [{"labels": torch.tensor([0]), "boxes": random_boxes(1, 1)[0]} for _ in range(2)]
+    indices = [(torch.tensor([0]), torch.tensor([0]))] * 2
+    refinement = head(logits, boxes, inputs, matched_mask(indices, (2, 1), boxes.device))
+    rows, target_boxes = head.targets_of_rows(refinement, targets, indices)
+    assert sorted(rows.tolist()) == [0, 1]
+    assert target_boxes.shape == (2, 4)
+
+
 def test_losses_need_the_matched_queries_selected():
     head = small_head(num_rois=1)
     logits, boxes, inputs = head_inputs([(96, 128)], (96, 128))

@@ -274,7 +274,7 @@ class RoIRefineHead(nn.Module):
             return rows, target_boxes
         unmatched = torch.ones(num_rows, dtype=torch.bool, device=device)
         unmatched[rows] = False
-        extra_rows, extra_boxes = [rows], [target_boxes]
+        positive_rows, positive_boxes = [rows], [target_boxes]
         for image, target in enumerate(targets):
             if not len(target["boxes"]):
                 continue
@@ -282,11 +282,11 @@ class RoIRefineHead(nn.Module):
             gt_boxes = target["boxes"].to(target_boxes)
             candidate_xyxy = box_convert(refinement.input_boxes[candidates], "cxcywh", "xyxy")
             overlap = box_iou(candidate_xyxy, box_convert(gt_boxes, "cxcywh", "xyxy"))
-            best_iou, best_gt = overlap.max(1) if len(candidates) else (overlap.new_zeros(0), candidates)
+            best_iou, best_gt = overlap.max(1)
             positive = best_iou >= self.positive_iou
-            extra_rows.append(candidates[positive])
-            extra_boxes.append(gt_boxes[best_gt[positive]])
-        return torch.cat(extra_rows), torch.cat(extra_boxes)
+            positive_rows.append(candidates[positive])
+            positive_boxes.append(gt_boxes[best_gt[positive]])
+        return torch.cat(positive_rows), torch.cat(positive_boxes)
 
     def losses(
         self,
