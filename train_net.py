@@ -25,6 +25,7 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from salience_detr.config.overrides import apply_overrides
 from salience_detr.data import dataset_info
 from salience_detr.data.datasets import check_registered_paths
 from salience_detr.engine import (
@@ -179,7 +180,7 @@ def load_ema_for_eval(cfg, model, extra_state: dict) -> ModelEMA | None:
 
 
 def main(args) -> None:
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    cfg = apply_overrides(LazyConfig.load(args.config_file), args.opts)
     register_config_datasets(cfg)
     check_config_datasets(cfg)
     resolve_num_classes(cfg)

@@ -1,0 +1,7 @@
+"""Loading a LazyConfig for use: strict overrides, the config's datasets registered and checked, classes resolved.
+
+Every entry point that builds a model from a config (train_net, the demo, the tools) goes through here, so they all
+see the config exactly as training does.
+"""
+
+from salience_detr.config.overrides import ConfigOverrideError, apply_overrides  # noqa: F401
