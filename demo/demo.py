@@ -28,6 +28,7 @@ from predictor import VisualizationDemo  # noqa: E402  (after the sys.path line,
 
 from detectron2.config import LazyConfig  # noqa: E402  (predictor imported salience_detr first)
 from detectron2.utils.logger import setup_logger  # noqa: E402
+from salience_detr.data.image_io import read_image as decode_image  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 WINDOW_NAME = "Salience DETR"
@@ -115,10 +116,11 @@ def image_output_paths(files: Sequence[str], output: str) -> list[str]:
 
 
 def read_image(path: str) -> np.ndarray:
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
-    if image is None:
-        raise DemoError(f"cannot read image {path!r}: not an image, or a format OpenCV cannot decode")
-    return image
+    """BGR ``uint8``, decoded exactly as training and evaluation decode (16-bit, grayscale, alpha, EXIF)."""
+    try:
+        return decode_image(path, format="BGR")
+    except (OSError, ValueError) as error:
+        raise DemoError(f"cannot read image {path!r} ({error}); pass an image file in a common format") from error
 
 
 def show(picture_bgr: np.ndarray) -> bool:

@@ -18,6 +18,8 @@ import torch
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
+from .image_io import read_image
+
 logger = logging.getLogger(__name__)
 
 DETR_MIN_SIZES = tuple(range(480, 801, 32))
@@ -73,7 +75,7 @@ class DetrDatasetMapper:
 
     def _read_image(self, file_name: str) -> np.ndarray | None:
         try:
-            return utils.read_image(file_name, format=self.image_format)
+            return read_image(file_name, format=self.image_format)
         except (OSError, ValueError, SyntaxError) as error:
             if self.on_unreadable == "raise":
                 raise UnreadableImageError(

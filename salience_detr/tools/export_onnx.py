@@ -34,6 +34,7 @@ from torch.onnx import symbolic_helper
 import salience_detr  # noqa: F401  (makes detectron2 importable and registers the model and datasets)
 from detectron2.config import LazyConfig
 from detectron2.data import DatasetCatalog
+from salience_detr.data.image_io import read_image
 from salience_detr.layers import MultiScaleDeformableAttention
 from salience_detr.utils import DetectionsAsTensors, build_model, resize_for_model, test_augmentations
 
@@ -170,9 +171,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     switched = use_pytorch_attention(model)
     logger.info("Deformable attention: %d modules switched to the pure-PyTorch path", switched)
     image_file = args.image or first_test_image(cfg)
-    image_bgr = cv2.imread(image_file, cv2.IMREAD_COLOR)
-    if image_bgr is None:
-        raise SystemExit(f"cannot read image {image_file!r}: not an image, or a format OpenCV cannot decode")
+    try:
+        image_bgr = read_image(image_file, format="BGR")
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"cannot read image {image_file!r} ({error}); pass another --image") from error
     size = (args.height, args.width) if args.height is not None else None
     image = normalized_input(model, image_bgr, cfg, size)
     detector = ExportableDetector(model).eval()

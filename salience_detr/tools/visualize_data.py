@@ -13,18 +13,18 @@ from typing import Any
 import numpy as np
 import salience_detr  # noqa: F401  (before detectron2; registers the built-in datasets)
 from detectron2.data import MetadataCatalog
-from detectron2.data import detection_utils as utils
 from detectron2.utils.visualizer import Visualizer
 from PIL import Image
 from tqdm import tqdm
 
 from salience_detr.data import resolve_dataset
+from salience_detr.data.image_io import read_image
 from salience_detr.tools.evaluate_json import add_dataset_arguments
 
 
 def draw_ground_truth(record: dict[str, Any], metadata, scale: float = 1.0) -> np.ndarray:
     """RGB image of ``record`` with its boxes and class names drawn."""
-    image = utils.read_image(record["file_name"], format="RGB")
+    image = read_image(record["file_name"], format="RGB")
     return Visualizer(image, metadata=metadata, scale=scale).draw_dataset_dict(record).get_image()
 
 

@@ -16,13 +16,13 @@ from collections import defaultdict
 import numpy as np
 import salience_detr  # noqa: F401  (before detectron2; registers the built-in datasets)
 from detectron2.data import MetadataCatalog
-from detectron2.data import detection_utils as utils
 from detectron2.structures import Boxes, BoxMode, Instances
 from detectron2.utils.visualizer import Visualizer
 from PIL import Image
 from tqdm import tqdm
 
 from salience_detr.data import resolve_dataset
+from salience_detr.data.image_io import read_image
 from salience_detr.tools.evaluate_json import add_dataset_arguments, load_results
 from salience_detr.tools.visualize_data import draw_ground_truth, output_path
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     os.makedirs(args.output, exist_ok=True)
     written = []
     for record in tqdm(records, desc="Drawing detections", unit="image"):
-        image = utils.read_image(record["file_name"], format="RGB")
+        image = read_image(record["file_name"], format="RGB")
         predictions = results_to_instances(by_image[record["image_id"]], image.shape[:2], id_map)
         drawn = Visualizer(image, metadata=metadata).draw_instance_predictions(predictions).get_image()
         side_by_side = np.concatenate([drawn, draw_ground_truth(record, metadata)], axis=1)
