@@ -26,6 +26,7 @@ from pycocotools.cocoeval import COCOeval
 from tabulate import tabulate
 
 from salience_detr.data import resolve_dataset
+from salience_detr.evaluation import write_evaluation_plots
 
 
 def add_dataset_arguments(parser: argparse.ArgumentParser, example: str) -> None:
@@ -51,8 +52,15 @@ def load_results(path: str) -> list[dict]:
     return results
 
 
-def evaluate_results(json_file: str, results: list[dict], only_result_images: bool = False) -> dict[str, float]:
-    """Box AP metrics (percent; NaN where a size range has no object) and per-category AP."""
+def evaluate_results(
+    json_file: str,
+    results: list[dict],
+    only_result_images: bool = False,
+    plots_dir: str | None = None,
+    plot_score_threshold: float = 0.5,
+) -> dict[str, float]:
+    """Box AP metrics (percent; NaN where a size range has no object) and per-category AP; with ``plots_dir``,
+    precision-recall curves and the confusion matrix of the same evaluation are written there."""
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO(json_file)
     unknown = {r["image_id"] for r in results} - set(coco_gt.getImgIds())
@@ -66,6 +74,8 @@ def evaluate_results(json_file: str, results: list[dict], only_result_images: bo
     evaluator.evaluate()
     evaluator.accumulate()
     evaluator.summarize()
+    if plots_dir:
+        write_evaluation_plots(evaluator, plots_dir, score_threshold=plot_score_threshold)
     metrics = {name: float(v * 100 if v >= 0 else "nan") for name, v in zip(METRIC_NAMES, evaluator.stats)}
     precision = evaluator.eval["precision"]  # iou, recall, class, area, max dets
     for index, category_id in enumerate(evaluator.params.catIds):
@@ -84,6 +94,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--only-result-images", action="store_true", help="score only the images that appear in the results"
     )
     parser.add_argument("--output", help="write the metrics to this JSON file")
+    parser.add_argument(
+        "--plots", metavar="DIR", help="write precision-recall curves and a confusion matrix (IoU 0.5) to DIR"
+    )
+    parser.add_argument(
+        "--plot-score-threshold", type=float, default=0.5, help="minimum score of a detection in the confusion matrix"
+    )
     return parser.parse_args(argv)
 
 
@@ -92,7 +108,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     results = load_results(args.json)
     resolve_dataset(args.dataset, args.coco_json, args.image_root)  # also generates a built-in dataset
-    metrics = evaluate_results(MetadataCatalog.get(args.dataset).json_file, results, args.only_result_images)
+    json_file = MetadataCatalog.get(args.dataset).json_file
+    metrics = evaluate_results(json_file, results, args.only_result_images, args.plots, args.plot_score_threshold)
     print(tabulate([[f"{metrics[n]:.3f}" for n in METRIC_NAMES]], headers=METRIC_NAMES, tablefmt="pipe"))
     per_class = [(k[3:], f"{v:.3f}") for k, v in metrics.items() if k.startswith("AP-")]
     print(tabulate(per_class, headers=["category", "AP"], tablefmt="pipe"))
