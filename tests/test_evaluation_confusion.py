@@ -42,7 +42,9 @@ EXPECTED = np.array([[1, 0, 0], [1, 0, 1], [1, 3, 0]])
 
 
 def test_box_iou_xywh():
-    ious = box_iou_xywh(np.array([[0, 0, 10, 10], [0, 0, 0, 0]]), np.array([[5, 0, 10, 10], [0, 0, 10, 10], [20, 0, 1, 1]]))
+    ious = box_iou_xywh(
+        np.array([[0, 0, 10, 10], [0, 0, 0, 0]]), np.array([[5, 0, 10, 10], [0, 0, 10, 10], [20, 0, 1, 1]])
+    )
     np.testing.assert_allclose(ious, [[50 / 150, 1.0, 0.0], [0.0, 0.0, 0.0]])
 
 

@@ -51,9 +51,7 @@ def test_training_boxes_follow_the_image(tmp_path, seed):
 
 def test_flip_mirrors_the_box(tmp_path):
     record = _write_marked_image(tmp_path / "a.png")
-    mapper = DetrDatasetMapper(is_train=True, **SMALL)
-    mapper.augmentation = [T.RandomFlip(prob=1.0)]
-    mapper.augmentation_with_crop = None
+    mapper = DetrDatasetMapper(is_train=True, augmentations=[T.RandomFlip(prob=1.0)])
     out = mapper(record)
     np.testing.assert_allclose(out["instances"].gt_boxes.tensor[0].numpy(), [90 - 40, 20, 90 - 10, 50])
     np.testing.assert_allclose(_white_extent(out["image"]), [50, 20, 80, 50])
@@ -65,8 +63,7 @@ def test_crowd_and_degenerate_boxes_are_removed(tmp_path):
         {"bbox": [0, 0, 30, 30], "bbox_mode": BoxMode.XYXY_ABS, "category_id": 0, "iscrowd": 1},
         {"bbox": [5, 5, 5.5, 30], "bbox_mode": BoxMode.XYXY_ABS, "category_id": 1, "iscrowd": 0},
     ]
-    mapper = DetrDatasetMapper(is_train=True, **SMALL)
-    mapper.augmentation, mapper.augmentation_with_crop = [T.ResizeShortestEdge(60, 1000)], None
+    mapper = DetrDatasetMapper(is_train=True, augmentations=[T.ResizeShortestEdge(60, 1000)])
     out = mapper(record)
     assert out["instances"].gt_classes.tolist() == [2]
 

@@ -1,7 +1,9 @@
 """DETR-style dataset mapper: the augmentation of spec §8.3 expressed with detectron2 transforms.
 
-Training: random horizontal flip, then with equal probability either a multi-scale resize, or a
-resize -> random crop -> multi-scale resize. Evaluation: one shortest-edge resize. The model receives
+The augmentations come from the config (``augmentations``, detectron2 ``T.Augmentation`` objects; presets in
+``salience_detr.data.augmentations``). Without them the mapper runs the DETR recipe: training, a random
+horizontal flip, then with equal probability either a multi-scale resize, or a resize -> random crop ->
+multi-scale resize; evaluation, one shortest-edge resize. The model receives
 uint8 CHW RGB images and ``Instances`` with absolute XYXY boxes in the augmented image; crowd and
 degenerate boxes are removed here so the model never sees them.
 """
@@ -18,13 +20,11 @@ import torch
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
+from .augmentations import detr_train_augmentations, resize_test_augmentations
 from .image_io import read_image
 
 logger = logging.getLogger(__name__)
 
-DETR_MIN_SIZES = tuple(range(480, 801, 32))
-DETR_CROP_PRE_SIZES = (400, 500, 600)
-DETR_CROP_SIZE = (384, 600)
 UNREADABLE_POLICIES = ("raise", "skip")
 MIN_BOX_SIDE = 1.0  # pixels; thinner boxes are degenerate (spec §8.3, SanitizeBoundingBox)
 
@@ -36,42 +36,48 @@ class UnreadableImageError(RuntimeError):
 class DetrDatasetMapper:
     """Map one detectron2 dataset dict to the model input of ``SalienceDETR``.
 
-    Every size is a constructor argument so small configs can scale the recipe down (the defaults are the
-    COCO recipe). ``on_unreadable="skip"`` logs a warning, counts the file and returns ``None`` (detectron2's
-    ``MapDataset`` then draws another image); ``"raise"`` stops with the file name.
+    ``augmentations`` replaces the default DETR recipe; without it, the size arguments scale that recipe
+    down for small images (unset, they are the COCO sizes). ``on_unreadable="skip"`` logs a warning, counts
+    the file and returns ``None`` (detectron2's ``MapDataset`` then draws another image); ``"raise"`` stops
+    with the file name.
     """
 
     def __init__(
         self,
         is_train: bool,
-        min_sizes: Sequence[int] = DETR_MIN_SIZES,
-        max_size: int = 1333,
-        crop_pre_sizes: Sequence[int] = DETR_CROP_PRE_SIZES,
-        crop_size: Sequence[int] = DETR_CROP_SIZE,
-        test_min_size: int = 800,
-        test_max_size: int = 1333,
+        augmentations: Sequence[T.Augmentation] | None = None,
+        min_sizes: Sequence[int] | None = None,
+        max_size: int | None = None,
+        crop_pre_sizes: Sequence[int] | None = None,
+        crop_size: Sequence[int] | None = None,
+        test_min_size: int | None = None,
+        test_max_size: int | None = None,
         image_format: str = "RGB",
         on_unreadable: str = "raise",
     ) -> None:
         if on_unreadable not in UNREADABLE_POLICIES:
             raise ValueError(f"on_unreadable must be one of {UNREADABLE_POLICIES}, got {on_unreadable!r}")
-        if len(crop_size) != 2 or crop_size[0] > crop_size[1]:
-            raise ValueError(f"crop_size must be (min, max) with min <= max, got {tuple(crop_size)}")
+        sizes = dict(
+            min_sizes=min_sizes,
+            max_size=max_size,
+            crop_pre_sizes=crop_pre_sizes,
+            crop_size=crop_size,
+            test_min_size=test_min_size,
+            test_max_size=test_max_size,
+        )
+        if augmentations is None:
+            augmentations = _default_recipe(is_train, {k: v for k, v in sizes.items() if v is not None})
+        elif any(v is not None for v in sizes.values()):
+            given = sorted(k for k, v in sizes.items() if v is not None)
+            raise ValueError(
+                f"DetrDatasetMapper got both augmentations and {given}, which only size the default DETR recipe; "
+                "set the sizes in the augmentations preset instead, or leave augmentations unset."
+            )
+        self.augmentations = T.AugmentationList(list(augmentations))
         self.is_train = is_train
         self.image_format = image_format
         self.on_unreadable = on_unreadable
         self.unreadable_count = 0
-        if is_train:
-            self.augmentation = [T.RandomFlip(), T.ResizeShortestEdge(list(min_sizes), max_size, "choice")]
-            self.augmentation_with_crop = [
-                T.RandomFlip(),
-                T.ResizeShortestEdge(list(crop_pre_sizes), sample_style="choice"),
-                T.RandomCrop("absolute_range", tuple(crop_size)),
-                T.ResizeShortestEdge(list(min_sizes), max_size, "choice"),
-            ]
-        else:
-            self.augmentation = [T.ResizeShortestEdge(test_min_size, test_max_size)]
-            self.augmentation_with_crop = None
 
     def _read_image(self, file_name: str) -> np.ndarray | None:
         try:
@@ -88,11 +94,6 @@ class DetrDatasetMapper:
             )
             return None
 
-    def _choose_augmentation(self) -> T.AugmentationList:
-        if self.augmentation_with_crop is not None and np.random.rand() < 0.5:
-            return T.AugmentationList(self.augmentation_with_crop)
-        return T.AugmentationList(self.augmentation)
-
     def __call__(self, dataset_dict: dict[str, Any]) -> dict[str, Any] | None:
         dataset_dict = copy.deepcopy(dataset_dict)
         image = self._read_image(dataset_dict["file_name"])
@@ -101,7 +102,7 @@ class DetrDatasetMapper:
         utils.check_image_size(dataset_dict, image)
 
         aug_input = T.AugInput(image)
-        transforms = self._choose_augmentation()(aug_input)
+        transforms = self.augmentations(aug_input)
         image = aug_input.image
         image_shape = image.shape[:2]
         dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
@@ -117,6 +118,15 @@ class DetrDatasetMapper:
         instances = utils.annotations_to_instances(kept, image_shape)
         dataset_dict["instances"] = instances[_has_min_side(instances.gt_boxes.tensor, MIN_BOX_SIDE)]
         return dataset_dict
+
+
+def _default_recipe(is_train: bool, sizes: dict[str, Any]) -> list[T.Augmentation]:
+    """The DETR recipe at the given sizes (the COCO ones where a size is missing)."""
+    if is_train:
+        train_keys = ("min_sizes", "max_size", "crop_pre_sizes", "crop_size")
+        return detr_train_augmentations(**{key: sizes[key] for key in train_keys if key in sizes})
+    test_keys = {"test_min_size": "min_size", "test_max_size": "max_size"}
+    return resize_test_augmentations(**{name: sizes[key] for key, name in test_keys.items() if key in sizes})
 
 
 def _has_min_side(boxes: torch.Tensor, min_side: float) -> torch.Tensor:

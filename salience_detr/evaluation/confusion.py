@@ -78,11 +78,7 @@ def confusion_matrix(
     matrix = np.zeros((len(index) + 1, len(index) + 1), dtype=np.int64)
     for image_id, annotations in ground_truth.items():
         gts = [g for g in annotations if not g.get("iscrowd", 0) and g["category_id"] in index]
-        dts = [
-            d
-            for d in detections.get(image_id, ())
-            if d["score"] >= score_threshold and d["category_id"] in index
-        ]
+        dts = [d for d in detections.get(image_id, ()) if d["score"] >= score_threshold and d["category_id"] in index]
         _add_image(matrix, gts, dts, index, iou_threshold)
     return matrix
 
