@@ -18,18 +18,17 @@ import os
 
 import salience_detr  # noqa: F401  (first: makes detectron2 0.6 importable, registers the model and datasets)
 import torch
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import instantiate
 from detectron2.engine import default_argument_parser, default_setup, default_writers, hooks
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from salience_detr.config.overrides import apply_overrides
-from salience_detr.data import dataset_info
-from salience_detr.data.datasets import check_registered_paths
+from salience_detr.config.loading import load_config, training_metadata
 from salience_detr.engine import (
     AtomicDetectionCheckpointer,
+    BestCheckpointer,
     DetrTrainer,
     EMAHook,
     ModelEMA,
@@ -37,41 +36,15 @@ from salience_detr.engine import (
     launch,
     resolve_amp,
 )
+from salience_detr.engine.preflight import check_device, claim_output_dir, eval_weights, resume_has_work
+from salience_detr.engine.run_lock import trim_metrics
+from salience_detr.tools.check_dataset import check_config_images
+from salience_detr.utils.held_logs import held_records, replay
 
 logger = logging.getLogger("salience_detr.train_net")
 
 FAST_DEV_RUN_ITERS = 2
 FAST_DEV_RUN_EVAL_IMAGES = 2
-
-
-def register_config_datasets(cfg) -> None:
-    """Register the datasets a config declares in its ``datasets`` block (before any model work)."""
-    for registration in cfg.get("datasets", {}).values():
-        instantiate(registration)
-
-
-def config_dataset_names(cfg, split: str) -> list[str]:
-    names = cfg.dataloader[split].dataset.names
-    return [names] if isinstance(names, str) else list(names)
-
-
-def check_config_datasets(cfg) -> None:
-    """Fail on a missing annotation file or image folder now, not after the model is built."""
-    check_registered_paths(config_dataset_names(cfg, "train") + config_dataset_names(cfg, "test"))
-
-
-def resolve_num_classes(cfg) -> None:
-    """Fill ``model.num_classes`` from the training data when it is None; stop when the data has more classes."""
-    first = config_dataset_names(cfg, "train")[0]
-    dataset_classes = dataset_info(first)["num_classes"]
-    if cfg.model.get("num_classes") is None:
-        cfg.model.num_classes = dataset_classes
-        logger.info("model.num_classes = %d, from dataset %s", dataset_classes, first)
-    elif dataset_classes > cfg.model.num_classes:
-        raise ValueError(
-            f"Dataset {first!r} has {dataset_classes} categories but model.num_classes={cfg.model.num_classes}. "
-            f"Set model.num_classes={dataset_classes} (or None to take it from the dataset)."
-        )
 
 
 def apply_fast_dev_run(cfg) -> None:
@@ -113,7 +86,7 @@ def do_test(cfg, model, ema: ModelEMA | None = None) -> dict:
     return results
 
 
-def _trainer_hooks(cfg, model, trainer, checkpointer, ema) -> list:
+def _trainer_hooks(cfg, model, trainer, checkpointer, ema, resume: bool = False) -> list:
     """Hooks in detectron2's order: timer, EMA, LR, checkpoint, eval, writers (main process only)."""
     hook_list = [hooks.IterationTimer()]
     if ema is not None:
@@ -122,6 +95,10 @@ def _trainer_hooks(cfg, model, trainer, checkpointer, ema) -> list:
     if comm.is_main_process():
         hook_list.append(hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer))
     hook_list.append(hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model, ema)))
+    best = cfg.train.get("best_checkpointer", {"enabled": True})
+    if comm.is_main_process() and best.get("enabled", True):
+        metric, mode = best.get("metric", "bbox/AP"), best.get("mode", "max")
+        hook_list.append(BestCheckpointer(cfg.train.eval_period, checkpointer, metric, mode, resume=resume))
     if comm.is_main_process():
         writers = default_writers(cfg.train.output_dir, cfg.train.max_iter)
         hook_list.append(hooks.PeriodicWriter(writers, period=cfg.train.log_period))
@@ -159,11 +136,22 @@ def do_train(args, cfg) -> None:
         frozen_modules=frozen,
     )
     extra = {"ema": ema} if ema is not None else {}
-    checkpointer = AtomicDetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer, **extra)
-    trainer.register_hooks(_trainer_hooks(cfg, model, trainer, checkpointer, ema))
+    checkpointer = AtomicDetectionCheckpointer(
+        model,
+        cfg.train.output_dir,
+        metadata=training_metadata(cfg, args.config_file),
+        allow_new_classes=True,  # train.init_checkpoint may hold other classes (fine-tuning); resuming never does
+        trainer=trainer,
+        **extra,
+    )
+    trainer.register_hooks(_trainer_hooks(cfg, model, trainer, checkpointer, ema, resume=args.resume))
 
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
+    if start_iter and not resume_has_work(start_iter, cfg.train.max_iter, checkpointer.get_checkpoint_file()):
+        return
+    if start_iter and comm.is_main_process():
+        trim_metrics(cfg.train.output_dir, start_iter)  # the rows this resume is about to log again
     trainer.train(start_iter, cfg.train.max_iter)
 
 
@@ -180,19 +168,22 @@ def load_ema_for_eval(cfg, model, extra_state: dict) -> ModelEMA | None:
 
 
 def main(args) -> None:
-    cfg = apply_overrides(LazyConfig.load(args.config_file), args.opts)
-    register_config_datasets(cfg)
-    check_config_datasets(cfg)
-    resolve_num_classes(cfg)
+    with held_records("salience_detr") as early_records:  # logged before log.txt exists: replayed below
+        cfg = load_config(args.config_file, args.opts)
+        check_config_images(cfg)  # every bad image file named now, not hours into a run
+    check_device(cfg.train.device)
+    weights = eval_weights(cfg.train.init_checkpoint) if args.eval_only else None
+    claim_output_dir(cfg, resume=args.resume, eval_only=args.eval_only, is_main=comm.is_main_process())
     apply_fast_dev_run(cfg)
     default_setup(cfg, args)
     share_cpu_threads(cfg)
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="salience_detr")
+    replay(early_records)
     logger.info("Running with train.device=%s, world size %d", cfg.train.device, comm.get_world_size())
 
     if args.eval_only:
         model = prepare_model(cfg)
-        extra_state = AtomicDetectionCheckpointer(model).load(cfg.train.init_checkpoint)
+        extra_state = AtomicDetectionCheckpointer(model).load(weights)
         do_test(cfg, create_ddp_model(model), load_ema_for_eval(cfg, model, extra_state))
     else:
         do_train(args, cfg)

@@ -44,8 +44,20 @@ def check_dataset_paths(name: str, json_file: str | None, image_root: str | None
 
 def read_coco_categories(json_file: str) -> list[dict[str, Any]]:
     """The ``categories`` of a COCO json, sorted by id (the order detectron2 uses for contiguous ids)."""
-    with open(json_file) as f:
-        categories = json.load(f).get("categories")
+    try:
+        with open(json_file, encoding="utf-8") as f:
+            content = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"Annotation file {json_file!r} is not valid JSON ({error}). Pass the COCO-format json of the dataset "
+            "(e.g. annotations/instances_train2017.json), not an image, archive or partial download."
+        ) from error
+    if not isinstance(content, dict):
+        raise ValueError(
+            f"Annotation file {json_file!r} holds a JSON {type(content).__name__}, not a COCO dataset object with "
+            "images, annotations and categories (a results file is a list: pass it to evaluate_json --json)."
+        )
+    categories = content.get("categories")
     if not categories:
         raise ValueError(f"{json_file!r} has no 'categories': a COCO detection json needs them.")
     return sorted(categories, key=lambda c: c["id"])

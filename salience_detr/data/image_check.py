@@ -1,0 +1,146 @@
+"""Check a dataset's image files before any model work: each exists, decodes to the end, and has the json's size.
+
+Without this, a missing, corrupt or truncated file, or one whose size the json gets wrong, is found only when the
+data loader reaches it: at some iteration of training, or in the evaluation after it. A wrong size caused by EXIF
+orientation (the json written from the stored pixels, the reader turning the picture upright) is named as such.
+
+Decoding is what finds truncated files, so every checked file is decoded; JPEGs at 1/8 scale (Pillow's ``draft``),
+which still reads all of their data and is several times faster than a full decode.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from detectron2.data import DatasetCatalog
+from PIL import Image
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+EXIF_ORIENTATION_TAG = 0x0112
+TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+DRAFT_SCALE = 8
+PROGRESS_MIN_IMAGES = 500  # smaller checks take well under a second: no bar
+MAX_WORKERS = 8  # Pillow decodes without the GIL, so threads scale until the disk is the limit
+EXAMPLES_SHOWN = 3
+PROBLEM_FIXES = {
+    "missing": "restore the files or fix the image folder (datasets.<split>.image_root) or the json's file_name",
+    "corrupt": "replace or re-encode these files, or remove their entries from the json",
+    "truncated": "the files end early (an interrupted copy or download): copy them again",
+    "wrong size": "the json's width/height must describe the image: regenerate the json from the files",
+    "EXIF orientation": (
+        "the json gives the stored size but the EXIF orientation tag turns the picture, so boxes drawn on the stored "
+        "pixels would land wrong: remove the tag (e.g. exiftool -Orientation= FILE) or re-save the images upright "
+        "and regenerate the json"
+    ),
+}
+
+
+@dataclass
+class ImageCheckReport:
+    """What a check found: per kind of problem, ``(file_name, detail)`` pairs."""
+
+    datasets: list[str]
+    checked: int = 0
+    total: int = 0
+    problems: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        """Counts per problem with a few examples and the fix; one line when all is well."""
+        scope = "all" if self.checked == self.total else f"a random sample of {self.checked} of"
+        head = f"Checked {scope} {self.total} images of {', '.join(self.datasets)}"
+        if self.ok:
+            return f"{head}: every file exists, decodes and has the json's size."
+        lines = [f"{head}: {sum(len(v) for v in self.problems.values())} with problems."]
+        for kind, found in self.problems.items():
+            examples = "; ".join(f"{name} ({detail})" for name, detail in found[:EXAMPLES_SHOWN])
+            lines.append(f"  {kind}: {len(found)}, e.g. {examples}. Fix: {PROBLEM_FIXES[kind]}.")
+        return "\n".join(lines)
+
+
+class ImageCheckError(ValueError):
+    """Some image files of a dataset are missing, unreadable or of another size than the json says."""
+
+    def __init__(self, report: ImageCheckReport) -> None:
+        hint = "Set train.check_images=0 to skip this check (the loader will then stop at the first bad file)."
+        super().__init__(f"{report.summary()}\n{hint}")
+        self.report = report
+
+
+def check_record(record: dict[str, Any]) -> tuple[str, str] | None:
+    """``(kind, detail)`` of the first problem of one dataset dict's image, or None when it is fine."""
+    path = record["file_name"]
+    if not os.path.isfile(path):
+        return "missing", "no such file"
+    try:
+        with Image.open(path) as image:
+            stored_size = image.size
+            orientation = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
+            image.draft("RGB", (stored_size[0] // DRAFT_SCALE, stored_size[1] // DRAFT_SCALE))
+            image.load()
+    except (OSError, SyntaxError, ValueError) as error:
+        return ("truncated" if "truncated" in str(error).lower() else "corrupt"), str(error)
+    width, height = stored_size[::-1] if orientation in TRANSPOSING_ORIENTATIONS else stored_size
+    expected = record.get("width"), record.get("height")
+    if None in expected or expected == (width, height):
+        return None
+    if expected == stored_size:
+        detail = f"json {expected[0]}x{expected[1]} is the stored size; EXIF orientation {orientation} turns it"
+        detail += f" to {width}x{height}"
+        return "EXIF orientation", detail
+    return "wrong size", f"json {expected[0]}x{expected[1]}, file {width}x{height}"
+
+
+def check_images(
+    dataset_names: str | Sequence[str],
+    max_images: int | None = None,
+    seed: int = 0,
+    raise_on_problems: bool = True,
+    workers: int | None = None,
+) -> ImageCheckReport:
+    """Check the image files of registered datasets: all of them, or a seeded random ``max_images`` per dataset.
+
+    ``workers`` threads decode in parallel (default: the CPU count, at most ``MAX_WORKERS``).
+
+    Raises :class:`ImageCheckError` (holding the report) when a file has a problem, unless ``raise_on_problems`` is
+    False; otherwise returns the report.
+    """
+    names = [dataset_names] if isinstance(dataset_names, str) else list(dataset_names)
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"max_images must be a positive number of images or None for all, got {max_images}")
+    report = ImageCheckReport(datasets=names)
+    records = []
+    for name in names:
+        dicts = DatasetCatalog.get(name)
+        report.total += len(dicts)
+        if max_images is not None and len(dicts) > max_images:
+            dicts = random.Random(seed).sample(dicts, max_images)
+        records.extend(dicts)
+    report.checked = len(records)
+    workers = workers or min(MAX_WORKERS, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        found = tqdm(
+            pool.map(check_record, records),
+            total=len(records),
+            desc="Checking images",
+            unit="image",
+            disable=len(records) < PROGRESS_MIN_IMAGES,
+        )
+        for record, problem in zip(records, found):
+            if problem is not None:
+                report.problems.setdefault(problem[0], []).append((record["file_name"], problem[1]))
+    logger.info("%s", report.summary())
+    if raise_on_problems and not report.ok:
+        raise ImageCheckError(report)
+    return report
