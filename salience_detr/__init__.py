@@ -1,7 +1,8 @@
 """Salience DETR (CVPR 2024) as a Detectron2 project.
 
-Importing the package makes detectron2 0.6 usable on current libraries (``compat``) and, when detectron2 is
-installed, registers the ``SalienceDETR`` meta-architecture and the built-in datasets. ``salience_detr.layers``
+Importing the package changes no other library. When detectron2 is installed it checks that detectron2 is usable
+(``compat``; the project's own install is ``salience_detr/tools/install_detectron2.py``) and registers the
+``SalienceDETR`` meta-architecture and the built-in datasets. ``salience_detr.layers``
 needs torch alone, so the operator imports and tests on machines without detectron2.
 """
 
@@ -11,7 +12,7 @@ from . import compat
 
 __version__ = "0.1.0"
 
-compat.apply()
-
 if importlib.util.find_spec("detectron2") is not None:
-    from . import data, modeling  # noqa: F401  (registers datasets and the meta-architecture)
+    compat.check_detectron2()
+    with compat.silence_jit_deprecation():
+        from . import data, modeling  # noqa: F401  (registers datasets and the meta-architecture)

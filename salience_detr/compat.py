@@ -1,107 +1,59 @@
-"""Keep detectron2 0.6 importable on current numpy, Pillow and setuptools.
+"""Checks on the detectron2 this project runs on; nothing here changes another library.
 
-The only detectron2 on PyPI is the 0.6 source release without its C++ sources, installed as pure Python
-(``python -m salience_detr.tools.install_detectron2``). It still uses names that newer libraries removed and
-imports ``detectron2._C`` in four modules whose ops this project never calls (deformable convolution, rotated
-boxes, rotated RoIAlign, the fast COCO evaluation). ``apply()`` restores each missing name and registers a
-placeholder ``_C`` that fails with a clear message, only where the real thing is absent, so a detectron2
-built from source is left untouched. It also silences the deprecation warning that torch >= 2.9 prints for each
-``@torch.jit.script`` in detectron2's box regression module (twice per process, on every command). It runs once, from ``salience_detr/__init__.py``, before any detectron2
-import.
+The project installs detectron2 0.6 with ``salience_detr/tools/install_detectron2.py``, which fixes at install time
+what current numpy, Pillow and setuptools removed and ships a placeholder ``detectron2/_C.py`` for the compiled
+ops that a pure-Python install lacks. A detectron2 built from source has the real ``_C`` extension. What remains
+for a detectron2 the project did not install (or an earlier, unpatched install of it) is one case known to fail:
+a pure-Python 0.6 with no ``detectron2._C`` at all, which dies deep inside detectron2 on ``Image.LINEAR`` or
+``from detectron2 import _C``. ``check_detectron2`` turns that into an error that names the fix.
 """
 
 from __future__ import annotations
 
-import importlib.resources
+import contextlib
+import importlib.machinery
 import importlib.util
 import sys
-import types
 import warnings
+from collections.abc import Iterator
+from pathlib import Path
 
-_NUMPY_ALIASES = {"int": int, "float": float, "str": str, "object": object, "complex": complex, "bool": bool}
-_PIL_ALIASES = {"LINEAR": "BILINEAR", "ANTIALIAS": "LANCZOS", "CUBIC": "BICUBIC"}
-_C_INFO = "none (pure-Python detectron2: its compiled ops were not built)"
-
-
-class MissingDetectron2Op(AttributeError):
-    """Raised when code reaches a compiled detectron2 op that this installation does not have."""
+INSTALLER = Path(__file__).resolve().parent / "tools" / "install_detectron2.py"
 
 
-def _restore_numpy_aliases() -> None:
-    import numpy as np
-
-    for name, value in _NUMPY_ALIASES.items():
-        if name not in np.__dict__:
-            setattr(np, name, value)
-
-
-def _restore_pil_aliases() -> None:
-    from PIL import Image
-
-    for old, new in _PIL_ALIASES.items():
-        if not hasattr(Image, old):
-            setattr(Image, old, getattr(Image.Resampling, new))
-
-
-def _resource_filename(package: str, resource: str) -> str:
-    return str(importlib.resources.files(package).joinpath(resource))
-
-
-def _install_pkg_resources_shim() -> None:
-    """detectron2.model_zoo needs only ``pkg_resources.resource_filename``; setuptools 82 dropped the module."""
-    if "pkg_resources" in sys.modules or importlib.util.find_spec("pkg_resources") is not None:
-        return
-    shim = types.ModuleType("pkg_resources")
-    shim.__doc__ = "Minimal stand-in registered by salience_detr.compat (only resource_filename)."
-    shim.resource_filename = _resource_filename
-    sys.modules["pkg_resources"] = shim
-
-
-def _missing_op(name: str):
-    if name.startswith("__"):
-        raise AttributeError(name)
-    raise MissingDetectron2Op(
-        f"detectron2._C.{name} is not available: this detectron2 was installed without its compiled ops. "
-        "Salience DETR does not need them; if your code does, build detectron2 from source "
-        "(pip install 'git+https://github.com/facebookresearch/detectron2.git')."
-    )
-
-
-def _install_detectron2_c_placeholder() -> None:
+def _c_spec():
     if importlib.util.find_spec("detectron2") is None:
-        return
-    if "detectron2._C" in sys.modules or importlib.util.find_spec("detectron2._C") is not None:
-        return
-    placeholder = types.ModuleType("detectron2._C")
-    placeholder.__doc__ = "Placeholder registered by salience_detr.compat: detectron2 has no compiled ops here."
-    placeholder.__getattr__ = _missing_op
-    placeholder.get_compiler_version = lambda: _C_INFO
-    placeholder.get_cuda_version = lambda: _C_INFO
-    placeholder.has_cuda = lambda: False
-    placeholder.IS_PLACEHOLDER = True
-    sys.modules["detectron2._C"] = placeholder
+        return None
+    return importlib.util.find_spec("detectron2._C")
 
 
 def detectron2_has_compiled_ops() -> bool:
-    """True when detectron2._C is the real extension (then e.g. the fast COCO evaluation is usable)."""
-    module = sys.modules.get("detectron2._C")
-    if module is None:
-        if importlib.util.find_spec("detectron2") is None:
-            return False
-        return importlib.util.find_spec("detectron2._C") is not None
-    return not getattr(module, "IS_PLACEHOLDER", False)
+    """True when detectron2._C is the compiled extension (then e.g. the fast COCO evaluation is usable)."""
+    spec = _c_spec()
+    return spec is not None and str(spec.origin).endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
 
 
-def _silence_detectron2_jit_warning() -> None:
-    warnings.filterwarnings(
-        "ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning, module=r"torch\.jit\._script"
+def check_detectron2() -> None:
+    """Fail early, naming the fix, when detectron2 is a pure-Python 0.6 without the install-time fixes."""
+    if importlib.util.find_spec("detectron2") is None or _c_spec() is not None:
+        return
+    import detectron2
+
+    raise ImportError(
+        f"detectron2 at {Path(detectron2.__file__).parent} has no detectron2._C: it is a pure-Python detectron2 "
+        "without the fixes for current numpy / Pillow / setuptools (e.g. installed by an earlier version of this "
+        f"project). Reinstall it with: {sys.executable} {INSTALLER} --force "
+        "(or build detectron2 from source)."
     )
 
 
-def apply() -> None:
-    """Restore what detectron2 0.6 needs; every step is a no-op where the name already exists."""
-    _silence_detectron2_jit_warning()
-    _restore_numpy_aliases()
-    _restore_pil_aliases()
-    _install_pkg_resources_shim()
-    _install_detectron2_c_placeholder()
+@contextlib.contextmanager
+def silence_jit_deprecation() -> Iterator[None]:
+    """Hide torch's ``jit.script`` deprecation warning while detectron2 and fvcore script functions at import.
+
+    The filter lives only inside this block (``warnings.catch_warnings``), so callers' warning settings stay as
+    they were.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        yield
