@@ -3,16 +3,16 @@ import math
 import pytest
 import torch
 
-from salience_detr.modeling.decoder import MLP, SalienceDecoder, SalienceDecoderLayer
-from salience_detr.modeling.denoising import inverse_sigmoid
+from salience_detr.layers.box_ops import inverse_sigmoid
+from salience_detr.layers.levels import level_start_index
+from salience_detr.modeling.decoder import SalienceDecoder, SalienceDecoderLayer
 
 D_MODEL = 32
 
 
 def level_layout(shapes):
     spatial_shapes = torch.tensor(shapes, dtype=torch.long)
-    level_start_index = torch.cat([spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]])
-    return spatial_shapes, level_start_index
+    return spatial_shapes, level_start_index(spatial_shapes)
 
 
 def make_decoder(num_layers=3, num_classes=5):
@@ -106,8 +106,3 @@ def test_attention_mask_blocks_queries():
     logits_changed, _, _ = decoder(changed, changed_ref, *rest, attn_mask=mask)
     torch.testing.assert_close(logits[:, :, 2:], logits_changed[:, :, 2:])
     assert not torch.allclose(logits[:, :, :2], logits_changed[:, :, :2])
-
-
-def test_mlp_rejects_zero_layers():
-    with pytest.raises(ValueError, match="num_layers"):
-        MLP(4, 4, 4, 0)

@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from salience_detr.layers.levels import level_start_index
 from salience_detr.modeling.encoder import SalienceEncoder, SalienceEncoderLayer, encoder_reference_points
 from salience_detr.modeling.salience import select_salient_tokens
 
@@ -30,11 +31,11 @@ def _inputs(image_hws, padded_hw, shapes=SHAPES, level_ratios=(0.5, 1.0), dtype=
     masks = [F.interpolate(full[None].float(), size=s)[0].bool() for s in shapes]
     spatial_shapes = torch.tensor(shapes)
     sizes = spatial_shapes.prod(-1)
-    level_start_index = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+    start_index = level_start_index(spatial_shapes)
     num_tokens = int(sizes.sum())
     salience = [torch.randn(batch, 1, h, w, generator=generator, dtype=dtype) for h, w in shapes]
     foreground, focus, layer_indices = select_salient_tokens(
-        salience, masks, level_start_index, torch.tensor(level_ratios), LAYER_RATIOS
+        salience, masks, start_index, torch.tensor(level_ratios), LAYER_RATIOS
     )
     valid = torch.stack([(~m[:, :, 0]).sum(1) / m.shape[1] for m in masks], 1)  # rows valid in column 0 -> h
     valid_w = torch.stack([(~m[:, 0, :]).sum(1) / m.shape[2] for m in masks], 1)
@@ -42,7 +43,7 @@ def _inputs(image_hws, padded_hw, shapes=SHAPES, level_ratios=(0.5, 1.0), dtype=
         feat_flatten=torch.randn(batch, num_tokens, D_MODEL, generator=generator, dtype=dtype),
         pos=torch.randn(batch, num_tokens, D_MODEL, generator=generator, dtype=dtype),
         spatial_shapes=spatial_shapes,
-        level_start_index=level_start_index,
+        level_start_index=start_index,
         valid_ratios=torch.stack([valid_w, valid], -1).to(dtype),
         mask_flatten=torch.cat([m.flatten(1) for m in masks], 1),
         foreground_score=foreground,

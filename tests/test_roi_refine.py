@@ -13,7 +13,6 @@ from torchvision.ops import box_convert
 from salience_detr.modeling.roi_refine import (
     RoIInputs,
     RoIRefineHead,
-    absolute_xyxy,
     current_iteration,
     level_strides,
     matched_mask,
@@ -82,12 +81,6 @@ def test_selection_is_top_k_by_sigmoid_score_plus_extra_queries():
     assert {(0, 3), (0, 5), (1, 0)} <= selected
     assert sum(1 for b, _ in selected if b == 0) == 2
     assert sum(1 for b, _ in selected if b == 1) == 3  # two by score plus the extra one
-
-
-def test_rois_use_each_images_unpadded_size():
-    boxes = torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]])
-    xyxy = absolute_xyxy(boxes, torch.tensor([0, 1]), [(100, 200), (40, 60)])
-    assert torch.allclose(xyxy, torch.tensor([[50.0, 25.0, 150.0, 75.0], [0.0, 0.0, 60.0, 40.0]]))
 
 
 def test_crops_from_a_padded_batch_equal_those_of_the_image_alone():

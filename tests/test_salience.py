@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from salience_detr.layers.levels import level_start_index
 from salience_detr.modeling.salience import MaskPredictor, salience_maps, select_salient_tokens
 
 LEVEL_RATIOS = torch.tensor([0.4, 0.8, 1.0, 1.0])
@@ -17,8 +18,7 @@ def _level_masks(padded_hw, image_hws, shapes):
 
 
 def _start_index(shapes):
-    sizes = torch.tensor([h * w for h, w in shapes])
-    return torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+    return level_start_index(torch.tensor(shapes))
 
 
 def _random_salience(batch, shapes, seed=0):

@@ -2,13 +2,13 @@ import math
 
 import torch
 
+from salience_detr.layers.levels import level_start_index
 from salience_detr.modeling.two_stage import encoder_output_proposals, grid_nms, select_proposals
 
 
 def level_layout(shapes):
     spatial_shapes = torch.tensor(shapes, dtype=torch.long)
-    level_start_index = torch.cat([spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]])
-    return spatial_shapes, level_start_index
+    return spatial_shapes, level_start_index(spatial_shapes)
 
 
 def test_anchor_sizes_centres_and_validity_per_level():

@@ -19,6 +19,7 @@ from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
 from torch import Tensor, nn
 
+from salience_detr.layers.levels import flatten_levels
 from salience_detr.modeling import transformer as transformer_module
 from salience_detr.modeling.two_stage import gather_proposals
 
@@ -49,11 +50,6 @@ def record_outputs(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str,
     finally:
         for handle in handles:
             handle.remove()
-
-
-def flatten_maps(maps: Sequence[Tensor]) -> Tensor:
-    """(B, C, H_l, W_l) per level -> (B, sum H_l W_l, C), levels concatenated row-major like the transformer's."""
-    return torch.cat([m.flatten(2) for m in maps], 2).transpose(1, 2)
 
 
 #: Submodules whose outputs name the stages; both implementations use these names (the converter maps 1:1).
@@ -92,7 +88,7 @@ def common_stages(
     stages.update({f"salience.{level}": scores for level, scores in enumerate(salience)})
     stages.update({f"encoder_tokens.{layer}": tokens.sort(1).values for layer, tokens in enumerate(encoder_tokens)})
     stages["encoder_memory"] = records["transformer.encoder"][-1]
-    stages["transformer_neck"] = flatten_maps(records["transformer.neck"][-1])
+    stages["transformer_neck"] = flatten_levels(records["transformer.neck"][-1])
     stages["proposal_memory"] = records["transformer.enc_output_norm"][-1]
     stages["enc_logits_all"] = records["transformer.encoder_class_head"][-1]
     stages["enc_box_deltas_all"] = records["transformer.encoder_bbox_head"][-1]

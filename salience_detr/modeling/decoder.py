@@ -8,47 +8,14 @@ while the boxes that are supervised come from ``norm(query)``.
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 from torch import Tensor, nn
 
+from salience_detr.layers.box_ops import inverse_sigmoid
+from salience_detr.layers.mlp import MLP, init_box_head, init_class_head
 from salience_detr.layers.ms_deform_attn import MultiScaleDeformableAttention
 from salience_detr.layers.position_encoding import get_sine_pos_embed
-
-from .denoising import inverse_sigmoid
-
-PRIOR_PROBABILITY = 0.01
-
-
-class MLP(nn.Module):
-    """Linear layers with ReLU in between (not after the last); weights live in ``layers.{i}``."""
-
-    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
-        super().__init__()
-        if num_layers < 1:
-            raise ValueError(f"MLP needs num_layers >= 1, got {num_layers}.")
-        dims_in = [input_dim] + [hidden_dim] * (num_layers - 1)
-        dims_out = [hidden_dim] * (num_layers - 1) + [output_dim]
-        self.layers = nn.ModuleList(nn.Linear(d_in, d_out) for d_in, d_out in zip(dims_in, dims_out))
-
-    def forward(self, x: Tensor) -> Tensor:
-        for index, layer in enumerate(self.layers):
-            x = layer(x)
-            if index < len(self.layers) - 1:
-                x = torch.relu(x)
-        return x
-
-
-def init_class_head(head: nn.Linear) -> None:
-    """Focal-loss prior: every class starts at probability 0.01 (bias -log(99))."""
-    nn.init.constant_(head.bias, -math.log((1 - PRIOR_PROBABILITY) / PRIOR_PROBABILITY))
-
-
-def init_box_head(head: MLP) -> None:
-    """A zero last layer makes the first prediction equal to the reference box."""
-    nn.init.zeros_(head.layers[-1].weight)
-    nn.init.zeros_(head.layers[-1].bias)
 
 
 class SalienceDecoderLayer(nn.Module):
@@ -69,7 +36,9 @@ class SalienceDecoderLayer(nn.Module):
     ):
         super().__init__()
         self.embed_dim = d_model
-        self.cross_attn = MultiScaleDeformableAttention(d_model, n_levels, n_heads, n_points)
+        self.cross_attn = MultiScaleDeformableAttention(
+            d_model, num_heads=n_heads, num_levels=n_levels, num_points=n_points
+        )
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)

@@ -14,11 +14,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import box_convert
 
-
-def inverse_sigmoid(x: Tensor, eps: float = 1e-3) -> Tensor:
-    """Logit of ``x`` clamped to [0, 1]; ``eps`` bounds the result to about ±6.9 as in the official code."""
-    x = x.clamp(min=0.0, max=1.0)
-    return torch.log(x.clamp(min=eps) / (1.0 - x).clamp(min=eps))
+from salience_detr.layers.box_ops import inverse_sigmoid
 
 
 class DenoisingQueries(NamedTuple):

@@ -16,7 +16,8 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import Tensor, nn
-from torchvision.ops import box_convert
+
+from salience_detr.layers.box_ops import to_absolute_xyxy, to_normalized_cxcywh, whwh_scale
 
 from .roi_refine import RoIInputs, RoIRefineHead
 from .transformer import SalienceTransformer, TransformerOutput
@@ -149,8 +150,7 @@ class SalienceDETR(nn.Module):
                     f"max {int(labels.max())}; set model.num_classes to the dataset's number of categories."
                 )
             boxes_xyxy = instances.gt_boxes.tensor.float()
-            scale = boxes_xyxy.new_tensor([width, height, width, height])
-            boxes = box_convert(boxes_xyxy, "xyxy", "cxcywh") / scale
+            boxes = to_normalized_cxcywh(boxes_xyxy, whwh_scale([(height, width)], boxes_xyxy)[0])
             targets.append({"labels": labels, "boxes": boxes, "boxes_xyxy": boxes_xyxy})
         return targets
 
@@ -219,12 +219,12 @@ class SalienceDETR(nn.Module):
         query_index = torch.div(flat_index, num_classes, rounding_mode="floor")
         labels = flat_index % num_classes
         boxes = boxes.gather(1, query_index.unsqueeze(-1).expand(-1, -1, 4))
-        boxes_xyxy = box_convert(boxes, "cxcywh", "xyxy")
+        boxes_xyxy = to_absolute_xyxy(boxes, whwh_scale(image_sizes, boxes)[:, None])
 
         results = []
         for index, (x, (height, width)) in enumerate(zip(batched_inputs, image_sizes)):
             instances = Instances((height, width))
-            instances.pred_boxes = Boxes(boxes_xyxy[index] * boxes_xyxy.new_tensor([width, height, width, height]))
+            instances.pred_boxes = Boxes(boxes_xyxy[index])
             instances.scores = scores[index]
             instances.pred_classes = labels[index]
             result = {

@@ -30,10 +30,11 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.ops import box_convert, box_iou, generalized_box_iou_loss
 
+from salience_detr.layers.box_ops import to_absolute_xyxy, whwh_scale
+from salience_detr.layers.mlp import MLP, init_box_head
 from salience_detr.layers.position_encoding import get_sine_pos_embed
 
 from .criterion import MatchIndices, average_num_boxes
-from .decoder import MLP, init_box_head
 from .transformer import TransformerOutput
 
 DEFAULT_ROI_WEIGHTS = {"loss_roi_bbox": 5.0, "loss_roi_giou": 2.0, "loss_roi_iou": 1.0}
@@ -94,14 +95,6 @@ def matched_mask(indices: MatchIndices, shape: tuple[int, int], device: torch.de
     for image, (query, _) in enumerate(indices):
         mask[image, query.to(device)] = True
     return mask
-
-
-def absolute_xyxy(boxes: Tensor, batch_index: Tensor, image_sizes: Sequence[tuple[int, int]]) -> Tensor:
-    """Normalized cxcywh (relative to each unpadded image) -> absolute XYXY pixels, unchanged by padding."""
-    # stacked rather than converted at once: under tracing (FLOP counting, export) the sizes are 0-d tensors
-    sizes = torch.stack([torch.stack([torch.as_tensor(h), torch.as_tensor(w)]) for h, w in image_sizes]).to(boxes)
-    scale = sizes[:, [1, 0, 1, 0]][batch_index]
-    return box_convert(boxes, "cxcywh", "xyxy") * scale
 
 
 def level_strides(features: Sequence[Tensor], padded_size: tuple[int, int]) -> list[int]:
@@ -215,7 +208,7 @@ class RoIRefineHead(nn.Module):
     def crop(self, inputs: RoIInputs, boxes: Tensor, selected: Tensor) -> Tensor:
         """(R, S, C) RoI cells of the selected boxes, all images and levels in one pooler call."""
         batch_index = selected.nonzero(as_tuple=True)[0]
-        rois = absolute_xyxy(boxes, batch_index, inputs.image_sizes).float()
+        rois = to_absolute_xyxy(boxes, whwh_scale(inputs.image_sizes, boxes)[batch_index]).float()
         per_image = rois.split(selected.sum(1).tolist())
         features = [(f.detach() if self.detach_features else f).float() for f in inputs.features]
         pooled = self.pooler(level_strides(features, inputs.padded_size))(features, [Boxes(b) for b in per_image])

@@ -14,7 +14,10 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .decoder import MLP, SalienceDecoder, init_box_head, init_class_head
+from salience_detr.layers import levels
+from salience_detr.layers.mlp import MLP, init_box_head, init_class_head
+
+from .decoder import SalienceDecoder
 from .denoising import DenoisingQueries
 from .encoder import SalienceEncoder
 from .salience import MaskPredictor, salience_maps, select_salient_tokens
@@ -41,23 +44,6 @@ class TransformerOutput:
     query_index: Tensor
     spatial_shapes: Tensor
     denoising: DenoisingQueries | None
-
-
-def flatten_levels(maps: list[Tensor]) -> Tensor:
-    """(B,C,H,W) per level -> (B, sum H*W, C); (B,H,W) masks -> (B, sum H*W). Row-major, level by level."""
-    flat = torch.cat([m.flatten(-2) for m in maps], -1)
-    return flat.transpose(1, 2) if flat.ndim == 3 else flat
-
-
-def valid_ratios_of(level_masks: list[Tensor], dtype: torch.dtype) -> Tensor:
-    """(B, L, 2) valid fraction per level as (w, h), counted on row 0 / column 0 of each mask (§1.2)."""
-    ratios = []
-    for mask in level_masks:
-        height, width = mask.shape[-2:]
-        valid_h = (~mask[:, :, 0]).sum(1).to(dtype) / height
-        valid_w = (~mask[:, 0, :]).sum(1).to(dtype) / width
-        ratios.append(torch.stack([valid_w, valid_h], -1))
-    return torch.stack(ratios, 1)
 
 
 class SalienceTransformer(nn.Module):
@@ -126,9 +112,9 @@ class SalienceTransformer(nn.Module):
         """Run the transformer neck on the encoder memory reshaped per level, then flatten again (§2.7)."""
         batch_size = memory.shape[0]
         shapes = spatial_shapes.tolist()
-        levels = memory.split([h * w for h, w in shapes], dim=1)
-        maps = [lvl.transpose(1, 2).reshape(batch_size, self.embed_dim, h, w) for lvl, (h, w) in zip(levels, shapes)]
-        return flatten_levels(self.neck(maps))
+        per_level = memory.split([h * w for h, w in shapes], dim=1)
+        maps = [lvl.transpose(1, 2).reshape(batch_size, self.embed_dim, h, w) for lvl, (h, w) in zip(per_level, shapes)]
+        return levels.flatten_levels(self.neck(maps))
 
     def forward(
         self,
@@ -152,12 +138,14 @@ class SalienceTransformer(nn.Module):
                 f"position embeddings have {position_embeddings[0].shape[1]} channels but embed_dim={self.embed_dim}; "
                 "set position_embedding.num_pos_feats to embed_dim // 2."
             )
-        feat_flatten = flatten_levels(features)
-        mask_flatten = flatten_levels(level_masks)
-        lvl_pos = flatten_levels([pos + emb.view(1, -1, 1, 1) for pos, emb in zip(position_embeddings, self.level_embeds)])
+        feat_flatten = levels.flatten_levels(features)
+        mask_flatten = levels.flatten_levels(level_masks)
+        lvl_pos = levels.flatten_levels(
+            [pos + emb.view(1, -1, 1, 1) for pos, emb in zip(position_embeddings, self.level_embeds)]
+        )
         spatial_shapes = torch.as_tensor([f.shape[-2:] for f in features], dtype=torch.long, device=feat_flatten.device)
-        level_start_index = torch.cat([spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]])
-        valid_ratios = valid_ratios_of(level_masks, torch.promote_types(feat_flatten.dtype, torch.float32))
+        level_start_index = levels.level_start_index(spatial_shapes)
+        valid_ratios = levels.valid_ratios(level_masks, torch.promote_types(feat_flatten.dtype, torch.float32))
 
         salience_input = self.project_memory(feat_flatten + lvl_pos, mask_flatten, spatial_shapes)[0]
         salience = salience_maps(salience_input, spatial_shapes, level_start_index, self.enc_mask_predictor, self.alpha)

@@ -10,16 +10,11 @@ import torch
 import torchvision
 from torch import Tensor
 
+from salience_detr.layers.levels import level_valid_sizes
+
 ANCHOR_BASE_SIZE = 0.05
 ANCHOR_VALID_RANGE = (0.01, 0.99)
 NMS_IOU_THRESHOLD = 0.3
-
-
-def level_valid_sizes(level_mask: Tensor) -> Tensor:
-    """Valid (width, height) in cells per image, counted on row 0 / column 0 of a (B,H,W) padding mask."""
-    valid_w = (~level_mask[:, 0, :]).sum(1)
-    valid_h = (~level_mask[:, :, 0]).sum(1)
-    return torch.stack([valid_w, valid_h], -1)
 
 
 def encoder_output_proposals(

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from salience_detr.layers import ms_deform_attn as msda
+from salience_detr.layers.levels import level_start_index
 
 ENCODER_LEVELS = ((100, 136), (50, 68), (25, 34), (13, 17))
 
@@ -49,7 +50,7 @@ def make_case(name: str, batch: int, num_queries: int, box_refs: bool, dtype: to
     num_heads, head_dim, num_points = 8, 32, 4
     shapes = torch.tensor(ENCODER_LEVELS, dtype=torch.int64)
     areas = shapes[:, 0] * shapes[:, 1]
-    starts = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
+    starts = level_start_index(shapes)
     num_levels = len(ENCODER_LEVELS)
     value = torch.randn(batch, int(areas.sum()), num_heads, head_dim, generator=generator)
     centers = torch.rand(batch, num_queries, 1, 1, 1, 2, generator=generator)

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from salience_detr.layers.levels import level_start_index
+
 __all__ = [
     "LEVEL_COLORS",
     "draw_points",
@@ -122,12 +124,6 @@ def salience_panels(
     for level, heatmap in enumerate(heatmaps):
         panels.append(label_panel(overlay_heatmap(gray, heatmap, alpha=0.65), f"salience level {level}"))
     return panels
-
-
-def level_start_index(spatial_shapes: Tensor) -> Tensor:
-    """Offset of each level's first token in the flattened multi-scale sequence, from (L, 2) map sizes."""
-    sizes = spatial_shapes[:, 0] * spatial_shapes[:, 1]
-    return torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
 
 
 def token_centers(

@@ -1,0 +1,51 @@
+"""Box helpers shared by the heads, the losses and post-processing (torch only, so export hosts import them).
+
+Boxes are ``cxcywh`` normalised by each unpadded image size inside the model and absolute ``xyxy`` pixels at its
+borders (targets in, ``Instances`` out); the conversions use the same arithmetic as torchvision's ``box_convert``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def inverse_sigmoid(x: Tensor, eps: float = 1e-3) -> Tensor:
+    """Logit of ``x`` clamped to [0, 1]; ``eps`` bounds the result to about ±6.9 as in the official code."""
+    x = x.clamp(min=0.0, max=1.0)
+    return torch.log(x.clamp(min=eps) / (1.0 - x).clamp(min=eps))
+
+
+def box_cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
+    """(..., 4) centre, width, height -> corners."""
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.stack((cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h), dim=-1)
+
+
+def box_xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
+    """(..., 4) corners -> centre, width, height."""
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    return torch.stack(((x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1), dim=-1)
+
+
+def whwh_scale(image_sizes: Sequence[tuple[int, int]], like: Tensor) -> Tensor:
+    """(N, 4) ``[w, h, w, h]`` per ``(height, width)`` image size, in ``like``'s dtype and device.
+
+    Stacked rather than converted at once: under tracing (FLOP counting, export) the sizes are 0-d tensors.
+    """
+    if len(image_sizes) == 0:
+        raise ValueError("whwh_scale needs at least one (height, width) image size, got none.")
+    sizes = torch.stack([torch.stack([torch.as_tensor(h), torch.as_tensor(w)]) for h, w in image_sizes]).to(like)
+    return sizes[:, [1, 0, 1, 0]]
+
+
+def to_absolute_xyxy(boxes: Tensor, scale: Tensor) -> Tensor:
+    """Normalised cxcywh -> absolute xyxy pixels; ``scale`` is ``[w, h, w, h]`` broadcastable to ``boxes``."""
+    return box_cxcywh_to_xyxy(boxes) * scale
+
+
+def to_normalized_cxcywh(boxes_xyxy: Tensor, scale: Tensor) -> Tensor:
+    """Absolute xyxy pixels -> cxcywh normalised by the image size; inverse of :func:`to_absolute_xyxy`."""
+    return box_xyxy_to_cxcywh(boxes_xyxy) / scale
