@@ -2,6 +2,11 @@
 
     python -m salience_detr.tools.visualize_data --dataset synthetic_train --output vis/gt --num-images 20
     python -m salience_detr.tools.visualize_data --dataset my_val --coco-json val.json --image-root val/ --output vis
+    python -m salience_detr.tools.visualize_data --source dataloader --output vis/train --num-images 20 \
+        --config-file configs/salience_detr/salience_detr_tiny_synthetic.py
+
+``--source dataloader`` draws what the model sees in training: the config's train dataloader, after its
+mapper's augmentations, with the boxes that survived them.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from tqdm import tqdm
 from salience_detr.data import resolve_dataset
 from salience_detr.data.image_io import read_image
 from salience_detr.tools.evaluate_json import add_dataset_arguments
+from salience_detr.tools._dataloader_view import add_dataloader_arguments, draw_dataloader
 
 
 def draw_ground_truth(record: dict[str, Any], metadata, scale: float = 1.0) -> np.ndarray:
@@ -35,7 +41,8 @@ def output_path(output_dir: str, record: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataset_arguments(parser, "synthetic_train")
+    if add_dataloader_arguments(parser, argv) == "annotation":
+        add_dataset_arguments(parser, "synthetic_train")
     parser.add_argument("--output", required=True, help="folder for the PNG files")
     parser.add_argument("--num-images", type=int, default=None, help="draw only the first N images")
     parser.add_argument("--scale", type=float, default=1.0, help="drawing scale")
@@ -44,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[str]:
     args = parse_args(argv)
+    if args.source == "dataloader":
+        return draw_dataloader(args.config_file, args.opts, args.output, args.num_images, args.scale)
     records = resolve_dataset(args.dataset, args.coco_json, args.image_root)[: args.num_images]
     metadata = MetadataCatalog.get(args.dataset)
     os.makedirs(args.output, exist_ok=True)
