@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from predictor import VisualizationDemo  # noqa: E402  (after the sys.path line, as in detectron2's demo)
 
-from detectron2.config import LazyConfig  # noqa: E402  (predictor imported salience_detr first)
+from salience_detr.config import load_config  # noqa: E402  (predictor imported salience_detr first)
 from detectron2.utils.logger import setup_logger  # noqa: E402
 from salience_detr.data.image_io import read_image as decode_image  # noqa: E402
 
@@ -78,8 +78,7 @@ def get_parser() -> argparse.ArgumentParser:
 def setup_cfg(args: argparse.Namespace):
     if not os.path.isfile(args.config_file):
         raise DemoError(f"config file {args.config_file!r} does not exist; pass a path to a LazyConfig .py file")
-    cfg = LazyConfig.load(args.config_file)
-    return LazyConfig.apply_overrides(cfg, args.opts)
+    return load_config(args.config_file, args.opts, inference=True)
 
 
 def expand_inputs(patterns: Sequence[str]) -> list[str]:

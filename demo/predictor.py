@@ -9,7 +9,7 @@ and the tokens kept by each encoder layer (see ``salience_detr.utils.visualizati
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +22,7 @@ from detectron2.data.detection_utils import convert_image_to_rgb
 from detectron2.structures import Instances
 from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, Visualizer
-from salience_detr.utils import build_model, resize_for_model, test_augmentations
+from salience_detr.utils.inference import load_model_for_inference, resize_for_model, test_augmentations
 from salience_detr.utils.visualization import (
     label_panel,
     level_start_index,
@@ -54,10 +54,12 @@ class Prediction:
 
 
 class SaliencePredictor:
-    """Callable: BGR ``uint8`` image (H, W, 3), as OpenCV reads it -> ``Prediction`` (single image, no grad)."""
+    """Callable: BGR ``uint8`` image (H, W, 3), as OpenCV reads it -> ``Prediction`` (no grad); a list of
+    images -> a list of predictions, run through the model ``batch_size`` images at a time (padded together,
+    as the test dataloader batches them)."""
 
     def __init__(self, cfg: Any, device: str | None = None, with_internals: bool = False) -> None:
-        self.model = build_model(cfg, device)
+        self.model = load_model_for_inference(cfg, device)
         self.augmentations, self.input_format = test_augmentations(cfg)
         self.with_internals = with_internals
         if with_internals:
@@ -72,14 +74,33 @@ class SaliencePredictor:
         divisor = max(1, int(getattr(self.model, "size_divisibility", 1) or 1))
         return -(-height // divisor) * divisor, -(-width // divisor) * divisor
 
-    def __call__(self, image_bgr: np.ndarray) -> Prediction:
-        height, width = image_bgr.shape[:2]
-        resized = resize_for_model(image_bgr, self.augmentations, self.input_format)
-        tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
+    def __call__(
+        self, images_bgr: np.ndarray | Sequence[np.ndarray], batch_size: int | None = None
+    ) -> Prediction | list[Prediction]:
+        if isinstance(images_bgr, np.ndarray):
+            return self._predict_batch([images_bgr])[0]
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be a positive number of images, got {batch_size}")
+        step = batch_size or max(1, len(images_bgr))
+        predictions: list[Prediction] = []
+        for start in range(0, len(images_bgr), step):
+            predictions += self._predict_batch(images_bgr[start : start + step])
+        return predictions
+
+    def _predict_batch(self, images_bgr: Sequence[np.ndarray]) -> list[Prediction]:
+        inputs = []
+        for image_bgr in images_bgr:
+            resized = resize_for_model(image_bgr, self.augmentations, self.input_format)
+            tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
+            inputs.append({"image": tensor, "height": image_bgr.shape[0], "width": image_bgr.shape[1]})
         with torch.inference_mode():
-            output = self.model([{"image": tensor, "height": height, "width": width}])[0]
-        input_size = tuple(resized.shape[:2])
-        prediction = Prediction(output["instances"].to("cpu"), input_size, self._padded(*input_size))
+            outputs = self.model(inputs)
+        sizes = [tuple(item["image"].shape[1:]) for item in inputs]
+        padded = self._padded(max(h for h, _ in sizes), max(w for _, w in sizes))  # the batch's padded size
+        return [self._prediction(output, size, padded) for output, size in zip(outputs, sizes)]
+
+    def _prediction(self, output: dict[str, Any], input_size: tuple[int, int], padded: tuple[int, int]) -> Prediction:
+        prediction = Prediction(output["instances"].to("cpu"), input_size, padded)
         if self.with_internals:
             prediction.salience = [level.cpu() for level in output["salience"]]
             prediction.selected_indices = [indices.cpu() for indices in output["selected_indices"]]

@@ -120,27 +120,27 @@ def _custom_config(tiny_synthetic_cache, split_paths=True):
 
 
 def test_custom_dataset_config_trains_from_paths(tiny_synthetic_cache):
-    import train_net
+    from salience_detr.config import loading
 
     cfg = _custom_config(tiny_synthetic_cache)
     cfg.dataloader.train.total_batch_size = 2
     cfg.dataloader.train.num_workers = 0
     cfg.dataloader.train.mapper.update(min_sizes=[64], max_size=100, crop_pre_sizes=[64], crop_size=[40, 60])
-    train_net.register_config_datasets(cfg)
+    loading.register_config_datasets(cfg)
     cfg.model = {"num_classes": None}
-    train_net.resolve_num_classes(cfg)
+    loading.resolve_num_classes(cfg)
     assert cfg.model.num_classes == 5
     batch = next(iter(instantiate(cfg.dataloader.train)))
     assert len(batch) == 2 and all(max(x["image"].shape[1:]) <= 100 for x in batch)
 
 
 def test_custom_dataset_config_without_paths_names_the_key(tiny_synthetic_cache):
-    import train_net
+    from salience_detr.config import loading
 
     cfg = _custom_config(tiny_synthetic_cache, split_paths=False)
     with pytest.raises(DatasetPathError, match="no json_file given"):
-        train_net.register_config_datasets(cfg)
+        loading.register_config_datasets(cfg)
     cfg = _custom_config(tiny_synthetic_cache)
     cfg.datasets.val.image_root = "/no/such/folder"
     with pytest.raises(DatasetPathError, match="/no/such/folder"):
-        train_net.register_config_datasets(cfg)
+        loading.register_config_datasets(cfg)

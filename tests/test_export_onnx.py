@@ -17,7 +17,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig
 from salience_detr.layers import MultiScaleDeformableAttention
 from salience_detr.tools import export_onnx
-from salience_detr.utils import build_model
+from salience_detr.utils.inference import load_model_for_inference
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = str(REPO / "configs" / "salience_detr" / "salience_detr_tiny_synthetic.py")
@@ -57,7 +57,7 @@ def test_export_matches_pytorch_in_onnxruntime(photo, tmp_path, capsys):
 
     # the graph and the detectron2 model agree (another export size: 64 x 96)
     cfg = LazyConfig.load(TINY_CONFIG)
-    model = build_model(cfg, "cpu")
+    model = load_model_for_inference(cfg, "cpu")
     DetectionCheckpointer(model, save_dir=str(tmp_path)).save("random_weights")
     image = export_onnx.normalized_input(model, cv2.imread(str(photo)), cfg, (64, 96))
     fixed = tmp_path / "fixed.onnx"
@@ -75,7 +75,8 @@ def test_export_matches_pytorch_in_onnxruntime(photo, tmp_path, capsys):
 
 
 def test_export_switches_attention_to_the_pytorch_path():
-    model = nn.Sequential(MultiScaleDeformableAttention(32, 2, 4, 2, backend="compiled"), nn.Linear(2, 2))
+    attention = MultiScaleDeformableAttention(32, num_heads=4, num_levels=2, num_points=2, backend="compiled")
+    model = nn.Sequential(attention, nn.Linear(2, 2))
     assert export_onnx.use_pytorch_attention(model) == 1
     assert model[0].backend == "pytorch"
 

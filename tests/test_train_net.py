@@ -380,17 +380,17 @@ def test_ema_tracks_weights_and_resumes():
 
 
 def test_dataset_with_more_classes_than_model_stops(standin_config, tiny_synthetic_cache):
-    import train_net
+    from salience_detr.config import loading
 
     cfg = LazyConfig.apply_overrides(
         LazyConfig.load(str(standin_config)),
         [f"datasets.synthetic.cache_dir={tiny_synthetic_cache}", "model.num_classes=3"],
     )
-    train_net.register_config_datasets(cfg)
+    loading.register_config_datasets(cfg)
     with pytest.raises(ValueError, match=r"has 5 categories but model.num_classes=3"):
-        train_net.resolve_num_classes(cfg)
+        loading.resolve_num_classes(cfg)
     cfg.model.num_classes = None
-    train_net.resolve_num_classes(cfg)
+    loading.resolve_num_classes(cfg)
     assert cfg.model.num_classes == 5
 
 
@@ -417,10 +417,10 @@ def test_tiny_synthetic_config_fast_dev_run(tiny_synthetic_cache, tmp_path):
 
 def test_missing_coco_files_stop_before_the_model(standin_config):
     """detectron2 registers COCO under $DETECTRON2_DATASETS (default ./datasets), which this checkout lacks."""
-    import train_net
+    from salience_detr.config import loading
     from salience_detr.data import DatasetPathError
 
     cfg = LazyConfig.load(str(standin_config))
     cfg.dataloader.train.dataset.names = "coco_2017_train"
     with pytest.raises(DatasetPathError, match="coco_2017_train"):
-        train_net.check_config_datasets(cfg)
+        loading.check_config_datasets(cfg)

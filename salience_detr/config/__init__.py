@@ -5,3 +5,4 @@ see the config exactly as training does.
 """
 
 from salience_detr.config.overrides import ConfigOverrideError, apply_overrides  # noqa: F401
+from salience_detr.config.loading import load_config  # noqa: F401

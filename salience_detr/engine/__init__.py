@@ -1,15 +1,20 @@
 """Training-loop pieces for train_net.py: trainer, atomic checkpointer, EMA, CPU-capable launch, param groups,
 freezing."""
 
-from .checkpoint import AtomicDetectionCheckpointer
+from .best_checkpoint import BestCheckpointer
+from .checkpoint import AtomicDetectionCheckpointer, CheckpointFileError
 from .ema import EMAHook, ModelEMA, unwrap_model
 from .freeze import freeze_all_but
 from .launch import launch
 from .param_groups import detr_param_groups
 from .trainer import DetrTrainer, NonFiniteLossError, resolve_amp
+from .weights import CheckpointMismatchError
 
 __all__ = [
     "AtomicDetectionCheckpointer",
+    "BestCheckpointer",
+    "CheckpointFileError",
+    "CheckpointMismatchError",
     "DetrTrainer",
     "EMAHook",
     "ModelEMA",

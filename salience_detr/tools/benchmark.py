@@ -31,12 +31,13 @@ import torch
 from torch import Tensor, nn
 
 import salience_detr  # noqa: F401  (makes detectron2 importable and registers the model)
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import instantiate
 from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
+from salience_detr.config import load_config
+from salience_detr.engine import AtomicDetectionCheckpointer
 from salience_detr.layers.ms_deform_attn import BACKEND_ENV, BACKENDS, resolve_backend
-from salience_detr.utils import DetectionsAsTensors
+from salience_detr.utils.inference import DetectionsAsTensors
 from tabulate import tabulate
 
 logger = logging.getLogger(__name__)
@@ -219,13 +220,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     device = check_args(args)
     if args.backend:
         os.environ[BACKEND_ENV] = args.backend
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    cfg = load_config(args.config_file, args.opts, inference=True, checkpoint=args.weights or "")
     results = {}
     for name, variant_cfg in roi_variants(cfg).items():
         logger.info("Benchmarking %s", name)
         model = instantiate(variant_cfg.model)
         if args.weights:
-            DetectionCheckpointer(model).load(args.weights)
+            AtomicDetectionCheckpointer(model).load(args.weights)
         results[name] = benchmark_model(
             model, args.height, args.width, device, args.batch_size, args.warmup, args.num_iter
         )

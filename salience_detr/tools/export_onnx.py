@@ -32,11 +32,16 @@ from torch import Tensor, nn
 from torch.onnx import symbolic_helper
 
 import salience_detr  # noqa: F401  (makes detectron2 importable and registers the model and datasets)
-from detectron2.config import LazyConfig
 from detectron2.data import DatasetCatalog
+from salience_detr.config import load_config
 from salience_detr.data.image_io import read_image
 from salience_detr.layers import MultiScaleDeformableAttention
-from salience_detr.utils import DetectionsAsTensors, build_model, resize_for_model, test_augmentations
+from salience_detr.utils.inference import (
+    DetectionsAsTensors,
+    load_model_for_inference,
+    resize_for_model,
+    test_augmentations,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -166,8 +171,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"--opset {args.opset} has no grid_sample; use 16 or newer")
     if not os.path.isfile(args.config_file):
         raise SystemExit(f"config file {args.config_file!r} does not exist; pass a LazyConfig .py file")
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
-    model = build_model(cfg, "cpu")
+    cfg = load_config(args.config_file, args.opts, inference=True)
+    model = load_model_for_inference(cfg, "cpu")
     switched = use_pytorch_attention(model)
     logger.info("Deformable attention: %d modules switched to the pure-PyTorch path", switched)
     image_file = args.image or first_test_image(cfg)

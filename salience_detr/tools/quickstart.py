@@ -20,7 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from detectron2.config import LazyConfig, instantiate
+from salience_detr.config import load_config
+from salience_detr.data import dataset_info
 
 DEFAULT_CONFIG = "configs/salience_detr/salience_detr_tiny_synthetic.py"
 NUM_DRAWN_IMAGES = 4
@@ -69,9 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     config_file = str(root / args.config_file)
     overrides = [f"train.output_dir={output_dir}", *args.opts]
 
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), overrides)
-    splits = {info["name"]: info for registration in cfg.get("datasets", {}).values() for info in instantiate(registration).values()}
-    val = splits[cfg.dataloader.test.dataset.names]
+    cfg = load_config(config_file, overrides)
+    val = dataset_info(cfg.dataloader.test.dataset.names)
 
     timings: dict[str, float] = {}
     python = sys.executable

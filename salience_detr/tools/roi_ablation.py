@@ -31,10 +31,11 @@ from pathlib import Path
 
 import salience_detr  # noqa: F401  (detectron2 compatibility before any detectron2 import)
 import torch
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import instantiate
 from detectron2.evaluation import inference_on_dataset
 from torch import nn
 
+from salience_detr.config import load_config
 from salience_detr.engine import AtomicDetectionCheckpointer
 from salience_detr.tools.quickstart import repo_root, run_step
 from salience_detr.utils.atomic import atomic_write
@@ -81,9 +82,7 @@ def roi_twin(config_file: str) -> str:
 
 def evaluate(config_file: str, overrides: list[str], weights: Path, change: Callable[[nn.Module], None]) -> dict:
     """COCO bbox metrics of ``weights``, after ``change``, on the config's test set."""
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), overrides)
-    for registration in cfg.get("datasets", {}).values():
-        instantiate(registration)
+    cfg = load_config(config_file, overrides)
     model = instantiate(cfg.model).to(cfg.train.device)
     AtomicDetectionCheckpointer(model).load(str(weights))
     change(model)
