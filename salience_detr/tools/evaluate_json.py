@@ -26,6 +26,7 @@ from pycocotools.cocoeval import COCOeval
 from tabulate import tabulate
 
 from salience_detr.data import resolve_dataset
+from salience_detr.data.results_check import check_results_match
 from salience_detr.evaluation import write_evaluation_plots
 
 
@@ -107,7 +108,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     logging.basicConfig(level=logging.INFO)
     args = parse_args(argv)
     results = load_results(args.json)
-    resolve_dataset(args.dataset, args.coco_json, args.image_root)  # also generates a built-in dataset
+    records = resolve_dataset(args.dataset, args.coco_json, args.image_root)  # also generates a built-in dataset
+    check_results_match(results, args.dataset, f"Results file {args.json!r}", records)
     json_file = MetadataCatalog.get(args.dataset).json_file
     metrics = evaluate_results(json_file, results, args.only_result_images, args.plots, args.plot_score_threshold)
     print(tabulate([[f"{metrics[n]:.3f}" for n in METRIC_NAMES]], headers=METRIC_NAMES, tablefmt="pipe"))

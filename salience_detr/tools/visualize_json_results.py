@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from salience_detr.data import resolve_dataset
 from salience_detr.data.image_io import read_image
+from salience_detr.data.results_check import check_results_match
 from salience_detr.tools.evaluate_json import add_dataset_arguments, load_results
 from salience_detr.tools.visualize_data import draw_ground_truth, output_path
 
@@ -52,11 +53,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[str]:
     args = parse_args(argv)
+    results = load_results(args.input)
+    records = resolve_dataset(args.dataset, args.coco_json, args.image_root)
+    check_results_match(results, args.dataset, f"Results file {args.input!r}", records)
+    records = records[: args.num_images]
     by_image = defaultdict(list)
-    for result in load_results(args.input):
+    for result in results:
         if result["score"] >= args.conf_threshold:
             by_image[result["image_id"]].append(result)
-    records = resolve_dataset(args.dataset, args.coco_json, args.image_root)[: args.num_images]
     metadata = MetadataCatalog.get(args.dataset)
     id_map = metadata.get("thing_dataset_id_to_contiguous_id")
     os.makedirs(args.output, exist_ok=True)
