@@ -142,18 +142,19 @@ def _mutated(index, replacement):
     return mutate
 
 
-# Adds a row to (or, negated, zeroes the height of) the last level: level_start_index stays valid.
+# Adds a row to the last level: level_start_index stays valid, but the levels no longer fit in value.
 LAST_LEVEL_ROWS = torch.tensor([[0, 0], [0, 0], [0, 0], [1, 0]])
 BAD_ARGUMENTS = {
     "value 3-D": (_mutated(0, lambda v: v.flatten(2)), "value must be 4-D"),
     "value integer": (_mutated(0, lambda v: v.long()), "value must be floating point"),
     "spatial_shapes shape": (_mutated(1, lambda s: s[:, :1]), "spatial_shapes must be"),
     "spatial_shapes dtype": (_mutated(1, lambda s: s.int()), "spatial_shapes must be int64"),
-    "spatial_shapes non-positive": (_mutated(1, lambda s: s * LAST_LEVEL_ROWS.logical_not()), r"spatial_shapes\[3\]"),
-    "spatial_shapes sum": (_mutated(1, lambda s: s + LAST_LEVEL_ROWS), "spatial_shapes describe"),
+    "spatial_shapes beyond value": (_mutated(1, lambda s: s + LAST_LEVEL_ROWS), r"spatial_shapes\[3\].*does not lie"),
+    "spatial_shapes overflow": (_mutated(1, lambda s: torch.full_like(s, 2**32)), r"spatial_shapes\[0\].*does not lie"),
     "level_start_index length": (_mutated(2, lambda s: s[:3]), "level_start_index must be"),
     "level_start_index dtype": (_mutated(2, lambda s: s.int()), "level_start_index must be int64"),
-    "level_start_index values": (_mutated(2, lambda s: s + 1), r"level_start_index\[0\]"),
+    "level_start_index beyond value": (_mutated(2, lambda s: s + 1), r"level_start_index\[3\].*does not lie"),
+    "level_start_index negative": (_mutated(2, lambda s: s - 1), r"level_start_index\[0\] = -1 does not lie"),
     "sampling_locations shape": (_mutated(3, lambda l: l[..., :1]), "sampling_locations must be"),
     "sampling_locations dtype": (_mutated(3, lambda l: l.float()), "sampling_locations has dtype"),
     "attention_weights shape": (_mutated(4, lambda w: w[:, :, :, :, :1]), "attention_weights must be"),
@@ -185,11 +186,15 @@ def test_mixed_devices_are_named():
         compiled_op(value, shapes.cpu(), starts, locations, weights)
 
 
-@pytest.mark.parametrize(
-    "batch, step, expected", [(5, 2, 1), (6, 4, 3), (64, 64, 64), (3, 64, 3), (7, 64, 7), (12, 5, 4), (1, 1, 1)]
-)
-def test_im2col_step_is_largest_divisor_not_above_step(batch, step, expected):
-    assert msda.im2col_step_for_batch(batch, step) == expected
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch, step", [(5, 2), (5, 3), (7, 4), (3, 64)])
+def test_batch_not_divisible_by_im2col_step(device, batch, step):
+    """The last chunk of images is smaller than the step: forward and gradients equal a single-chunk call."""
+    value, shapes, starts, locations, weights = make_inputs(batch=batch, device=device)
+    chunked = forward_and_grads(lambda v, l, w: compiled_op(v, shapes, starts, l, w, step), value, locations, weights)
+    whole = forward_and_grads(lambda v, l, w: compiled_op(v, shapes, starts, l, w, batch), value, locations, weights)
+    for got, expected in zip(chunked, whole):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_backend_choice(monkeypatch):
@@ -365,3 +370,160 @@ def test_cuda_matches_cpu_on_the_module():
     expected = module(*inputs)
     output = module.cuda()(*(tensor.cuda() for tensor in inputs))
     torch.testing.assert_close(output.cpu(), expected, rtol=1e-5, atol=1e-5)
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+def non_finite_inputs(dtype, device):
+    """One value map, and per query a location or weight that is NaN/inf, on, partly on or wholly off the map."""
+    value, shapes, starts, locations, weights = make_inputs(num_queries=8, num_heads=1, num_points=1, dtype=dtype)
+    locations[:, :, :, :, :] = 0.4
+    weights[:] = 0.5
+    for query, (x, y) in enumerate([(NAN, 0.5), (0.5, NAN), (INF, 0.5), (0.5, -INF), (NAN, NAN)]):
+        locations[:, query, :, 1, :] = torch.tensor([x, y], dtype=dtype)
+    weights[:, 5, :, 0] = NAN  # on the maps
+    locations[:, 6, :, 2] = 3.0  # wholly off level 2, where its weight is NaN
+    weights[:, 6, :, 2] = NAN
+    locations[:, 7, :, 0] = torch.tensor([1.05, 0.5], dtype=dtype)  # partly off level 0, NaN weight
+    weights[:, 7, :, 0] = NAN
+    return [tensor.to(device) for tensor in (value, shapes, starts, locations, weights)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nan_propagates_as_in_the_reference(device, dtype):
+    """NaN and inf locations, NaN weights: NaN in exactly the output and gradient entries where grid_sample has it."""
+    value, shapes, starts, locations, weights = non_finite_inputs(dtype, device)
+    compiled = forward_and_grads(lambda v, l, w: compiled_op(v, shapes, starts, l, w, 2), value, locations, weights)
+    reference = forward_and_grads(
+        lambda v, l, w: multi_scale_deformable_attn_pytorch(v, shapes, l, w), value, locations, weights
+    )
+    for name, got, expected in zip(("output", "value", "locations", "weights"), compiled, reference):
+        assert expected.isnan().any() or name == "value", f"the inputs must put NaN in the reference's {name}"
+        assert torch.equal(got.isnan(), expected.isnan()), name
+        finite = expected.isfinite()
+        torch.testing.assert_close(got[finite], expected[finite], rtol=1e-5, atol=1e-5)
+    assert compiled[0][:, :5].isnan().all() and compiled[0][:, 5:].isnan().all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_infinite_weights_give_non_finite_results_where_the_reference_does(device):
+    value, shapes, starts, locations, weights = make_inputs(num_queries=4, device=device)
+    weights[:, :, :, 1, 0] = INF  # points on, partly on and off level 1
+    locations[:, 0, :, 1, 0] = 5.0
+    compiled = forward_and_grads(lambda v, l, w: compiled_op(v, shapes, starts, l, w, 2), value, locations, weights)
+    reference = forward_and_grads(
+        lambda v, l, w: multi_scale_deformable_attn_pytorch(v, shapes, l, w), value, locations, weights
+    )
+    for name, got, expected in zip(("output", "value", "locations", "weights"), compiled, reference):
+        assert name == "weights" or not expected.isfinite().all(), f"the inputs must make the reference's {name} inf"
+        assert torch.equal(got.isfinite(), expected.isfinite()), name
+
+
+BAD_LAYOUTS = {
+    "non-positive size": (lambda s, i: (s * LAST_LEVEL_ROWS.logical_not(), i), r"spatial_shapes\[3\] = \(0, 1\)"),
+    "sum above value": (lambda s, i: (s + LAST_LEVEL_ROWS, i), "describe 63 values .* holds 62"),
+    "sum below value": (lambda s, i: (s[:3], i[:3]), "describe 61 values .* holds 62"),
+    "start index": (lambda s, i: (s, i + 1), r"level_start_index\[0\] = 1 but the levels before it hold 0"),
+    "overflow": (lambda s, i: (torch.full_like(s, 2**32), i), r"\(4294967296, 4294967296\): height \* width overflows"),
+    "dtype": (lambda s, i: (s.int(), i), "spatial_shapes must be int64, got torch.int32; .*dtype=torch.long"),
+    "shape": (lambda s, i: (s, i[:2]), r"level_start_index \(L,\), got \(4, 2\) and \(2,\); pass one .* per level"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_LAYOUTS))
+def test_check_level_layout_names_the_fault(case):
+    mutate, message = BAD_LAYOUTS[case]
+    spatial_shapes, level_start_index = mutate(*level_layout())
+    with pytest.raises(ValueError, match=message) as error:
+        msda.check_level_layout(spatial_shapes, level_start_index, 62)
+    if case not in ("dtype", "shape"):  # the value faults say how a valid layout looks
+        assert "exclusive cumulative sum of height * width" in str(error.value)
+
+
+def test_check_level_layout_accepts_the_layout_it_describes():
+    msda.check_level_layout(*level_layout(), num_values=62)
+    msda.check_level_layout(*level_layout(((1, 1),)), num_values=1)
+
+
+def test_debug_switch_checks_every_call(monkeypatch):
+    """A layout that lies within value but is wrong passes the op's own checks; the switch makes every call check it."""
+    value, shapes, starts, locations, weights = make_inputs()
+    wrong_starts = torch.zeros_like(starts)  # every level starts at 0: in bounds, yet not the cumulative sum
+    multi_scale_deformable_attn(value, shapes, wrong_starts, locations, weights)
+    monkeypatch.setenv(msda.CHECK_ENV, "1")
+    with pytest.raises(ValueError, match=r"level_start_index\[1\] = 0 but the levels before it hold 42"):
+        multi_scale_deformable_attn(value, shapes, wrong_starts, locations, weights)
+
+
+# Run in a child process, so that an input that crashes the op fails this test instead of killing pytest. Each case
+# builds the six arguments from valid ones (v, s, i, l, w, step) and must raise; RUNS must return a result.
+BATTERY = r"""
+import sys
+import torch
+import salience_detr.layers.ms_deform_attn  # noqa: F401  (registers the op)
+
+op = torch.ops.salience_detr.ms_deform_attn
+v, l, w = torch.rand(2, 10, 2, 4), torch.rand(2, 3, 2, 2, 1, 2), torch.rand(2, 3, 2, 2, 1)
+s, i = torch.tensor([[2, 3], [2, 2]]), torch.tensor([0, 6])
+wide_v, wide_l, wide_w = (torch.zeros(1).expand(*shape) for shape in ((2**20, 1, 1, 2**40), (2**20, 2**40, 1, 1, 1, 2),
+                                                                        (2**20, 2**40, 1, 1, 1)))
+RAISES = {
+    "negative step": lambda: op(v, s, i, l, w, -3),
+    "zero step": lambda: op(v, s, i, l, w, 0),
+    "negative start": lambda: op(v, s, torch.tensor([-6, 0]), l, w, 2),
+    "start past the end": lambda: op(v, s, torch.tensor([0, 2**62]), l, w, 2),
+    "negative size": lambda: op(v, torch.tensor([[-2, -3], [2, 2]]), i, l, w, 2),
+    "level of 2^32 x 2^32": lambda: op(v, torch.tensor([[2**32, 2**32], [2, 5]]), torch.tensor([0, 0]), l, w, 2),
+    "level wider than value": lambda: op(v, torch.tensor([[1, 2**40], [2, 2]]), i, l, w, 2),
+    "batch mismatch": lambda: op(v[:1], s, i, l, w, 2),
+    "heads mismatch": lambda: op(v[:, :, :1], s, i, l, w, 2),
+    "levels mismatch": lambda: op(v, s[:1], i[:1], l, w, 2),
+    "points mismatch": lambda: op(v, s, i, l, w[..., :0], 2),
+    "integer value": lambda: op(v.long(), s, i, l.long(), w.long(), 2),
+    "complex value": lambda: op(v.cfloat(), s, i, l.cfloat(), w.cfloat(), 2),
+    "float shapes": lambda: op(v, s.float(), i, l, w, 2),
+    "int32 starts": lambda: op(v, s, i.int(), l, w, 2),
+    "0-d value": lambda: op(torch.tensor(1.0), s, i, l, w, 2),
+    "1-d shapes": lambda: op(v, s.flatten(), i, l, w, 2),
+    "meta shapes": lambda: op(v, s.to("meta"), i, l, w, 2),
+    "output beyond int64": lambda: op(wide_v, s[:1].new_ones(1, 2), i[:1], wide_l, wide_w, 2),
+    "grad_output shape": lambda: torch.ops.salience_detr.ms_deform_attn_backward(v, s, i, l, w, v, 2),
+    "grad_output dtype": lambda: torch.ops.salience_detr.ms_deform_attn_backward(
+        v, s, i, l, w, torch.zeros(2, 3, 8, dtype=torch.float64), 2),
+}
+RUNS = {
+    "empty batch": lambda: op(v[:0], s, i, l[:0], w[:0], 2),
+    "no queries": lambda: op(v, s, i, l[:, :0], w[:, :0], 2),
+    "no points": lambda: op(v, s, i, l[..., :0, :], w[..., :0], 2),
+    "no levels": lambda: op(v[:, :0], s[:0], i[:0], l[:, :, :, :0], w[:, :, :, :0], 2),
+    "no channels": lambda: op(v[..., :0], s, i, l, w, 2),
+    "non-contiguous": lambda: op(v.transpose(0, 1).contiguous().transpose(0, 1), s.t().contiguous().t(), i, l, w, 2),
+    "expanded value": lambda: op(v[:1].expand(2, -1, -1, -1), s, i, l, w, 5),
+    "huge step": lambda: op(v, s, i, l, w, 2**62),
+}
+for name, call in RAISES.items():
+    try:
+        call()
+    except (RuntimeError, ValueError, TypeError) as error:
+        print(f"raised {name}: {type(error).__name__}: {str(error).splitlines()[0]}")
+    else:
+        sys.exit(f"no error for {name}")
+for name, call in RUNS.items():
+    print(f"ran {name}: {tuple(call().shape)}")
+print("survived")
+"""
+
+
+def test_no_input_crashes_the_process():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", BATTERY], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.endswith("survived\n"), result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert sum(line.startswith("raised ") for line in lines) == 21 and sum(line.startswith("ran ") for line in lines) == 8
+    assert "raised meta shapes: RuntimeError: value is on cpu but another input is on meta" in result.stdout
+    assert "raised level of 2^32 x 2^32: RuntimeError: spatial_shapes[0] = (4294967296, 4294967296)" in result.stdout
+    assert "raised output beyond int64: RuntimeError: the output size" in result.stdout

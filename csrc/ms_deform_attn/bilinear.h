@@ -1,5 +1,5 @@
-// Bilinear sampling geometry shared by the CPU and CUDA kernels, so both follow one convention:
-// pixel = location * size - 0.5 (align_corners=False), and corners outside the map contribute zero.
+// Sampling geometry shared by the CPU and CUDA kernels, so both follow one convention:
+// pixel = location * size - 0.5 (align_corners=False), and corners outside the map contribute a zero value.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -11,6 +11,9 @@ namespace salience_detr {
 
 // The four neighbours of a sampling point: their pixel index within the level (-1 when outside the map),
 // their interpolation weights, and the weights' derivatives with respect to the pixel coordinates.
+// A corner outside the map contributes a zero value, but its weights still take part in the arithmetic, as in
+// grid_sample: callers multiply them by zero (giving NaN when a weight or the attention is not finite), so
+// NaN and inf in the inputs reach the output and the gradients where the PyTorch reference puts them.
 template <typename acc_t>
 struct BilinearCorners {
   int64_t index[4];
@@ -25,12 +28,18 @@ C10_HOST_DEVICE inline BilinearCorners<acc_t> bilinear_corners(
   BilinearCorners<acc_t> corners;
   const acc_t x = location_x * static_cast<acc_t>(width) - static_cast<acc_t>(0.5);
   const acc_t y = location_y * static_cast<acc_t>(height) - static_cast<acc_t>(0.5);
-  // Written so that NaN and points a full pixel or more outside the map take this branch (no corner inside).
+  // Written so that NaN, inf and points a full pixel or more outside the map take this branch (no corner inside).
   if (!(x > static_cast<acc_t>(-1) && y > static_cast<acc_t>(-1) && x < static_cast<acc_t>(width) &&
         y < static_cast<acc_t>(height))) {
+    // c - c is 0 for a finite coordinate and NaN for NaN or inf: the value grid_sample's weights take then.
+    // A non-finite x poisons every weight and the y derivatives (they hold x's fractions), and vice versa.
+    const acc_t x_poison = x - x;
+    const acc_t y_poison = y - y;
     for (int corner = 0; corner < 4; ++corner) {
       corners.index[corner] = -1;
-      corners.weight[corner] = corners.weight_dx[corner] = corners.weight_dy[corner] = static_cast<acc_t>(0);
+      corners.weight[corner] = x_poison + y_poison;
+      corners.weight_dx[corner] = y_poison;
+      corners.weight_dy[corner] = x_poison;
     }
     return corners;
   }
@@ -55,6 +64,27 @@ C10_HOST_DEVICE inline BilinearCorners<acc_t> bilinear_corners(
     corners.weight_dy[corner] = weights_dy[corner];
   }
   return corners;
+}
+
+// Whether a level of height x width whose first value row is `start` lies within value's num_values rows, without
+// overflow. This is all that memory safety needs: the kernels test it per level, while the full layout check
+// (exclusive cumulative sum, sum == num_values) runs in Python, once per transformer forward.
+C10_HOST_DEVICE inline bool level_fits(int64_t height, int64_t width, int64_t start, int64_t num_values) {
+  return height >= 0 && width >= 0 && start >= 0 && start <= num_values &&
+      (width == 0 || height <= (num_values - start) / width);
+}
+
+// What a sample's outside corners add to the output, attention * weight * 0 summed: 0, or NaN when one of those
+// products is not finite (a non-finite location, or a NaN/inf attention on a point off the map).
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t outside_contribution(const BilinearCorners<acc_t>& corners, acc_t attention) {
+  acc_t total = 0;
+  for (int corner = 0; corner < 4; ++corner) {
+    if (corners.index[corner] < 0) {
+      total += attention * corners.weight[corner] * static_cast<acc_t>(0);
+    }
+  }
+  return total;
 }
 
 }  // namespace salience_detr

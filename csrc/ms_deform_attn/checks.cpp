@@ -1,8 +1,13 @@
 // Argument checks shared by the CPU and CUDA entry points: a wrong call fails here with a message naming the
-// argument, never inside a kernel.
+// argument, never inside a kernel. Only shapes, dtypes and devices are checked here, so no call copies data to the
+// host; the values of spatial_shapes and level_start_index are checked in Python (check_level_layout), once per
+// transformer forward, and the kernels only make sure that no level reads outside value (bilinear.h).
 #include "ms_deform_attn.h"
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/safe_numerics.h>
+
+#include <initializer_list>
 
 namespace salience_detr {
 namespace {
@@ -19,25 +24,14 @@ void check_float_like_value(const at::Tensor& tensor, const at::Tensor& value, c
       value.scalar_type(), "; cast them to one floating dtype");
 }
 
-// Level sizes must tile the values exactly: sum(H * W) == Nv and level_start_index == exclusive cumsum.
-void check_level_layout(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index, int64_t num_values) {
-  const at::Tensor shapes = spatial_shapes.cpu();
-  const at::Tensor starts = level_start_index.cpu();
-  const auto shape = shapes.accessor<int64_t, 2>();
-  const auto start = starts.accessor<int64_t, 1>();
-  int64_t offset = 0;
-  for (int64_t level = 0; level < shapes.size(0); ++level) {
+// Sizes whose product does not fit in int64 would wrap around in the kernels' index arithmetic.
+void check_product_fits(std::initializer_list<int64_t> factors, const char* what) {
+  int64_t product = 1;
+  for (const int64_t factor : factors) {
     TORCH_CHECK(
-        shape[level][0] > 0 && shape[level][1] > 0, "spatial_shapes[", level, "] = (", shape[level][0], ", ",
-        shape[level][1], ") must hold a positive (height, width)");
-    TORCH_CHECK(
-        start[level] == offset, "level_start_index[", level, "] = ", start[level], " but the levels before it hold ",
-        offset, " values; level_start_index must be the exclusive cumulative sum of height * width");
-    offset += shape[level][0] * shape[level][1];
+        !c10::mul_overflows(product, factor, &product), what, " overflows int64 (sizes ", c10::IntArrayRef(factors),
+        "); split the batch or the queries into smaller calls");
   }
-  TORCH_CHECK(
-      offset == num_values, "spatial_shapes describe ", offset, " values (sum of height * width) but value holds ",
-      num_values, " (its dim 1)");
 }
 
 }  // namespace
@@ -93,7 +87,9 @@ MsDeformAttnInputs check_ms_deform_attn_inputs(
   check_same_device(level_start_index, value, "level_start_index");
   check_same_device(sampling_locations, value, "sampling_locations");
   check_same_device(attention_weights, value, "attention_weights");
-  check_level_layout(spatial_shapes, level_start_index, sizes.num_values);
+  check_product_fits(
+      {sizes.batch, sizes.num_queries, sizes.num_heads, sizes.head_dim},
+      "the output size batch * num_queries * num_heads * head_dim");
 
   return MsDeformAttnInputs{
       value.contiguous(),

@@ -9,6 +9,12 @@ Two interchangeable implementations compute the same thing:
 
 The backend is chosen per call from the tensor's device and dtype; ``SALIENCE_DETR_MSDA_BACKEND`` (or the
 module's ``backend`` argument) forces one.
+
+The compiled op checks shapes, dtypes and devices only, so it never copies data to the host. The values of
+``spatial_shapes`` and ``level_start_index`` are checked by ``check_level_layout``, which the transformer runs once
+per forward; ``SALIENCE_DETR_MSDA_CHECK=1`` runs it before every call of the op as well (for debugging direct
+callers). Its kernels take any batch size with any ``im2col_step`` (the last chunk may be smaller), and no size is
+turned into a Python int on the way, so ``torch.compile(dynamic=True)`` and ``torch.export`` keep the batch dynamic.
 """
 
 from __future__ import annotations
@@ -28,17 +34,19 @@ from torch import Tensor, nn
 
 __all__ = [
     "BACKEND_ENV",
+    "CHECK_ENV",
     "NO_JIT_ENV",
     "MultiScaleDeformableAttention",
+    "check_level_layout",
     "compiled_backend_available",
     "extension_status",
-    "im2col_step_for_batch",
     "multi_scale_deformable_attn",
     "multi_scale_deformable_attn_pytorch",
     "resolve_backend",
 ]
 
 BACKEND_ENV = "SALIENCE_DETR_MSDA_BACKEND"
+CHECK_ENV = "SALIENCE_DETR_MSDA_CHECK"
 NO_JIT_ENV = "SALIENCE_DETR_NO_JIT"
 BACKENDS = ("auto", "compiled", "pytorch")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -96,16 +104,27 @@ if _C is None:
     )
 
 
+def _check_one_device(value: Tensor, *others: Tensor) -> None:
+    """The dispatcher sends a call with any meta tensor here, even when value is on a real device: refuse it."""
+    for other in others:
+        if other.device != value.device:
+            raise RuntimeError(
+                f"value is on {value.device} but another input is on {other.device}; move all inputs to one device"
+            )
+
+
 def _register_fake_kernels() -> None:
     """Shape-only kernels, so torch.compile and FakeTensor tracing see through the compiled ops."""
 
     @torch.library.register_fake("salience_detr::ms_deform_attn")
     def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, im2col_step):
+        _check_one_device(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
         batch, _, num_heads, head_dim = value.shape
         return value.new_empty((batch, sampling_locations.shape[1], num_heads * head_dim))
 
     @torch.library.register_fake("salience_detr::ms_deform_attn_backward")
     def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output, step):
+        _check_one_device(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output)
         return (
             value.new_empty(value.shape),
             sampling_locations.new_empty(sampling_locations.shape),
@@ -176,14 +195,47 @@ def resolve_backend(device: torch.device, dtype: torch.dtype, requested: str | N
     return "compiled" if available else "pytorch"
 
 
-def im2col_step_for_batch(batch_size: int, im2col_step: int) -> int:
-    """Largest divisor of the batch not above the configured step, so any batch size works."""
-    if im2col_step < 1:
-        raise ValueError(f"im2col_step must be a positive integer, got {im2col_step}")
-    step = min(batch_size, im2col_step)
-    while step > 1 and batch_size % step:
-        step -= 1
-    return max(step, 1)
+def _layout_error(message: str) -> ValueError:
+    return ValueError(
+        f"{message}; spatial_shapes must hold each level's positive (height, width) and level_start_index the "
+        "exclusive cumulative sum of height * width (salience_detr.layers.levels.level_start_index builds it)"
+    )
+
+
+def check_level_layout(spatial_shapes: Tensor, level_start_index: Tensor, num_values: int) -> None:
+    """Raise ``ValueError`` unless the levels tile the ``num_values`` values of the op's ``value`` exactly.
+
+    Checks positive sizes, starts equal to the exclusive cumulative sum of height * width, a total equal to
+    ``num_values``, and no product beyond int64. It reads the values (one host copy for CUDA tensors), which is why
+    the op does not run it: the transformer does, once per forward. Skipped while torch.compile or torch.export
+    traces (the values are not known then) and for meta tensors.
+    """
+    for name, tensor in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)):
+        if tensor.dtype != torch.int64:
+            raise ValueError(f"{name} must be int64, got {tensor.dtype}; build it with dtype=torch.long")
+    if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2 or level_start_index.shape != spatial_shapes.shape[:1]:
+        raise ValueError(
+            f"spatial_shapes must be (L, 2) and level_start_index (L,), got {tuple(spatial_shapes.shape)} and "
+            f"{tuple(level_start_index.shape)}; pass one (height, width) row and one start per level"
+        )
+    if torch.compiler.is_compiling() or spatial_shapes.device.type == "meta":
+        return
+    values = torch.cat([spatial_shapes.flatten(), level_start_index.to(spatial_shapes.device)]).tolist()
+    num_levels = spatial_shapes.shape[0]
+    offset = 0
+    for level in range(num_levels):
+        height, width, start = values[2 * level], values[2 * level + 1], values[2 * num_levels + level]
+        if height <= 0 or width <= 0:
+            raise _layout_error(f"spatial_shapes[{level}] = ({height}, {width}) is not a positive size")
+        if height * width > torch.iinfo(torch.int64).max:
+            raise _layout_error(f"spatial_shapes[{level}] = ({height}, {width}): height * width overflows int64")
+        if start != offset:
+            raise _layout_error(f"level_start_index[{level}] = {start} but the levels before it hold {offset} values")
+        offset += height * width
+    if offset != num_values:
+        raise _layout_error(
+            f"spatial_shapes describe {offset} values (sum of height * width) but value holds {num_values} (dim 1)"
+        )
 
 
 def multi_scale_deformable_attn_pytorch(
@@ -223,16 +275,18 @@ def multi_scale_deformable_attn(
     """Deformable attention on the chosen backend; shapes as in ``multi_scale_deformable_attn_pytorch``.
 
     Inputs of mixed float dtypes (half values with float32 locations under autocast) are computed in the
-    wider dtype and the result is returned in ``value``'s dtype.
+    wider dtype and the result is returned in ``value``'s dtype. ``im2col_step`` (images per CUDA launch) is a
+    speed knob: any positive value works with any batch size.
     """
     compute_dtype = torch.promote_types(
         torch.promote_types(value.dtype, sampling_locations.dtype), attention_weights.dtype
     )
     inputs = [tensor.to(compute_dtype) for tensor in (value, sampling_locations, attention_weights)]
+    if not torch.compiler.is_compiling() and os.environ.get(CHECK_ENV, "0") == "1":
+        check_level_layout(spatial_shapes, level_start_index, value.shape[1])
     if resolve_backend(value.device, compute_dtype, backend) == "compiled":
-        step = im2col_step_for_batch(value.shape[0], im2col_step)
         output = torch.ops.salience_detr.ms_deform_attn(
-            inputs[0], spatial_shapes, level_start_index, inputs[1], inputs[2], step
+            inputs[0], spatial_shapes, level_start_index, inputs[1], inputs[2], im2col_step
         )
     else:
         output = multi_scale_deformable_attn_pytorch(inputs[0], spatial_shapes, inputs[1], inputs[2])
@@ -240,18 +294,27 @@ def multi_scale_deformable_attn(
 
 
 class MultiScaleDeformableAttention(nn.Module):
-    """Each query attends to ``num_points`` learned offsets around its reference point on every level."""
+    """Each query attends to ``num_points`` learned offsets around its reference point on every level.
+
+    Arguments after ``embed_dim`` are keyword-only: they follow mmcv's and detrex's order, but this module once took
+    ``num_levels`` before ``num_heads``, and a positional call of that era must fail rather than swap the two.
+    """
 
     def __init__(
         self,
         embed_dim: int = 256,
-        num_levels: int = 4,
+        *,
         num_heads: int = 8,
+        num_levels: int = 4,
         num_points: int = 4,
-        img2col_step: int = 64,
+        im2col_step: int = 64,
         backend: str | None = None,
     ) -> None:
         super().__init__()
+        if not isinstance(im2col_step, int) or im2col_step < 1:
+            raise ValueError(
+                f"im2col_step must be a positive int (images per CUDA launch; any batch works), got {im2col_step!r}"
+            )
         if embed_dim % num_heads:
             raise ValueError(
                 f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads}); "
@@ -263,7 +326,7 @@ class MultiScaleDeformableAttention(nn.Module):
         self.num_levels = num_levels
         self.num_heads = num_heads
         self.num_points = num_points
-        self.img2col_step = img2col_step
+        self.im2col_step = im2col_step
         self.backend = backend
         self.sampling_offsets = nn.Linear(embed_dim, num_heads * num_levels * num_points * 2)
         self.attention_weights = nn.Linear(embed_dim, num_heads * num_levels * num_points)
@@ -345,6 +408,6 @@ class MultiScaleDeformableAttention(nn.Module):
         weights = weights.view(batch, num_queries, self.num_heads, self.num_levels, self.num_points)
         locations = self._sampling_locations(offsets, reference_points, spatial_shapes)
         output = multi_scale_deformable_attn(
-            value, spatial_shapes, level_start_index, locations, weights, self.img2col_step, self.backend
+            value, spatial_shapes, level_start_index, locations, weights, self.im2col_step, self.backend
         )
         return self.output_proj(output)

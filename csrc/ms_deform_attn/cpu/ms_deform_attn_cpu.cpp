@@ -20,14 +20,20 @@
 namespace salience_detr {
 namespace {
 
-// Level geometry read once from the int64 tensors.
+// Level geometry read once from the int64 tensors (host memory here, so testing that each level lies within
+// value costs no copy; a level that does not is an error rather than a read outside value).
 struct LevelLayout {
   std::vector<int64_t> height, width, start;
 
-  LevelLayout(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index) {
+  LevelLayout(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index, int64_t num_values) {
     const auto shapes = spatial_shapes.accessor<int64_t, 2>();
     const auto starts = level_start_index.accessor<int64_t, 1>();
     for (int64_t level = 0; level < spatial_shapes.size(0); ++level) {
+      TORCH_CHECK(
+          level_fits(shapes[level][0], shapes[level][1], starts[level], num_values), "spatial_shapes[", level,
+          "] = (", shapes[level][0], ", ", shapes[level][1], ") starting at level_start_index[", level, "] = ",
+          starts[level], " does not lie within the ", num_values, " values of value (its dim 1); ",
+          "salience_detr.layers.ms_deform_attn.check_level_layout names the fault in the layout");
       height.push_back(shapes[level][0]);
       width.push_back(shapes[level][1]);
       start.push_back(starts[level]);
@@ -129,6 +135,10 @@ SALIENCE_DETR_CPU_CLONES void forward_query_block(
                 attention * corners.weight[corner], s.head_dim);
           }
         }
+        const acc_t outside = outside_contribution(corners, attention);
+        if (outside != acc_t(0)) {  // NaN (rare): the query's output is NaN, as in the reference
+          std::fill(query_accumulator, query_accumulator + s.head_dim, outside);
+        }
       }
     }
   }
@@ -165,12 +175,12 @@ SALIENCE_DETR_CPU_CLONES void backward_head_slice(
         const BilinearCorners<acc_t> corners = args.corners(sample, level);
         acc_t grad_attention = 0, grad_x = 0, grad_y = 0;
         for (int corner = 0; corner < 4; ++corner) {
-          if (corners.index[corner] < 0) {
-            continue;
+          acc_t dot = 0;  // an outside corner's value is zero, but its weights still multiply it (bilinear.h)
+          if (corners.index[corner] >= 0) {
+            const int64_t row = corners.index[corner] * pixel_stride;
+            dot = dot_and_scaled_add(
+                grad, level_value + row, level_grad_value + row, attention * corners.weight[corner], s.head_dim);
           }
-          const int64_t row = corners.index[corner] * pixel_stride;
-          const acc_t dot = dot_and_scaled_add(
-              grad, level_value + row, level_grad_value + row, attention * corners.weight[corner], s.head_dim);
           grad_attention += corners.weight[corner] * dot;
           grad_x += corners.weight_dx[corner] * dot;
           grad_y += corners.weight_dy[corner] * dot;
@@ -247,7 +257,7 @@ at::Tensor ms_deform_attn_forward_cpu(
   const MsDeformAttnInputs in = check_ms_deform_attn_inputs(
       value, spatial_shapes, level_start_index, sampling_locations, attention_weights, im2col_step);
   const MsDeformAttnSizes& s = in.sizes;
-  const LevelLayout levels(in.spatial_shapes, in.level_start_index);
+  const LevelLayout levels(in.spatial_shapes, in.level_start_index, in.sizes.num_values);
   at::Tensor output = at::empty({s.batch, s.num_queries, s.num_heads * s.head_dim}, in.value.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
     forward_kernel<scalar_t>(in, levels, output);
@@ -266,7 +276,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   const MsDeformAttnInputs in = check_ms_deform_attn_inputs(
       value, spatial_shapes, level_start_index, sampling_locations, attention_weights, im2col_step);
   const at::Tensor grad_out = check_grad_output(grad_output, in);
-  const LevelLayout levels(in.spatial_shapes, in.level_start_index);
+  const LevelLayout levels(in.spatial_shapes, in.level_start_index, in.sizes.num_values);
   const at::ScalarType acc_type = at::toOpMathType(in.value.scalar_type());
   at::Tensor grad_value_acc = at::zeros(in.value.sizes(), in.value.options().dtype(acc_type));
   at::Tensor grad_locations = at::empty(in.sampling_locations.sizes(), in.sampling_locations.options());

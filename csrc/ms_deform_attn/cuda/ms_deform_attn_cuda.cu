@@ -1,7 +1,9 @@
 // CUDA kernels. Forward: one thread per (batch, query, head, channel), neighbouring threads reading neighbouring
 // channels. Backward: one thread per sample (batch, query, head, level, point) looping over channels; it owns
 // its location/weight gradients and adds into grad_value with atomics, in a float buffer (double for double)
-// that is cast to the value dtype at the end. Only ATen/c10 headers here, to keep nvcc time down.
+// that is cast to the value dtype at the end. A level that does not lie within value (a layout that
+// check_level_layout in Python rejects) gives NaN rather than a read outside it: a kernel cannot raise without
+// a host sync. Only ATen/c10 headers here, to keep nvcc time down.
 #include "../bilinear.h"
 #include "../ms_deform_attn.h"
 
@@ -15,6 +17,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <limits>
 #include <string>
 
 namespace salience_detr {
@@ -61,8 +64,12 @@ __global__ void forward_kernel(DeviceArgs<scalar_t> args, scalar_t* out, int64_t
     for (int64_t level = 0; level < s.num_levels; ++level) {
       const int64_t height = args.spatial_shapes[2 * level];
       const int64_t width = args.spatial_shapes[2 * level + 1];
-      const scalar_t* level_value =
-          args.value + ((b * s.num_values + args.level_start_index[level]) * s.num_heads + head) * s.head_dim + c;
+      const int64_t start = args.level_start_index[level];
+      if (!level_fits(height, width, start, s.num_values)) {  // never read outside value: the output is NaN
+        accumulator = std::numeric_limits<acc_t>::quiet_NaN();
+        continue;
+      }
+      const scalar_t* level_value = args.value + ((b * s.num_values + start) * s.num_heads + head) * s.head_dim + c;
       const int64_t first_sample = (task * s.num_levels + level) * s.num_points;
       for (int64_t sample = first_sample; sample < first_sample + s.num_points; ++sample) {
         const acc_t attention = static_cast<acc_t>(args.weights[sample]);
@@ -75,6 +82,7 @@ __global__ void forward_kernel(DeviceArgs<scalar_t> args, scalar_t* out, int64_t
                 static_cast<acc_t>(level_value[corners.index[corner] * pixel_stride]);
           }
         }
+        accumulator += outside_contribution(corners, attention);  // 0, or NaN as in the reference
       }
     }
     out[task * s.head_dim + c] = static_cast<scalar_t>(accumulator);
@@ -103,8 +111,13 @@ __global__ void backward_kernel(
     const int64_t b = task / (s.num_queries * s.num_heads);
     const int64_t height = args.spatial_shapes[2 * level];
     const int64_t width = args.spatial_shapes[2 * level + 1];
-    const int64_t level_offset =
-        ((b * s.num_values + args.level_start_index[level]) * s.num_heads + head) * s.head_dim;
+    const int64_t start = args.level_start_index[level];
+    if (!level_fits(height, width, start, s.num_values)) {  // never touch value: its location/weight grads are NaN
+      grad_attn[sample] = grad_loc[2 * sample] = grad_loc[2 * sample + 1] =
+          static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN());
+      continue;
+    }
+    const int64_t level_offset = ((b * s.num_values + start) * s.num_heads + head) * s.head_dim;
     const scalar_t* task_grad_out = grad_out + task * s.head_dim;
     const acc_t attention = static_cast<acc_t>(args.weights[sample]);
     const BilinearCorners<acc_t> corners = bilinear_corners<acc_t>(
@@ -112,16 +125,15 @@ __global__ void backward_kernel(
         width);
     acc_t grad_attention = 0, grad_x = 0, grad_y = 0;
     for (int corner = 0; corner < 4; ++corner) {
-      if (corners.index[corner] < 0) {
-        continue;
-      }
-      const int64_t row = level_offset + corners.index[corner] * pixel_stride;
-      const acc_t scale = attention * corners.weight[corner];
-      acc_t dot = 0;
-      for (int64_t c = 0; c < s.head_dim; ++c) {
-        const acc_t grad = static_cast<acc_t>(task_grad_out[c]);
-        dot += grad * static_cast<acc_t>(args.value[row + c]);
-        atomicAdd(grad_value + row + c, scale * grad);
+      acc_t dot = 0;  // an outside corner's value is zero, but its weights still multiply it (bilinear.h)
+      if (corners.index[corner] >= 0) {
+        const int64_t row = level_offset + corners.index[corner] * pixel_stride;
+        const acc_t scale = attention * corners.weight[corner];
+        for (int64_t c = 0; c < s.head_dim; ++c) {
+          const acc_t grad = static_cast<acc_t>(task_grad_out[c]);
+          dot += grad * static_cast<acc_t>(args.value[row + c]);
+          atomicAdd(grad_value + row + c, scale * grad);
+        }
       }
       grad_attention += corners.weight[corner] * dot;
       grad_x += corners.weight_dx[corner] * dot;
