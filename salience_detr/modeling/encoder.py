@@ -46,7 +46,9 @@ class SalienceEncoderLayer(nn.Module):
         self.pre_attention = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
         self.pre_dropout = nn.Dropout(dropout)
         self.pre_norm = nn.LayerNorm(d_model)
-        self.self_attn = MultiScaleDeformableAttention(d_model, n_levels, n_heads, n_points)
+        self.self_attn = MultiScaleDeformableAttention(
+            d_model, num_heads=n_heads, num_levels=n_levels, num_points=n_points
+        )
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, d_ffn)
