@@ -21,14 +21,20 @@ endif
 export MAX_JOBS ?= 2
 
 BUILD_INPUTS := setup.py $(shell find csrc -type f 2>/dev/null)
+CSRC_SOURCES := $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 
-.PHONY: setup quickstart test
-setup: $(VENV)/.built
+.PHONY: setup quickstart test lint
+setup: $(VENV)/.built $(VENV)/.detectron2
 
 $(VENV)/.deps: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -m salience_detr.tools.install_detectron2
+	touch $@
+
+# detectron2 0.6 fixed for current libraries. Reruns when the installer changes; the installer then replaces an
+# older install of its own (it reads the version mark) and leaves a detectron2 built from source alone.
+$(VENV)/.detectron2: $(VENV)/.deps salience_detr/tools/install_detectron2.py
+	$(PY) salience_detr/tools/install_detectron2.py
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(BUILD_INPUTS)
@@ -38,5 +44,11 @@ $(VENV)/.built: $(VENV)/.deps $(BUILD_INPUTS)
 quickstart: setup
 	$(PY) -m salience_detr.tools.quickstart
 
-test: setup
+# ruff (lint and format, settings in pyproject.toml) and clang-format (.clang-format) over csrc/; CI runs it first.
+lint: $(VENV)/.deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/clang-format --dry-run -Werror $(CSRC_SOURCES)
+
+test: lint setup
 	$(PY) -m pytest tests -q -ra --durations=20 $(PYTEST_ARGS)

@@ -79,9 +79,9 @@ def test_missing_compiled_op_names_itself_and_the_fix():
     from detectron2 import _C
 
     with pytest.raises(_C.MissingCompiledOp, match="nms_rotated.*build detectron2 from source"):
-        _C.nms_rotated
+        _ = _C.nms_rotated
     with pytest.raises(AttributeError) as dunder:
-        _C.__wrapped__
+        _ = _C.__wrapped__
     assert not isinstance(dunder.value, _C.MissingCompiledOp)
     assert not hasattr(_C, "__path__")
     assert "pure-Python" in _C.get_compiler_version()
