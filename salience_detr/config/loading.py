@@ -7,13 +7,20 @@ names and count then come from the checkpoint's metadata, which training writes 
 
 from __future__ import annotations
 
+import builtins
+import contextlib
+import importlib.machinery
+import importlib.util
 import logging
 import os
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from detectron2.config import LazyConfig, instantiate
+from detectron2.config.lazy import _CFG_PACKAGE_NAME
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from omegaconf import DictConfig
 
 from salience_detr.config.overrides import apply_overrides
 from salience_detr.data import DatasetPathError, dataset_info
@@ -22,6 +29,9 @@ from salience_detr.engine.checkpoint import read_checkpoint_metadata
 from salience_detr.engine.weights import CheckpointMismatchError, checkpoint_metadata
 
 logger = logging.getLogger(__name__)
+
+# absolute imports of these packages inside a config are read as config files (see lazy_config_imports)
+CONFIG_PACKAGES = ("configs", "salience_detr.configs")
 
 __all__ = [
     "check_config_datasets",
@@ -44,7 +54,9 @@ def load_config(
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file {path!r} does not exist; pass the path of a LazyConfig .py file")
-    cfg = apply_overrides(LazyConfig.load(path), list(overrides))
+    with lazy_config_imports():
+        cfg = LazyConfig.load(path)
+    cfg = apply_overrides(cfg, list(overrides))
     if not inference:
         register_config_datasets(cfg)
         check_config_datasets(cfg)
@@ -54,6 +66,48 @@ def load_config(
         checkpoint = cfg.get("train", {}).get("init_checkpoint", "")
     prepare_for_inference(cfg, read_checkpoint_metadata(checkpoint) if checkpoint else None, checkpoint)
     return cfg
+
+
+def _config_file_of(name: str) -> str | None:
+    """The .py file behind an absolute import of one of ``CONFIG_PACKAGES``, or None for any other import."""
+    if not any(name == package or name.startswith(package + ".") for package in CONFIG_PACKAGES):
+        return None
+    try:
+        spec = importlib.util.find_spec(name)
+    except ModuleNotFoundError:
+        return None
+    return spec.origin if spec is not None and spec.origin and spec.origin.endswith(".py") else None
+
+
+@contextlib.contextmanager
+def lazy_config_imports() -> Iterator[None]:
+    """Let a config outside ``configs/`` import the project's configs absolutely (``from configs.common.train
+    import train``) and get what a relative import inside ``configs/`` gets: the file run as a config, its dicts
+    as ``DictConfig``, so ``train.max_iter = 100`` works. A plain Python import would give a plain dict, and
+    configs that set attributes on imported dicts would fail."""
+    plain_import = builtins.__import__
+
+    def config_import(name, globals=None, locals=None, fromlist=(), level=0):
+        path = _config_file_of(name) if level == 0 and fromlist else None
+        if path is None:
+            return plain_import(name, globals, locals, fromlist, level)
+        # a package name under detectron2's config prefix makes the file's own relative imports work as in configs/
+        spec = importlib.machinery.ModuleSpec(f"{_CFG_PACKAGE_NAME}{uuid.uuid4().hex[:8]}.{name}", None, origin=path)
+        module = importlib.util.module_from_spec(spec)
+        module.__file__ = path
+        with open(path) as file:
+            exec(compile(file.read(), path, "exec"), module.__dict__)
+        for key in fromlist:
+            value = module.__dict__.get(key)
+            if isinstance(value, dict):
+                module.__dict__[key] = DictConfig(value, flags={"allow_objects": True})
+        return module
+
+    builtins.__import__ = config_import
+    try:
+        yield
+    finally:
+        builtins.__import__ = plain_import
 
 
 def register_config_datasets(cfg: Any) -> None:
@@ -80,7 +134,7 @@ def resolve_num_classes(cfg: Any) -> None:
     names = config_dataset_names(cfg, "train")
     if not names:
         if cfg.model.get("num_classes") is None:
-            raise ValueError("model.num_classes is None and the config has no dataloader.train; set model.num_classes=N")
+            raise ValueError("model.num_classes is None and the config has no training data; set model.num_classes=N")
         return
     first = names[0]
     dataset_classes = dataset_info(first)["num_classes"]

@@ -57,7 +57,7 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
         self._source = "checkpoint"
 
     def save(self, name: str, *, tag_last: bool = True, **kwargs: Any) -> None:
-        """Write ``{name}.pth`` atomically; ``tag_last=False`` leaves ``last_checkpoint`` (what --resume loads) as is."""
+        """Write ``{name}.pth`` atomically; ``tag_last=False`` leaves ``last_checkpoint`` (what --resume loads)."""
         if not self.save_dir or not self.save_to_disk:
             return
         data = {"model": self.model.state_dict()}

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import salience_detr  # noqa: F401  (detectron2 compat layer before any detectron2 import)
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import instantiate
 
 from salience_detr.checkpoint.official import (
     BACKBONE_RULES,
@@ -25,6 +25,7 @@ from salience_detr.checkpoint.official import (
     load_official_checkpoint,
     save_model_checkpoint,
 )
+from salience_detr.config import load_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "models" / "salience_detr_r50.py"
 
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.config_file).is_file():
         print(f"error: config file {args.config_file} not found; pass --config-file", file=sys.stderr)
         return 2
-    model = instantiate(LazyConfig.load(args.config_file).model)
+    model = instantiate(load_config(args.config_file, inference=True, checkpoint="").model)
     family = args.backbone_family or backbone_family(model.backbone)
     target_shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     try:
