@@ -11,7 +11,9 @@ which every ONNX runtime has. The token budgets of the salience filter depend on
 when the graph is traced, so the image size is fixed too: export once per size you deploy.
 
 After export the tool runs the file in onnxruntime and the wrapper in PyTorch on a real image (``--image``,
-or the first image of the config's test dataset) and prints the largest differences.
+or the first image of the config's test dataset) and matches the two sets of detections (same label, box and
+score within ``--tolerance``, in any order: near-equal scores may swap slots). It prints the largest differences,
+and on a mismatch says what differs and keeps the file.
 """
 
 from __future__ import annotations
@@ -36,6 +38,13 @@ from detectron2.data import DatasetCatalog
 from salience_detr.config import load_config
 from salience_detr.data.image_io import read_image
 from salience_detr.layers import MultiScaleDeformableAttention
+from salience_detr.tools.onnx_check import (
+    Detections,
+    check_output_path,
+    describe_differences,
+    label_mismatches,
+    match_detections,
+)
 from salience_detr.utils.inference import (
     DetectionsAsTensors,
     load_model_for_inference,
@@ -134,19 +143,28 @@ def export(detector: ExportableDetector, image: Tensor, output: str, opset: int)
         )
 
 
-def compare_with_onnxruntime(detector: ExportableDetector, image: Tensor, onnx_file: str) -> dict[str, float]:
-    """Largest absolute differences between PyTorch and onnxruntime on one input (same top-K order expected)."""
+def compare_with_onnxruntime(
+    detector: ExportableDetector, image: Tensor, onnx_file: str, tolerance: float = 1e-3
+) -> dict[str, Any]:
+    """PyTorch against onnxruntime on one input, detections matched as sets (``onnx_check``): the largest box and
+    score differences of matched pairs, what is left unmatched, and ``differences`` in words when they disagree."""
     import onnxruntime
 
     session = onnxruntime.InferenceSession(onnx_file, providers=["CPUExecutionProvider"])
-    onnx_boxes, onnx_scores, onnx_labels = session.run(OUTPUT_NAMES, {INPUT_NAMES[0]: image.cpu().numpy()})
+    onnx = Detections(*session.run(OUTPUT_NAMES, {INPUT_NAMES[0]: image.cpu().numpy()}))
     with torch.no_grad():
-        boxes, scores, labels = (tensor.cpu().numpy() for tensor in detector(image))
+        reference = Detections(*(tensor.cpu().numpy() for tensor in detector(image)))
+    match = match_detections(reference, onnx, box_tolerance=tolerance, score_tolerance=tolerance)
     return {
-        "max_abs_diff_boxes": float(np.abs(boxes - onnx_boxes).max()),
-        "max_abs_diff_scores": float(np.abs(scores - onnx_scores).max()),
-        "label_mismatches": int((labels != onnx_labels).sum()),
-        "num_detections": int(len(scores)),
+        "max_abs_diff_boxes": match.max_box_diff,
+        "max_abs_diff_scores": match.max_score_diff,
+        "label_mismatches": label_mismatches(match, reference, onnx),
+        "matched": len(match.pairs),
+        "unmatched_pytorch": len(match.unmatched_reference),
+        "unmatched_onnxruntime": len(match.unmatched_other),
+        "swapped_at_cutoff": match.at_cutoff,
+        "num_detections": int(len(reference.scores)),
+        "differences": None if match.ok else describe_differences(match, reference, onnx, ("PyTorch", "onnxruntime")),
     }
 
 
@@ -171,6 +189,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"--opset {args.opset} has no grid_sample; use 16 or newer")
     if not os.path.isfile(args.config_file):
         raise SystemExit(f"config file {args.config_file!r} does not exist; pass a LazyConfig .py file")
+    try:
+        check_output_path(args.output)  # before the minutes of building, tracing and checking
+    except ValueError as error:
+        raise SystemExit(str(error)) from error
     cfg = load_config(args.config_file, args.opts, inference=True)
     model = load_model_for_inference(cfg, "cpu")
     switched = use_pytorch_attention(model)
@@ -184,16 +206,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     image = normalized_input(model, image_bgr, cfg, size)
     detector = ExportableDetector(model).eval()
     export(detector, image, args.output, args.opset)
-    check = compare_with_onnxruntime(detector, image, args.output)
+    check = compare_with_onnxruntime(detector, image, args.output, args.tolerance)
     report = {"onnx_file": args.output, "image": image_file, "input_shape": list(image.shape), **check}
     print(
         f"Exported {args.output} for input (1, 3, {image.shape[2]}, {image.shape[3]}); onnxruntime vs PyTorch on "
-        f"{image_file}: largest difference boxes {check['max_abs_diff_boxes']:.3g} px, "
-        f"scores {check['max_abs_diff_scores']:.3g}, {check['label_mismatches']} label mismatches "
-        f"of {check['num_detections']}"
+        f"{image_file}: {check['matched']} of {check['num_detections']} "
+        f"detections matched as sets, largest difference boxes {check['max_abs_diff_boxes']:.3g} px, "
+        f"scores {check['max_abs_diff_scores']:.3g}"
     )
-    if max(check["max_abs_diff_boxes"], check["max_abs_diff_scores"]) > args.tolerance:
-        raise SystemExit(f"onnxruntime differs from PyTorch by more than --tolerance {args.tolerance}")
+    if check["differences"]:
+        raise SystemExit(
+            f"onnxruntime and PyTorch disagree beyond --tolerance {args.tolerance} (same label, box and score, in any "
+            f"order):\n{check['differences']}\n{args.output} is kept for inspection; pass a larger --tolerance if "
+            "these differences are acceptable."
+        )
     return report
 
 
