@@ -85,7 +85,7 @@ def test_optimizer_groups_follow_the_name_rules():
     names = {id(p): n for n, p in model.named_parameters()}
     groups = {(g["lr"], g["weight_decay"]): sorted(names[id(p)] for p in g["params"]) for g in optimizer.param_groups}
     assert groups == {
-        # a norm layer whose name lacks "norm" keeps weight decay, as in the official recipe (spec §8.1)
+        # a norm layer whose name lacks "norm" keeps weight decay, as in the official recipe (docs/model.md#optimizer)
         (1e-5, 1e-4): ["backbone.0.weight", "backbone.1.weight", "sampling_offsets.weight"],
         (1e-5, 0.0): ["backbone.0.bias", "backbone.1.bias", "sampling_offsets.bias"],
         (1e-4, 0.0): ["head.bias", "norm1.bias", "norm1.weight"],

@@ -11,10 +11,15 @@ SHAPES = [(6, 7), (3, 4)]
 LAYER_RATIOS = torch.tensor([1.0, 0.8, 0.6, 0.6, 0.4, 0.2])
 
 
+def make_layer(**overrides):
+    sizes = dict(embed_dim=D_MODEL, ffn_dim=64, num_heads=HEADS, num_levels=LEVELS, num_points=POINTS)
+    return SalienceEncoderLayer(**sizes, **overrides)
+
+
 def _tiny_encoder(topk_sa=8, seed=0, max_num_embedding=200):
     torch.manual_seed(seed)
-    layer = SalienceEncoderLayer(D_MODEL, 64, HEADS, LEVELS, POINTS, dropout=0.0, topk_sa=topk_sa)
-    encoder = SalienceEncoder(layer, num_layers=6, max_num_embedding=max_num_embedding, d_model=D_MODEL)
+    layer = make_layer(dropout=0.0, topk_sa=topk_sa)
+    encoder = SalienceEncoder(layer, num_layers=6, max_num_embedding=max_num_embedding, embed_dim=D_MODEL)
     encoder.enhance_mcsp = torch.nn.Linear(D_MODEL, CLASSES)
     for module in encoder.layers:  # non-trivial deformable attention so every input matters
         torch.nn.init.normal_(module.self_attn.sampling_offsets.weight, std=0.05)
@@ -53,7 +58,10 @@ def _inputs(image_hws, padded_hw, shapes=SHAPES, level_ratios=(0.5, 1.0), dtype=
 
 
 def _reference_encoder(encoder, inputs):
-    """Loop-based transcription of spec §2.3-§2.5 (per image, per token) to check the vectorised encoder."""
+    """Loop-based transcription (per image, per token) of docs/model.md#encoder-state to #background-embedding.
+
+    It checks the vectorised encoder.
+    """
     feat, pos, mask = inputs["feat_flatten"], inputs["pos"], inputs["mask_flatten"]
     refs = encoder_reference_points(inputs["spatial_shapes"], inputs["valid_ratios"])
     output = feat.clone()
@@ -182,7 +190,7 @@ def test_only_selected_tokens_change_and_background_placement():
 
 def test_salient_self_attention_touches_only_top_tokens():
     torch.manual_seed(0)
-    layer = SalienceEncoderLayer(D_MODEL, 64, HEADS, LEVELS, POINTS, topk_sa=3).double().eval()
+    layer = make_layer(topk_sa=3).double().eval()
     query = torch.randn(2, 6, D_MODEL, dtype=torch.float64)
     pos = torch.randn(2, 6, D_MODEL, dtype=torch.float64)
     score_tgt = torch.randn(2, 6, CLASSES, dtype=torch.float64)
@@ -238,8 +246,8 @@ def test_autocast_runs():
 
 
 def test_clear_errors_for_missing_head_and_bad_inputs():
-    layer = SalienceEncoderLayer(D_MODEL, 64, HEADS, LEVELS, POINTS)
-    encoder = SalienceEncoder(layer, num_layers=6, d_model=D_MODEL)
+    layer = make_layer()
+    encoder = SalienceEncoder(layer, num_layers=6, embed_dim=D_MODEL)
     inputs = _inputs([(48, 56)], (48, 56))
     with pytest.raises(RuntimeError, match="encoder_class_head"):
         encoder(**inputs)
@@ -248,5 +256,5 @@ def test_clear_errors_for_missing_head_and_bad_inputs():
         encoder(**{**inputs, "layer_indices": inputs["layer_indices"][:2]})
     with pytest.raises(ValueError, match="feat_flatten"):
         encoder(**{**inputs, "feat_flatten": inputs["feat_flatten"][:, :-1]})
-    with pytest.raises(ValueError, match="d_model"):
-        SalienceEncoder(layer, d_model=64)
+    with pytest.raises(ValueError, match="embed_dim"):
+        SalienceEncoder(layer, embed_dim=64)

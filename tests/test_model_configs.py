@@ -8,8 +8,8 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.structures import Boxes, Instances
 
 OFFICIAL_KEYS = Path(__file__).parent / "data" / "official_r50_state_dict_keys.tsv"
-# spec §10.2: 56 080 495 unique parameters with 91-way heads; the 80-class model drops 11 rows of the 6 decoder
-# class heads, the (tied) encoder class head and the denoising label embedding.
+# docs/model.md#parameter-count: 56 080 495 unique parameters with 91-way heads; the 80-class model drops 11 rows of
+# the 6 decoder class heads, the (tied) encoder class head and the denoising label embedding.
 OFFICIAL_PARAMS_91 = 56_080_495
 UNUSED_ROWS = 91 - 80
 EXPECTED_PARAMS_80 = OFFICIAL_PARAMS_91 - UNUSED_ROWS * (7 * (256 + 1) + 256)

@@ -82,7 +82,7 @@ def test_transformer_neck_output_shapes_for_odd_sizes():
 
 
 def test_transformer_neck_wiring_matches_spec():
-    """Hand-composed PAN from the submodules (spec §2.7): laterals replace the top-down maps."""
+    """Hand-composed PAN from the submodules (docs/model.md#transformer-neck): laterals replace the top-down maps."""
     torch.manual_seed(0)
     neck = RepVGGPluXNetwork([16] * 4, [16] * 4, groups=2, num_blocks=1).eval()
     x = [torch.randn(1, 16, h, w) for h, w in ODD_SHAPES]

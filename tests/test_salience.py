@@ -10,7 +10,7 @@ LAYER_RATIOS = torch.tensor([1.0, 0.8, 0.6, 0.6, 0.4, 0.2])
 
 
 def _level_masks(padded_hw, image_hws, shapes):
-    """Per-level masks by nearest interpolation of the full-resolution padding mask (spec §1.2)."""
+    """Per-level masks by nearest interpolation of the full-resolution padding mask (docs/model.md#padding-masks)."""
     full = torch.ones(len(image_hws), *padded_hw, dtype=torch.bool)
     for b, (h, w) in enumerate(image_hws):
         full[b, :h, :w] = False

@@ -35,7 +35,7 @@ def test_strides_follow_padded_size_per_axis():
 
 
 def reference_target(x, y, boxes, low, high):
-    """Brute-force per-cell rule of spec §6.4, in plain Python."""
+    """Brute-force per-cell rule of docs/model.md#salience-loss, in plain Python."""
     best, matched = 0.0, False
     for x1, y1, x2, y2 in boxes:
         l, t, r, b = x - x1, y - y1, x2 - x, y2 - y

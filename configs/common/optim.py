@@ -3,7 +3,7 @@ from detectron2.config import LazyCall as L
 
 from salience_detr.engine import detr_param_groups
 
-# AdamW of spec §8.1. train_net.py sets optimizer.params.model to the model before instantiation.
+# AdamW of docs/model.md#optimizer. train_net.py sets optimizer.params.model to the model before instantiation.
 # Backbone and sampling_offsets parameters get lr x 0.1; names containing "norm" or "bias" get no weight decay.
 AdamW = L(torch.optim.AdamW)(
     params=L(detr_param_groups)(base_lr="${..lr}", weight_decay="${..weight_decay}", low_lr_factor=0.1),

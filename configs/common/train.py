@@ -11,8 +11,8 @@ train = dict(
     best_checkpointer=dict(enabled=True, metric="bbox/AP", mode="max"),
     log_period=20,
     device="cuda",
-    # global L2 norm (spec §8.1); each module in `separate` is clipped on its own, so that the add-on RoI head
-    # (trained by its own loss alone) does not change the step of the rest of the model
+    # global L2 norm (docs/model.md#optimizer); each module in `separate` is clipped on its own, so that the add-on
+    # RoI head (trained by its own loss alone) does not change the step of the rest of the model
     clip_grad=dict(enabled=True, max_norm=0.1, norm_type=2.0, separate=["roi_refine"]),
     # module paths that train, e.g. ["roi_refine"] to add the RoI head to a trained checkpoint; the rest stays as
     # loaded (no gradients, eval mode). None: everything trains

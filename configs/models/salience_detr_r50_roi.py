@@ -1,4 +1,4 @@
-"""Salience DETR R50 4-scale with the RoI refinement head (issue #5, design shared/design/roi_refine.md).
+"""Salience DETR R50 4-scale with the RoI refinement head (issue #5, design docs/roi_refine.md).
 
 The head is defined once here (``roi_refine_head()``, a fresh node per call); every ``*_roi_*`` experiment config
 puts it on its own model. The head infers the level strides from the feature maps, so it fits every backbone.

@@ -1,4 +1,6 @@
-"""Salience DETR FocalNet-L (LRF, focal level 4) 4-scale, 12 epochs (1x) on COCO 2017: the official recipe (spec §8).
+"""Salience DETR FocalNet-L (LRF, focal level 4) 4-scale, 12 epochs (1x) on COCO 2017: the official recipe.
+
+Recipe: docs/model.md#training-recipe.
 
 The optimizer is the R50 one: the official recipe uses the same parameter groups for every backbone (backbone
 lr x 0.1, no weight decay on names containing "norm" or "bias"); the timm names this wrapper uses fall into the

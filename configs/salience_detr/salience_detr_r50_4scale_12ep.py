@@ -1,4 +1,7 @@
-"""Salience DETR R50 4-scale, 12 epochs (1x) on COCO 2017: official recipe (spec §8), total batch 16."""
+"""Salience DETR R50 4-scale, 12 epochs (1x) on COCO 2017: official recipe, total batch 16.
+
+Recipe: docs/model.md#training-recipe.
+"""
 
 from ..common.data.coco_detr import dataloader
 from ..common.optim import AdamW as optimizer

@@ -3,7 +3,7 @@
 The transformer, neck, position embedding and denoising names already mirror the official ones; what changes:
 
 - the backbone: official keys follow torchvision's layout; a rename rule per backbone family (``BACKBONE_RULES``)
-  maps them onto this project's backbone (ResNet: detectron2's ``stem`` / ``res{2..5}`` names, spec §1.3);
+  maps them onto this project's backbone (ResNet: detectron2's ``stem`` / ``res{2..5}`` names, docs/model.md#backbone);
 - the class rows: the official heads have 91 rows indexed by COCO category id; this project's heads have one
   row per contiguous detectron2 class, so the rows of the 80 COCO ids are picked in detectron2's order;
 - ``_classes_`` (class names stored by the official trainer) is dropped.
@@ -14,8 +14,10 @@ fit, or a target entry left unfilled is refused with a message that names it.
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -177,14 +179,37 @@ def convert_official_state_dict(
     return converted
 
 
+PICKLE_MAGIC = 0x80  # first byte of a pickle of protocol 2 or newer (torch.save's legacy format)
+
+
+def check_checkpoint_format(path: str) -> None:
+    """Raise :class:`ConversionError` unless ``path`` is a torch.save file: a zip archive or a pickle. Checked before
+    torch.load, whose errors on other files (a text file, a partial download) are chained pickle messages."""
+    if not os.path.isfile(path):
+        raise ConversionError(f"{path} does not exist; pass the path of the official checkpoint (.pth) to convert")
+    with open(path, "rb") as f:
+        first = f.read(1)
+    if not zipfile.is_zipfile(path) and first != bytes([PICKLE_MAGIC]):
+        raise ConversionError(
+            f"{path} is not a PyTorch checkpoint (neither torch.save's zip archive nor a pickle): it may be a partial "
+            "download, an HTML error page or another format. Download the official .pth file again."
+        )
+
+
 def load_official_checkpoint(path: str, allow_pickle: bool = False) -> tuple[dict[str, Tensor], str | None]:
     """Read a checkpoint file on the CPU and unwrap its state dict (see ``unwrap_checkpoint``).
 
     Loads with ``weights_only=True`` unless ``allow_pickle``: only do that for files from a trusted source.
     """
+    check_checkpoint_format(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as error:
+        if allow_pickle:
+            raise ConversionError(
+                f"{path} cannot be unpickled even with --allow-pickle ({error}): the file is damaged or was not "
+                "written by torch.save. Download the official .pth file again."
+            ) from error
         raise ConversionError(
             f"{path} holds objects other than tensors, so it cannot be read in safe mode ({error}); if you trust the "
             "file, pass --allow-pickle"

@@ -141,7 +141,7 @@ def load_detection_dicts(
     min_box_side: float = 1.0,
     max_images: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Dataset dicts of ``names`` with crowd and degenerate boxes removed (spec §8.2).
+    """Dataset dicts of ``names`` with crowd and degenerate boxes removed (docs/model.md#data).
 
     With ``filter_empty`` the images left without a valid box are dropped, and how many is logged.
     ``max_images`` keeps only the first images (quick checks such as ``train.fast_dev_run``).

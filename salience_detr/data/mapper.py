@@ -1,4 +1,4 @@
-"""DETR-style dataset mapper: the augmentation of spec §8.3 expressed with detectron2 transforms.
+"""DETR-style dataset mapper: the augmentation of docs/model.md#augmentation expressed with detectron2 transforms.
 
 The augmentations come from the config (``augmentations``, detectron2 ``T.Augmentation`` objects; presets in
 ``salience_detr.data.augmentations``). Without them the mapper runs the DETR recipe: training, a random
@@ -26,7 +26,7 @@ from .image_io import read_image
 logger = logging.getLogger(__name__)
 
 UNREADABLE_POLICIES = ("raise", "skip")
-MIN_BOX_SIDE = 1.0  # pixels; thinner boxes are degenerate (spec §8.3, SanitizeBoundingBox)
+MIN_BOX_SIDE = 1.0  # pixels; thinner boxes are degenerate (docs/model.md#augmentation)
 
 
 class UnreadableImageError(RuntimeError):

@@ -1,4 +1,4 @@
-"""Optimizer parameter groups by parameter name (spec §8.1).
+"""Optimizer parameter groups by parameter name (docs/model.md#optimizer).
 
 Backbone parameters and the deformable attention's ``sampling_offsets`` train at a lower learning rate,
 and parameters whose name contains ``norm`` or ``bias`` get no weight decay. Matching on names (substrings)

@@ -1,4 +1,6 @@
-"""Sine and learned position embeddings for feature maps and boxes (spec §1.5, §2.5, §4 step 2).
+"""Sine and learned position embeddings for feature maps and boxes.
+
+Described in docs/model.md#position-embedding, #background-embedding and #decoder (the box embedding).
 
 Numerics follow the official Salience DETR code so converted checkpoints reproduce its outputs: the sine
 map embedding counts positions from 1 with an offset of -0.5 and puts y before x; the box embedding swaps

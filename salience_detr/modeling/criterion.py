@@ -1,4 +1,6 @@
-"""Training losses of Salience DETR: the set criterion (spec §6.2, §5) and the salience loss (§6.4).
+"""Training losses of Salience DETR: the set criterion and the salience loss.
+
+Described in docs/model.md#set-criterion, #denoising and #salience-loss.
 
 All boxes entering ``HybridSetCriterion`` are normalized cxcywh; losses come back already weighted, under the
 official key names (``loss_class``, ``loss_bbox_3``, ``loss_giou_enc``, ``loss_class_dn_0``, ...).
@@ -174,7 +176,7 @@ def salience_targets(
     padded_size: tuple[int, int],
     limit_range: Sequence[tuple[float, float]] = DEFAULT_LIMIT_RANGE,
 ) -> list[Tensor]:
-    """Per-level salience targets (B, H_l, W_l) in [0, 1] for absolute-pixel xyxy boxes (spec §6.4).
+    """Per-level salience targets (B, H_l, W_l) in [0, 1] for absolute-pixel xyxy boxes (docs/model.md#salience-loss).
 
     A cell centre gets the scale-independent centre-ness ``1 - ½·sqrt(δx² + δy²)`` (1 at a box centre, 0.5 at
     edge midpoints, 1-√2/2 at corners), maximised over every box containing it, but only where at least one

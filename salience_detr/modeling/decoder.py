@@ -1,4 +1,4 @@
-"""Deformable decoder with iterative box refinement and look-forward-twice (spec §4).
+"""Deformable decoder with iterative box refinement and look-forward-twice (docs/model.md#decoder).
 
 Nothing here is salience-specific: it is the DINO-style decoder the official checkpoints were trained with,
 including one quirk kept on purpose: the next layer's reference box is refined from the *un-normalised* query,
@@ -16,46 +16,46 @@ from salience_detr.layers.box_ops import inverse_sigmoid
 from salience_detr.layers.mlp import MLP, init_box_head, init_class_head
 from salience_detr.layers.ms_deform_attn import MultiScaleDeformableAttention
 from salience_detr.layers.position_encoding import get_sine_pos_embed
+from salience_detr.layers.post_norm import PostNormLayer
 
 
-class SalienceDecoderLayer(nn.Module):
+class SalienceDecoderLayer(PostNormLayer):
     """Post-norm decoder layer: self-attention -> deformable cross-attention -> FFN.
 
-    Attribute names follow the official checkpoint: ``self_attn``/``norm2`` for self-attention and
-    ``cross_attn``/``norm1`` for cross-attention.
+    Attribute names follow the official checkpoint: ``self_attn``/``norm2`` for self-attention,
+    ``cross_attn``/``norm1`` for cross-attention (built first, as there) and ``norm3`` for the FFN.
     """
 
     def __init__(
         self,
-        d_model: int = 256,
-        d_ffn: int = 2048,
-        n_heads: int = 8,
-        n_levels: int = 4,
-        n_points: int = 4,
+        *,
+        embed_dim: int = 256,
+        ffn_dim: int = 2048,
+        num_heads: int = 8,
+        num_levels: int = 4,
+        num_points: int = 4,
         dropout: float = 0.0,
     ):
-        super().__init__()
-        self.embed_dim = d_model
-        self.cross_attn = MultiScaleDeformableAttention(
-            d_model, num_heads=n_heads, num_levels=n_levels, num_points=n_points
+        super().__init__(
+            embed_dim=embed_dim,
+            ffn_dim=ffn_dim,
+            dropout=dropout,
+            attentions=[
+                (
+                    "cross_attn",
+                    MultiScaleDeformableAttention(
+                        embed_dim, num_heads=num_heads, num_levels=num_levels, num_points=num_points
+                    ),
+                    "norm1",
+                ),
+                ("self_attn", nn.MultiheadAttention(embed_dim, num_heads, dropout=dropout, batch_first=True), "norm2"),
+            ],
+            ffn_norm="norm3",
         )
-        self.dropout1 = nn.Dropout(dropout)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
-        self.dropout2 = nn.Dropout(dropout)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.linear1 = nn.Linear(d_model, d_ffn)
-        self.dropout3 = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(d_ffn, d_model)
-        self.dropout4 = nn.Dropout(dropout)
-        self.norm3 = nn.LayerNorm(d_model)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.xavier_uniform_(self.self_attn.in_proj_weight)
-        nn.init.xavier_uniform_(self.self_attn.out_proj.weight)
-        nn.init.xavier_uniform_(self.linear1.weight)
-        nn.init.xavier_uniform_(self.linear2.weight)
+        self.xavier_init(self.self_attn)
 
     def forward(
         self,
@@ -70,20 +70,20 @@ class SalienceDecoderLayer(nn.Module):
     ) -> Tensor:
         """query, query_pos (B,Q,C); reference_points (B,Q,L,4); value (B,N,C); self_attn_mask (Q,Q) True=blocked."""
         query_with_pos = query + query_pos
-        attended = self.self_attn(query_with_pos, query_with_pos, query, attn_mask=self_attn_mask, need_weights=False)[0]
-        query = self.norm2(query + self.dropout2(attended))
+        attended = self.self_attn(
+            query_with_pos, query_with_pos, query, attn_mask=self_attn_mask, need_weights=False
+        )[0]
+        query = self.residual("self_attn", query, attended)
 
         sampled = self.cross_attn(
             query + query_pos, reference_points, value, spatial_shapes, level_start_index, key_padding_mask
         )
-        query = self.norm1(query + self.dropout1(sampled))
-
-        ffn = self.linear2(self.dropout3(torch.relu(self.linear1(query))))
-        return self.norm3(query + self.dropout4(ffn))
+        query = self.residual("cross_attn", query, sampled)
+        return self.feed_forward(query)
 
 
 class SalienceDecoder(nn.Module):
-    """Stack of decoder layers with per-layer class/box heads and iterative box refinement (§4).
+    """Stack of decoder layers with per-layer class/box heads and iterative box refinement (docs/model.md#decoder).
 
     Returns the stacked logits (num_layers, B, Q, K), boxes (num_layers, B, Q, 4) normalized cxcywh, and the last
     layer's normalised query features (B, Q, C), which the optional RoI head refines.

@@ -1,4 +1,4 @@
-"""Contrastive denoising (CDN) queries for training, as in the official Salience DETR (spec §5).
+"""Contrastive denoising (CDN) queries for training, as in the official Salience DETR (docs/model.md#denoising).
 
 Every ground-truth box is copied into ``G`` groups; each group holds a *positive* block (small box noise,
 reconstructed by the decoder) and a *negative* block (larger box noise, to be classified as background).

@@ -1,4 +1,4 @@
-"""Salience-filtered deformable encoder (spec §2.3-§2.5).
+"""Salience-filtered deformable encoder (docs/model.md#encoder-state to #background-embedding).
 
 Each layer updates only its prefix of the salience ranking: the selected tokens first exchange information
 through plain multi-head attention among the most confident of them, then sample the *un-encoded* input
@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from salience_detr.layers.ms_deform_attn import MultiScaleDeformableAttention
+from salience_detr.layers.post_norm import PostNormLayer
 from salience_detr.layers.position_encoding import PositionEmbeddingLearned
 
 __all__ = ["SalienceEncoder", "SalienceEncoderLayer", "encoder_reference_points"]
@@ -27,44 +28,50 @@ def _gather_tokens(tokens: Tensor, indices: Tensor) -> Tensor:
     return tokens.gather(1, flat_indices)
 
 
-class SalienceEncoderLayer(nn.Module):
-    """Post-norm encoder layer: salience-guided MHA on the top ``topk_sa`` tokens, deformable attention, FFN."""
+class SalienceEncoderLayer(PostNormLayer):
+    """Post-norm encoder layer: salience-guided MHA on the top ``topk_sa`` tokens, deformable attention, FFN.
+
+    Sublayer names follow the official checkpoint: ``pre_attention``/``pre_norm``, ``self_attn``/``norm1`` (the
+    deformable attention), FFN norm ``norm2``.
+    """
 
     def __init__(
         self,
-        d_model: int = 256,
-        d_ffn: int = 2048,
-        n_heads: int = 8,
-        n_levels: int = 4,
-        n_points: int = 4,
+        *,
+        embed_dim: int = 256,
+        ffn_dim: int = 2048,
+        num_heads: int = 8,
+        num_levels: int = 4,
+        num_points: int = 4,
         dropout: float = 0.0,
         topk_sa: int = 300,
     ) -> None:
-        super().__init__()
-        self.d_model = d_model
-        self.topk_sa = topk_sa
-        self.pre_attention = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
-        self.pre_dropout = nn.Dropout(dropout)
-        self.pre_norm = nn.LayerNorm(d_model)
-        self.self_attn = MultiScaleDeformableAttention(
-            d_model, num_heads=n_heads, num_levels=n_levels, num_points=n_points
+        super().__init__(
+            embed_dim=embed_dim,
+            ffn_dim=ffn_dim,
+            dropout=dropout,
+            attentions=[
+                (
+                    "pre_attention",
+                    nn.MultiheadAttention(embed_dim, num_heads, dropout=dropout, batch_first=True),
+                    "pre_norm",
+                ),
+                (
+                    "self_attn",
+                    MultiScaleDeformableAttention(
+                        embed_dim, num_heads=num_heads, num_levels=num_levels, num_points=num_points
+                    ),
+                    "norm1",
+                ),
+            ],
+            ffn_norm="norm2",
         )
-        self.dropout1 = nn.Dropout(dropout)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.linear1 = nn.Linear(d_model, d_ffn)
-        self.activation = nn.ReLU(inplace=True)
-        self.dropout2 = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(d_ffn, d_model)
-        self.dropout3 = nn.Dropout(dropout)
-        self.norm2 = nn.LayerNorm(d_model)
+        self.topk_sa = topk_sa
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Xavier for the attention projections and FFN weights (biases and deformable attention keep theirs)."""
-        for weight in (self.pre_attention.in_proj_weight, self.pre_attention.out_proj.weight):
-            nn.init.xavier_uniform_(weight)
-        nn.init.xavier_uniform_(self.linear1.weight)
-        nn.init.xavier_uniform_(self.linear2.weight)
+        self.xavier_init(self.pre_attention)
 
     def salient_self_attention(self, query: Tensor, query_pos: Tensor, score_tgt: Tensor, foreground: Tensor) -> Tensor:
         """MHA among the ``min(topk_sa, M)`` tokens ranked by max class logit x salience logit; others unchanged."""
@@ -75,7 +82,7 @@ class SalienceEncoderLayer(nn.Module):
         with_pos = selected + query_pos.gather(1, top)
         # the default (need_weights) path runs the same kernels as the official model: bit-identical float32
         attended = self.pre_attention(with_pos, with_pos, selected)[0]
-        selected = self.pre_norm(selected + self.pre_dropout(attended))
+        selected = self.residual("pre_attention", selected, attended)
         return query.scatter(1, top, selected.to(query.dtype))
 
     def forward(
@@ -96,9 +103,8 @@ class SalienceEncoderLayer(nn.Module):
         attended = self.self_attn(
             query + query_pos, reference_points, value, spatial_shapes, level_start_index, key_padding_mask
         )
-        query = self.norm1(query + self.dropout1(attended))
-        ffn = self.linear2(self.dropout2(self.activation(self.linear1(query))))
-        return self.norm2(query + self.dropout3(ffn))
+        query = self.residual("self_attn", query, attended)
+        return self.feed_forward(query)
 
 
 def encoder_reference_points(spatial_shapes: Tensor, valid_ratios: Tensor) -> Tensor:
@@ -128,19 +134,24 @@ class SalienceEncoder(nn.Module):
     """
 
     def __init__(
-        self, layer: SalienceEncoderLayer, num_layers: int = 6, max_num_embedding: int = 200, d_model: int = 256
+        self,
+        layer: SalienceEncoderLayer,
+        num_layers: int = 6,
+        max_num_embedding: int = 200,
+        *,
+        embed_dim: int = 256,
     ) -> None:
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"num_layers must be at least 1, got {num_layers}")
-        if layer.d_model != d_model:
-            raise ValueError(f"layer.d_model ({layer.d_model}) must equal d_model ({d_model})")
-        self.d_model = d_model
+        if layer.embed_dim != embed_dim:
+            raise ValueError(f"layer.embed_dim ({layer.embed_dim}) must equal embed_dim ({embed_dim})")
+        self.embed_dim = embed_dim
         self.num_layers = num_layers
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
         for copied in self.layers:
             copied.reset_parameters()
-        self.background_embedding = PositionEmbeddingLearned(max_num_embedding, d_model // 2)
+        self.background_embedding = PositionEmbeddingLearned(max_num_embedding, embed_dim // 2)
         self.enhance_mcsp: nn.Module | None = None
 
     def _check_inputs(self, feat_flatten: Tensor, layer_indices: Sequence[Tensor], spatial_shapes: Tensor) -> None:
@@ -150,11 +161,13 @@ class SalienceEncoder(nn.Module):
                 "(encoder.enhance_mcsp = encoder_class_head) before running the encoder"
             )
         if len(layer_indices) != self.num_layers:
-            raise ValueError(f"layer_indices must hold one index tensor per layer ({self.num_layers}), got {len(layer_indices)}")
-        num_tokens = int(spatial_shapes.prod(-1).sum())
-        if feat_flatten.dim() != 3 or feat_flatten.shape[1:] != (num_tokens, self.d_model):
             raise ValueError(
-                f"feat_flatten must be (B, {num_tokens}, {self.d_model}) to match spatial_shapes, "
+                f"layer_indices must hold one index tensor per layer ({self.num_layers}), got {len(layer_indices)}"
+            )
+        num_tokens = int(spatial_shapes.prod(-1).sum())
+        if feat_flatten.dim() != 3 or feat_flatten.shape[1:] != (num_tokens, self.embed_dim):
+            raise ValueError(
+                f"feat_flatten must be (B, {num_tokens}, {self.embed_dim}) to match spatial_shapes, "
                 f"got {tuple(feat_flatten.shape)}"
             )
 

@@ -1,4 +1,4 @@
-"""One-to-one Hungarian matching between predictions and ground truth (spec §6.1)."""
+"""One-to-one Hungarian matching between predictions and ground truth (docs/model.md#matcher)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """SalienceDETR meta-architecture: detectron2 batched inputs -> weighted losses (training) or Instances (eval).
 
-Normalisation and padding happen here (spec §1.1-§1.2, Appendix B): images are normalised, then padded with zeros
-to a multiple of ``size_divisibility``; the padding mask follows the padded batch and is resized to every feature
-level by nearest interpolation. Boxes inside the model are normalized cxcywh relative to each unpadded image.
+Normalisation and padding happen here (docs/model.md#preprocessing, #padding-masks, #detectron2-integration):
+images are normalised, then padded with zeros to a multiple of ``size_divisibility``; the padding mask follows the
+padded batch and is resized to every feature level by nearest interpolation. Boxes inside the model are normalized cxcywh relative to each unpadded image.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from .transformer import SalienceTransformer, TransformerOutput
 
 
 def padding_mask(images: ImageList) -> Tensor:
-    """(B, H_pad, W_pad) bool, True on padding (§1.2)."""
+    """(B, H_pad, W_pad) bool, True on padding (docs/model.md#padding-masks)."""
     batch_size, _, height, width = images.tensor.shape
     mask = torch.ones(batch_size, height, width, dtype=torch.bool, device=images.tensor.device)
     for index, (h, w) in enumerate(images.image_sizes):
@@ -211,7 +211,10 @@ class SalienceDETR(nn.Module):
     def inference(
         self, output: TransformerOutput, batched_inputs: list[dict[str, Any]], image_sizes: list[tuple[int, int]]
     ) -> list[dict[str, Any]]:
-        """Top-k over queries x classes of the last decoder layer (§7), no NMS, rescaled to the requested size."""
+        """Top-k over queries x classes of the last decoder layer, no NMS, rescaled to the requested size.
+
+        Described in docs/model.md#post-processing.
+        """
         logits, boxes = output.pred_logits[-1], output.pred_boxes[-1]
         num_queries, num_classes = logits.shape[1:]
         num_select = min(self.select_box_nums_for_evaluation, num_queries * num_classes)

@@ -1,5 +1,5 @@
-"""Necks of Salience DETR: the backbone ChannelMapper (spec §1.4) and the RepVGG-plus PAN that fuses the
-encoder memory across levels (the "transformer neck", spec §2.7).
+"""Necks of Salience DETR: the backbone ChannelMapper (docs/model.md#channel-mapper) and the RepVGG-plus PAN that
+fuses the encoder memory across levels (the "transformer neck", docs/model.md#transformer-neck).
 
 Module and parameter names mirror the official checkpoint (``neck.convs.{i}.{0,1}``,
 ``transformer.neck.{lateral_convs,layer_blocks,pan_blocks,downsample_blocks}``) so the converter maps them 1:1.

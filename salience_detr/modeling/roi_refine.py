@@ -3,7 +3,7 @@
 After the last decoder layer, the top-K queries (plus, in training, every query the matcher assigned to a ground
 truth) crop a 7x7 RoIAlignV2 window from the neck level that fits their box size (FPN rule). A few
 query-conditioned cross-attention layers read the 49 cells and predict R-CNN box deltas relative to the detached
-decoder box, and optionally the IoU of the refined box for rescoring. The design is in shared/design/roi_refine.md.
+decoder box, and optionally the IoU of the refined box for rescoring. The design is in docs/roi_refine.md.
 
 Its box losses train on the matched queries and, with ``positive_iou`` (default 0.5), on every other refined query
 whose box overlaps a ground truth that much, as R-CNN heads do: 8.6 times the examples on the trained tiny model, and
@@ -33,6 +33,7 @@ from torchvision.ops import box_convert, box_iou, generalized_box_iou_loss
 from salience_detr.layers.box_ops import to_absolute_xyxy, whwh_scale
 from salience_detr.layers.mlp import MLP, init_box_head
 from salience_detr.layers.position_encoding import get_sine_pos_embed
+from salience_detr.layers.post_norm import PostNormLayer
 
 from .criterion import MatchIndices, average_num_boxes
 from .transformer import TransformerOutput
@@ -109,26 +110,24 @@ def level_strides(features: Sequence[Tensor], padded_size: tuple[int, int]) -> l
     return [finest * 2**level for level in range(len(features))]
 
 
-class RoIRefineLayer(nn.Module):
+class RoIRefineLayer(PostNormLayer):
     """Post-norm layer (as the decoder): the query token attends to the RoI cells, then an FFN refines it."""
 
-    def __init__(self, embed_dim: int = 256, num_heads: int = 8, ffn_dim: int = 1024, dropout: float = 0.0):
-        super().__init__()
-        self.cross_attn = nn.MultiheadAttention(embed_dim, num_heads, dropout=dropout, batch_first=True)
-        self.dropout1 = nn.Dropout(dropout)
-        self.norm1 = nn.LayerNorm(embed_dim)
-        self.linear1 = nn.Linear(embed_dim, ffn_dim)
-        self.dropout2 = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(ffn_dim, embed_dim)
-        self.dropout3 = nn.Dropout(dropout)
-        self.norm2 = nn.LayerNorm(embed_dim)
+    def __init__(self, *, embed_dim: int = 256, ffn_dim: int = 1024, num_heads: int = 8, dropout: float = 0.0):
+        super().__init__(
+            embed_dim=embed_dim,
+            ffn_dim=ffn_dim,
+            dropout=dropout,
+            attentions=[
+                ("cross_attn", nn.MultiheadAttention(embed_dim, num_heads, dropout=dropout, batch_first=True), "norm1")
+            ],
+            ffn_norm="norm2",
+        )
 
     def forward(self, query: Tensor, cells: Tensor, cell_pos: Tensor) -> Tensor:
         """query (R,1,C); cells (R,S,C); cell_pos (S,C) added to the keys only."""
         attended = self.cross_attn(query, cells + cell_pos, cells, need_weights=False)[0]
-        query = self.norm1(query + self.dropout1(attended))
-        ffn = self.linear2(self.dropout2(torch.relu(self.linear1(query))))
-        return self.norm2(query + self.dropout3(ffn))
+        return self.feed_forward(self.residual("cross_attn", query, attended))
 
 
 class RoIRefineHead(nn.Module):
@@ -185,7 +184,10 @@ class RoIRefineHead(nn.Module):
             self.box_embed = MLP(2 * embed_dim, embed_dim, embed_dim, 2)
             self.cell_embed = nn.Parameter(torch.zeros(pooler_resolution**2, embed_dim))
             nn.init.normal_(self.cell_embed, std=0.02)
-            self.layers = nn.ModuleList(RoIRefineLayer(embed_dim, num_heads, ffn_dim, dropout) for _ in range(num_layers))
+            self.layers = nn.ModuleList(
+                RoIRefineLayer(embed_dim=embed_dim, ffn_dim=ffn_dim, num_heads=num_heads, dropout=dropout)
+                for _ in range(num_layers)
+            )
             self.delta_head = MLP(embed_dim, embed_dim, 4, 2)
             init_box_head(self.delta_head)
             self.iou_head = MLP(embed_dim, embed_dim, 1, 2) if use_iou_head else None

@@ -1,4 +1,4 @@
-"""Salience scoring and hierarchical token filtering before the encoder (spec §2.1-§2.2).
+"""Salience scoring and hierarchical token filtering before the encoder (docs/model.md#salience-scores, #token-ranking).
 
 Every token gets a salience logit from a small MLP; coarse levels modulate the scoring of finer levels
 (top-down fusion); per-level keep counts and one global descending ranking then give each encoder layer a
@@ -58,7 +58,7 @@ def _level_slices(spatial_shapes: Tensor, level_start_index: Tensor) -> list[tup
 def salience_maps(
     memory: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, predictor: MaskPredictor, alpha: Tensor
 ) -> list[Tensor]:
-    """Per-level salience logit maps, predicted coarse to fine with top-down fusion (spec §2.1.3).
+    """Per-level salience logit maps, predicted coarse to fine with top-down fusion (docs/model.md#top-down-fusion).
 
     ``memory`` (B, N, C) is the scoring memory (enc_output + LayerNorm of feature + position + level embedding).
     The coarsest level is scored directly; each finer level l is first modulated as
@@ -95,7 +95,7 @@ def select_salient_tokens(
     level_filter_ratio: Tensor,
     layer_filter_ratio: Tensor,
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """Rank tokens by salience and give every encoder layer its prefix of the ranking (spec §2.1.4, §2.2).
+    """Rank tokens by salience and give every encoder layer its prefix of the ranking (docs/model.md#token-ranking).
 
     Per image and level ``int(valid_tokens * level_filter_ratio[l])`` tokens are kept; each level takes the
     batch maximum of that with ``topk`` (padding scored at the level's minimum logit), the picks of all levels

@@ -1,6 +1,7 @@
 """SalienceTransformer: salience scoring, filtered encoder, transformer neck, two-stage selection, decoder.
 
-Owns exactly the official ``transformer.*`` state-dict entries (spec §10.1). Data flow (spec §1.6-§4):
+Owns exactly the official ``transformer.*`` state-dict entries (docs/model.md#state-dict).
+Data flow (docs/model.md#level-embedding to #decoder):
 flatten levels -> salience input memory (enc_output + LN of feature + position + level embedding) ->
 top-down salience maps -> token ranking -> SalienceEncoder -> optional RepVGG neck -> proposals + grid NMS ->
 queries (learned content, detached encoder boxes), denoising queries prepended in training -> decoder.
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 
 from salience_detr.layers import levels
 from salience_detr.layers.mlp import MLP, init_box_head, init_class_head
+from salience_detr.layers.ms_deform_attn import check_level_layout
 
 from .decoder import SalienceDecoder
 from .denoising import DenoisingQueries
@@ -54,17 +56,18 @@ class SalienceTransformer(nn.Module):
         encoder: SalienceEncoder,
         neck: nn.Module | None,
         decoder: SalienceDecoder,
+        *,
         num_classes: int = 80,
-        num_feature_levels: int = 4,
+        num_levels: int = 4,
         num_queries: int = 900,
         embed_dim: int = 256,
         level_filter_ratio: tuple[float, ...] = (0.4, 0.8, 1.0, 1.0),
         layer_filter_ratio: tuple[float, ...] = (1.0, 0.8, 0.6, 0.6, 0.4, 0.2),
     ):
         super().__init__()
-        if len(level_filter_ratio) != num_feature_levels:
+        if len(level_filter_ratio) != num_levels:
             raise ValueError(
-                f"level_filter_ratio has {len(level_filter_ratio)} entries but num_feature_levels={num_feature_levels}; "
+                f"level_filter_ratio has {len(level_filter_ratio)} entries but num_levels={num_levels}; "
                 "give one keep ratio per feature level."
             )
         if len(layer_filter_ratio) != len(encoder.layers):
@@ -74,11 +77,11 @@ class SalienceTransformer(nn.Module):
             )
         self.embed_dim = embed_dim
         self.num_classes = num_classes
-        self.num_feature_levels = num_feature_levels
+        self.num_levels = num_levels
         self.num_queries = num_queries
 
-        self.level_embeds = nn.Parameter(torch.empty(num_feature_levels, embed_dim))
-        self.alpha = nn.Parameter(torch.empty(num_feature_levels - 1))
+        self.level_embeds = nn.Parameter(torch.empty(num_levels, embed_dim))
+        self.alpha = nn.Parameter(torch.empty(num_levels - 1))
         self.register_buffer("level_filter_ratio", torch.tensor(level_filter_ratio, dtype=torch.float32))
         self.register_buffer("layer_filter_ratio", torch.tensor(layer_filter_ratio, dtype=torch.float32))
         self.enc_output = nn.Linear(embed_dim, embed_dim)
@@ -89,7 +92,7 @@ class SalienceTransformer(nn.Module):
         self.tgt_embed = nn.Embedding(num_queries, embed_dim)
         self.encoder_class_head = nn.Linear(embed_dim, num_classes)
         self.encoder_bbox_head = MLP(embed_dim, embed_dim, 4, 3)
-        # the tie of §2.3: the encoder's pre-attention ranks tokens with the two-stage class head
+        # the tie of docs/model.md#encoder-state: the encoder's pre-attention ranks tokens with the two-stage class head
         self.encoder.enhance_mcsp = self.encoder_class_head
         self.enc_mask_predictor = MaskPredictor(embed_dim, embed_dim)
         self.reset_parameters()
@@ -104,12 +107,15 @@ class SalienceTransformer(nn.Module):
         init_box_head(self.encoder_bbox_head)
 
     def project_memory(self, memory: Tensor, mask_flatten: Tensor, spatial_shapes: Tensor) -> tuple[Tensor, Tensor]:
-        """enc_output + LayerNorm of the masked memory, and the anchor logits (§3.1; also the salience input §2.1)."""
+        """enc_output + LayerNorm of the masked memory, and the anchor logits.
+
+        Described in docs/model.md#proposals; the same projection is the salience input (#salience-scores).
+        """
         masked, anchor_logits = encoder_output_proposals(memory, mask_flatten, spatial_shapes)
         return self.enc_output_norm(self.enc_output(masked)), anchor_logits
 
     def apply_neck(self, memory: Tensor, spatial_shapes: Tensor) -> Tensor:
-        """Run the transformer neck on the encoder memory reshaped per level, then flatten again (§2.7)."""
+        """Transformer neck (docs/model.md#transformer-neck) on the memory reshaped per level, flattened again."""
         batch_size = memory.shape[0]
         shapes = spatial_shapes.tolist()
         per_level = memory.split([h * w for h, w in shapes], dim=1)
@@ -128,10 +134,10 @@ class SalienceTransformer(nn.Module):
         make_denoising(num_queries) builds the denoising queries once the number of matching queries Q' is known
         (it can be smaller than num_queries on small inputs); None disables denoising (evaluation).
         """
-        if len(features) != self.num_feature_levels:
+        if len(features) != self.num_levels:
             raise ValueError(
-                f"SalienceTransformer expects {self.num_feature_levels} feature levels, got {len(features)}; "
-                "match the neck's num_outs to transformer.num_feature_levels."
+                f"SalienceTransformer expects {self.num_levels} feature levels, got {len(features)}; "
+                "match the neck's num_outs to transformer.num_levels."
             )
         if position_embeddings[0].shape[1] != self.embed_dim:
             raise ValueError(
@@ -145,6 +151,7 @@ class SalienceTransformer(nn.Module):
         )
         spatial_shapes = torch.as_tensor([f.shape[-2:] for f in features], dtype=torch.long, device=feat_flatten.device)
         level_start_index = levels.level_start_index(spatial_shapes)
+        check_level_layout(spatial_shapes, level_start_index, feat_flatten.shape[1])  # once, not in every op call
         valid_ratios = levels.valid_ratios(level_masks, torch.promote_types(feat_flatten.dtype, torch.float32))
 
         salience_input = self.project_memory(feat_flatten + lvl_pos, mask_flatten, spatial_shapes)[0]

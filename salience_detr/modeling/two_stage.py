@@ -1,4 +1,4 @@
-"""Two-stage query selection (spec §3): anchors per token, grid NMS on token positions, gathering.
+"""Two-stage query selection (docs/model.md#two-stage): anchors per token, grid NMS on token positions, gathering.
 
 Boxes are normalized cxcywh relative to each image's valid (unpadded) area; anchor boxes are returned in
 logit space with +inf marking padded or invalid anchors (their sigmoid is 1, and they never win a match).
@@ -20,7 +20,7 @@ NMS_IOU_THRESHOLD = 0.3
 def encoder_output_proposals(
     memory: Tensor, mask_flatten: Tensor, spatial_shapes: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """Anchor proposals for every token and the memory with padded/invalid tokens zeroed (§3.1).
+    """Anchor proposals for every token and the memory with padded/invalid tokens zeroed (docs/model.md#proposals).
 
     memory (B,N,C), mask_flatten (B,N) True=padding, spatial_shapes (L,2) as (H,W).
     Returns (masked_memory (B,N,C), anchor_logits (B,N,4)); the caller applies enc_output + LayerNorm.
@@ -60,7 +60,7 @@ def grid_nms(
     max_keep: int,
     iou_threshold: float = NMS_IOU_THRESHOLD,
 ) -> Tensor:
-    """Redundancy removal on token positions (§3.2).
+    """Redundancy removal on token positions (docs/model.md#proposal-nms).
 
     scores, token_index (B,k): candidate tokens (flat indices over all levels) and their max class logits.
     Each token is the box (x-1, y-1, x+1, y+1) in its level's grid units; NMS runs per (image, level).
