@@ -1,10 +1,10 @@
 """Strict command-line overrides: unknown keys, wrong types and misplaced flags stop with the fix named."""
 
 import pytest
+from detectron2.config import LazyCall as L
 from omegaconf import OmegaConf
 
 import salience_detr  # noqa: F401  (before detectron2)
-from detectron2.config import LazyCall as L
 from salience_detr.config import ConfigOverrideError, apply_overrides
 
 
@@ -31,7 +31,8 @@ def small_config():
 def test_valid_overrides_are_applied_with_their_types():
     cfg = apply_overrides(
         small_config(),
-        ["train.max_iter=2", "train.lr=1", "train.amp.enabled=true", "train.sizes=[3,4]", "maybe=[1]", "train.device=0"],
+        ["train.max_iter=2", "train.lr=1", "train.amp.enabled=true", "train.sizes=[3,4]", "maybe=[1]"]
+        + ["train.device=0"],
     )
     assert cfg.train.max_iter == 2
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)

@@ -218,11 +218,13 @@ def test_resume_after_sigkill_continues_at_next_iteration_with_same_lr(standin_c
     first_resumed = resumed_from + 1
     first_run_iterations = logged_iterations(out)
 
-    resumed = lambda: len(logged_iterations(out)) > len(first_run_iterations) + 1  # noqa: E731
+    resumed = lambda: max(logged_iterations(out), default=-1) > max(first_run_iterations) + 1  # noqa: E731
     resume_command = train_net_command(standin_config, overrides, "--resume")
     assert run_until_killed(resume_command, tmp_path / "resumed.log", resumed)
     assert f"Starting training from iteration {first_resumed}" in (tmp_path / "resumed.log").read_text()
-    resumed_metrics = read_metrics(out)[len(first_run_iterations) :]
+    resumed_metrics = [m for m in read_metrics(out) if m["iteration"] >= first_resumed]
+    iterations = logged_iterations(out)
+    assert iterations == sorted(set(iterations)), "the resume dropped the rows it repeats (no duplicates)"
     resumed_lrs = [(m["iteration"], m["lr"]) for m in resumed_metrics if "lr" in m]
     assert resumed_lrs[0][0] == first_resumed
 
