@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -461,7 +462,12 @@ def test_debug_switch_checks_every_call(monkeypatch):
 # builds the six arguments from valid ones (v, s, i, l, w, step) and must raise; RUNS must return a result.
 BATTERY = r"""
 import sys
+import types
 import torch
+
+package = types.ModuleType("salience_detr")  # the package without its __init__: the op needs torch alone
+package.__path__ = [sys.argv[1]]
+sys.modules["salience_detr"] = package
 import salience_detr.layers.ms_deform_attn  # noqa: F401  (registers the op)
 
 op = torch.ops.salience_detr.ms_deform_attn
@@ -520,10 +526,84 @@ def test_no_input_crashes_the_process():
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-c", BATTERY], capture_output=True, text=True, timeout=120)
+    package_dir = str(Path(msda.__file__).parents[1])
+    result = subprocess.run([sys.executable, "-c", BATTERY, package_dir], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.endswith("survived\n"), result.stdout + result.stderr
     lines = result.stdout.splitlines()
     assert sum(line.startswith("raised ") for line in lines) == 21 and sum(line.startswith("ran ") for line in lines) == 8
     assert "raised meta shapes: RuntimeError: value is on cpu but another input is on meta" in result.stdout
     assert "raised level of 2^32 x 2^32: RuntimeError: spatial_shapes[0] = (4294967296, 4294967296)" in result.stdout
     assert "raised output beyond int64: RuntimeError: the output size" in result.stdout
+
+
+MODEL_LIKE_SHAPES = ((8, 10), (4, 6), (2, 4), (1, 2))
+
+
+def model_like_module_inputs(batch: int):
+    """The tiny model's decoder shapes, scaled down: four levels from 8x10 to 1x2, box references."""
+    generator = torch.Generator().manual_seed(batch)
+    spatial_shapes, level_start_index = level_layout(MODEL_LIKE_SHAPES)
+    num_values = int((spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum())
+    query = torch.randn(batch, 12, 32, generator=generator)
+    value = torch.randn(batch, num_values, 32, generator=generator)
+    reference_points = torch.rand(batch, 12, 4, 4, generator=generator)
+    return query, reference_points, value, spatial_shapes, level_start_index
+
+
+def model_like_module() -> MultiScaleDeformableAttention:
+    torch.manual_seed(0)
+    module = MultiScaleDeformableAttention(32, num_heads=4, num_levels=4, num_points=4, im2col_step=2).eval()
+    torch.nn.init.normal_(module.sampling_offsets.weight, std=0.1)
+    return module
+
+
+def test_torch_compile_dynamic_batch_compiles_once():
+    """No batch size reaches the op as a Python int: batches 2, 3 and 5 share one graph (no recompile).
+
+    As in the model, the level layout is built inside the graph from the map sizes; graph inputs carry no other
+    dimension of 2, 3 or 5 (dynamo's duck sizing would tie the batch to it).
+    """
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    module = model_like_module()
+
+    def attend(query, reference_points, value):
+        return module(query, reference_points, value, *level_layout(MODEL_LIKE_SHAPES))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(attend, backend=counting_backend, dynamic=True, fullgraph=True)
+    for batch in (2, 3, 5):
+        inputs = model_like_module_inputs(batch)
+        output = compiled(*inputs[:3])
+        output.sum().backward()
+        torch.testing.assert_close(output, module(*inputs))
+    assert len(graphs) == 1
+    op = torch.ops.salience_detr.ms_deform_attn
+    assert any(node.target in (op, op.default) for node in graphs[0].graph.nodes)  # traced into, not around
+
+
+def test_torch_export_dynamic_batch():
+    """Exported once at batch 2 with a dynamic batch dimension, the program runs at 1, 5 and 70 images."""
+    module = model_like_module()
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    dynamic = ({0: batch}, {0: batch}, {0: batch}, None, None)
+    program = torch.export.export(module, model_like_module_inputs(2), dynamic_shapes=dynamic)
+    targets = [node.target for node in program.graph.nodes]
+    assert torch.ops.salience_detr.ms_deform_attn.default in targets
+    for size in (1, 5, 70):
+        inputs = model_like_module_inputs(size)
+        torch.testing.assert_close(program.module()(*inputs), module(*inputs))
+
+
+def test_module_arguments_are_keyword_only_after_embed_dim():
+    with pytest.raises(TypeError):
+        MultiScaleDeformableAttention(256, 4, 8, 4)  # the old positional order (num_levels before num_heads)
+    module = MultiScaleDeformableAttention(64, num_heads=2, num_levels=3, num_points=5, im2col_step=7)
+    assert (module.embed_dim, module.num_heads, module.num_levels, module.num_points) == (64, 2, 3, 5)
+    assert module.im2col_step == 7 and module.attention_weights.out_features == 2 * 3 * 5
+    with pytest.raises(ValueError, match="im2col_step must be a positive int"):
+        MultiScaleDeformableAttention(im2col_step=0)
