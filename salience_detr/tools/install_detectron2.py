@@ -157,6 +157,19 @@ def _download_source(workdir: Path) -> Path:
     return next(workdir.glob("*/detectron2/__init__.py")).parent.parent
 
 
+def build_wheel(wheel_dir: Path) -> Path:
+    """Download the release, patch it and build its pure-Python wheel into ``wheel_dir`` (also what the GPU
+    check's offline bundle carries); returns the wheel's path."""
+    with tempfile.TemporaryDirectory(prefix="d2-src-") as tmp:
+        source = _download_source(Path(tmp))
+        patch_sources(source / "detectron2")
+        (source / "setup.py").write_text(_BUILD_SCRIPT)
+        for stale in ("setup.cfg", "pyproject.toml"):
+            (source / stale).unlink(missing_ok=True)
+        _pip("wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheel_dir), str(source))
+    return next(wheel_dir.glob("detectron2-*.whl"))
+
+
 def install(force: bool = False) -> None:
     """Install (or upgrade) the patched detectron2 unless a current or foreign one is present."""
     state = installed_state()
@@ -168,15 +181,8 @@ def install(force: bool = False) -> None:
         return
     if importlib.util.find_spec("torch") is None:
         sys.exit("install_detectron2: install torch first (pip install -r requirements.txt).")
-    with tempfile.TemporaryDirectory(prefix="d2-src-") as tmp:
-        source = _download_source(Path(tmp))
-        patch_sources(source / "detectron2")
-        (source / "setup.py").write_text(_BUILD_SCRIPT)
-        for stale in ("setup.cfg", "pyproject.toml"):
-            (source / stale).unlink(missing_ok=True)
-        wheels = Path(tmp) / "wheels"
-        _pip("wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(source))
-        _pip("install", "-q", "--no-deps", "--force-reinstall", str(next(wheels.glob("*.whl"))))
+    with tempfile.TemporaryDirectory(prefix="d2-wheel-") as tmp:
+        _pip("install", "-q", "--no-deps", "--force-reinstall", str(build_wheel(Path(tmp))))
     print(f"detectron2 {VERSION} installed (pure Python, patched for current libraries).")
 
 
