@@ -23,6 +23,6 @@ train = dict(
     overwrite=False,  # True: a new run may replace the checkpoints of an earlier run in output_dir (deleted first)
     fast_dev_run=False,  # True: 2 iterations, a checkpoint and an evaluation on 2 images, to test a set-up
     # before the model is built, check that each dataset's image files exist, decode and have the json's size: all
-    # of them up to this many per dataset, a seeded random sample of this many beyond (COCO train: ~3 s); 0: off
+    # of them up to this many per dataset, a seeded random sample of this many beyond (1000 COCO images: ~2 s); 0: off
     check_images=1000,
 )
