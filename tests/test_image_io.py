@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 import salience_detr  # noqa: F401  (before detectron2)
+from detectron2.data.detection_utils import SizeMismatchError
 from salience_detr.data import DetrDatasetMapper, UnreadableImageError
 from salience_detr.data.image_io import UnsupportedImageModeError, read_image
 
@@ -132,3 +133,14 @@ def test_truncated_file_names_the_file_and_the_fix(tmp_path):
     mapper = DetrDatasetMapper(is_train=False)
     with pytest.raises(UnreadableImageError, match="Fix or remove the file"):
         mapper({"file_name": str(path), "height": HEIGHT, "width": WIDTH, "image_id": 1})
+
+
+def test_mapper_names_exif_when_the_json_has_the_stored_size(tmp_path):
+    path = _exif_rotated_jpeg(tmp_path)
+    mapper = DetrDatasetMapper(is_train=False)
+    with pytest.raises(SizeMismatchError) as error:
+        mapper({"file_name": str(path), "height": HEIGHT, "width": WIDTH, "image_id": 1})  # stored, not shown, size
+    assert "Width and height are swapped" in str(error.value) and "exiftool -Orientation=" in str(error.value)
+    with pytest.raises(SizeMismatchError) as error:
+        mapper({"file_name": str(path), "height": 99, "width": 99, "image_id": 1})
+    assert "EXIF" not in str(error.value), "an unrelated wrong size must not blame EXIF"

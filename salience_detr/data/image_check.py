@@ -22,6 +22,8 @@ from detectron2.data import DatasetCatalog
 from PIL import Image
 from tqdm import tqdm
 
+from .image_io import EXIF_SIZE_FIX
+
 logger = logging.getLogger(__name__)
 
 EXIF_ORIENTATION_TAG = 0x0112
@@ -35,11 +37,7 @@ PROBLEM_FIXES = {
     "corrupt": "replace or re-encode these files, or remove their entries from the json",
     "truncated": "the files end early (an interrupted copy or download): copy them again",
     "wrong size": "the json's width/height must describe the image: regenerate the json from the files",
-    "EXIF orientation": (
-        "the json gives the stored size but the EXIF orientation tag turns the picture, so boxes drawn on the stored "
-        "pixels would land wrong: remove the tag (e.g. exiftool -Orientation= FILE) or re-save the images upright "
-        "and regenerate the json"
-    ),
+    "EXIF orientation": EXIF_SIZE_FIX,
 }
 
 

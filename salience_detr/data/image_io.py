@@ -13,12 +13,18 @@ The result is ``uint8`` HWC in ``format`` (``"RGB"``, ``"BGR"``, ``"L"`` or any 
 from __future__ import annotations
 
 import numpy as np
-from detectron2.data.detection_utils import convert_PIL_to_numpy
+from detectron2.data.detection_utils import SizeMismatchError, convert_PIL_to_numpy
+from detectron2.data.detection_utils import check_image_size as detectron2_check_image_size
 from detectron2.utils.file_io import PathManager
 from PIL import Image, ImageOps
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 MAX_16_BIT = 65535
+EXIF_SIZE_FIX = (
+    "the json gives the stored size but the EXIF orientation tag turns the picture, so boxes drawn on the stored "
+    "pixels would land wrong: remove the tag (e.g. exiftool -Orientation= FILE) or re-save the images upright "
+    "and regenerate the json"
+)
 
 
 class UnsupportedImageModeError(ValueError):
@@ -62,3 +68,17 @@ def to_8bit(image: Image.Image, path: str = "<image>") -> Image.Image:
             "Convert it to an 8- or 16-bit PNG or JPEG."
         )
     return image
+
+
+def check_image_size(record: dict, image: np.ndarray) -> None:
+    """detectron2's check of the decoded image against the json's width/height, naming EXIF orientation as the
+    cause when the json has the two swapped (the json written from the stored pixels, the reader turning them)."""
+    try:
+        detectron2_check_image_size(record, image)
+    except SizeMismatchError as error:
+        if (record.get("width"), record.get("height")) != (image.shape[0], image.shape[1]):
+            raise
+        raise SizeMismatchError(
+            f"{error} Width and height are swapped: {EXIF_SIZE_FIX}. "
+            "python -m salience_detr.tools.check_dataset lists every such file."
+        ) from error

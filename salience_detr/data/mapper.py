@@ -21,7 +21,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
 from .augmentations import detr_train_augmentations, resize_test_augmentations
-from .image_io import read_image
+from .image_io import check_image_size, read_image
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class DetrDatasetMapper:
         image = self._read_image(dataset_dict["file_name"])
         if image is None:
             return None
-        utils.check_image_size(dataset_dict, image)
+        check_image_size(dataset_dict, image)
 
         aug_input = T.AugInput(image)
         transforms = self.augmentations(aug_input)
