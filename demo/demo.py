@@ -1,10 +1,13 @@
 """Salience DETR demo: detections on images, folders, a video file or a webcam, Detectron2 style.
 
-    python demo/demo.py --config-file configs/salience_detr/salience_detr_r50_800_1333.py \
+    python demo/demo.py --config-file configs/salience_detr/salience_detr_r50_4scale_12ep.py \
         --input "photos/*.jpg" --output out/ --show-salience --opts train.init_checkpoint=model.pth
 
 Without --output the pictures are shown in a window (needs an OpenCV build with a GUI). The confidence
 threshold applies in every mode. Videos are never overwritten unless --overwrite is given.
+--output-json FILE writes the detections as COCO results (image ids of the config's test dataset where an
+input is one of its images; frame numbers for videos); with --confidence-threshold 0 a dataset's images
+give a file that ``python -m salience_detr.tools.evaluate_json`` scores.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from predictor import VisualizationDemo  # noqa: E402  (after the sys.path line,
 from salience_detr.config import load_config  # noqa: E402  (predictor imported salience_detr first)
 from detectron2.utils.logger import setup_logger  # noqa: E402
 from salience_detr.data.image_io import read_image as decode_image  # noqa: E402
+from salience_detr.utils.coco_results import ResultsFile  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 WINDOW_NAME = "Salience DETR"
@@ -69,6 +73,15 @@ def get_parser() -> argparse.ArgumentParser:
         "--show-queries", action="store_true", help="draw the tokens each encoder layer kept and the selected queries"
     )
     parser.add_argument("--device", help="cpu or cuda (default: the config's train.device)")
+    parser.add_argument(
+        "--output-json",
+        metavar="FILE",
+        help="also write the detections (score >= --confidence-threshold; 0 keeps all) as COCO results JSON; "
+        "without --output nothing is drawn or shown",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=1, help="images per forward for --input (images of one size batch together)"
+    )
     parser.add_argument(
         "--opts", default=[], nargs=argparse.REMAINDER, help="config overrides, e.g. train.init_checkpoint=model.pth"
     )
@@ -183,38 +196,65 @@ def open_capture(source: int | str) -> cv2.VideoCapture:
     return capture
 
 
-def run_images(demo: VisualizationDemo, args: argparse.Namespace, files: list[str], outputs: list) -> None:
-    for path, output in tqdm.tqdm(list(zip(files, outputs)), disable=len(files) == 1, desc="images"):
-        image = read_image(path)
-        start = time.perf_counter()
-        _, kept, picture = demo.run_on_image(image)
-        logger.info("%s: %d detections >= %g in %.2fs", path, len(kept), args.confidence_threshold,
-                    time.perf_counter() - start)
-        if output is None:
-            if not show(picture):
-                return
-            cv2.waitKey(0)
-            continue
-        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-        if not cv2.imwrite(output, picture):
-            raise DemoError(f"could not write {output!r} (check the folder's permissions and free space)")
+def deliver_picture(picture: np.ndarray, output: str | None) -> bool:
+    """Write the picture to ``output``, or show it when there is none; False when the user pressed Escape."""
+    if output is None:
+        if not show(picture):
+            return False
+        cv2.waitKey(0)
+        return True
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    if not cv2.imwrite(output, picture):
+        raise DemoError(f"could not write {output!r} (check the folder's permissions and free space)")
+    return True
+
+
+def run_images(
+    demo: VisualizationDemo, args: argparse.Namespace, files: list[str], outputs: list, results: ResultsFile | None
+) -> None:
+    """``--batch-size`` images at a time through the model; pictures unless only --output-json was asked for."""
+    draw = results is None or args.output is not None
+    with tqdm.tqdm(total=len(files), disable=len(files) == 1, desc="images") as progress:
+        for first in range(0, len(files), args.batch_size):
+            paths = files[first : first + args.batch_size]
+            start = time.perf_counter()
+            predicted = demo.run_on_images([read_image(path) for path in paths], draw=draw)
+            seconds = (time.perf_counter() - start) / len(paths)
+            for path, output, (_, kept, picture) in zip(paths, outputs[first:], predicted):
+                logger.info("%s: %d detections >= %g in %.2fs", path, len(kept), args.confidence_threshold, seconds)
+                if results is not None:
+                    results.add_image(path, kept)
+                if draw and not deliver_picture(picture, output):
+                    return
+            progress.update(len(paths))
 
 
 def run_stream(
-    demo: VisualizationDemo, args: argparse.Namespace, capture: cv2.VideoCapture, source: int | str, output: str | None
+    demo: VisualizationDemo,
+    args: argparse.Namespace,
+    capture: cv2.VideoCapture,
+    source: int | str,
+    output: str | None,
+    results: ResultsFile | None = None,
 ) -> int:
-    """Video file or camera: every frame through the model; returns the number of frames written or shown."""
+    """Video file or camera: every frame through the model; returns the number of frames read. Frames are
+    counted from 0 in ``results``; only --output-json (no --output) draws and shows nothing."""
     total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if isinstance(source, str) else 0
     if args.max_frames is not None:
         total = min(total, args.max_frames) if total > 0 else args.max_frames
     fps = capture.get(cv2.CAP_PROP_FPS) or DEFAULT_VIDEO_FPS
     writer = None
     count = 0
+    draw = results is None or output is not None
+    source_name = f"camera {source}" if isinstance(source, int) else source
     try:
         frames = read_frames(capture, args.max_frames)
-        results = demo.run_on_frames(frames)
-        for _, picture in tqdm.tqdm(results, total=total or None, desc="frames"):
+        for kept, picture in tqdm.tqdm(demo.run_on_frames(frames, draw=draw), total=total or None, desc="frames"):
+            if results is not None:
+                results.add_frame(source_name, count, kept)
             count += 1
+            if not draw:
+                continue
             if output is None:
                 if not show(picture):
                     break
@@ -226,10 +266,17 @@ def run_stream(
         if writer is not None:
             writer.release()
     if count == 0:
-        raise DemoError(f"no frame could be read from {'camera ' + str(source) if isinstance(source, int) else source}")
+        raise DemoError(f"no frame could be read from {source_name}")
     if output is not None:
         logger.info("Wrote %d frames to %s", count, output)
     return count
+
+
+def check_results_path(path: str) -> None:
+    try:
+        ResultsFile.check_path(path)
+    except ValueError as error:
+        raise DemoError(f"--output-json: {error}") from error
 
 
 def build_demo(cfg, args: argparse.Namespace) -> VisualizationDemo:
@@ -250,20 +297,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.max_frames is not None and args.max_frames < 1:
             raise DemoError(f"--max-frames must be a positive number of frames, got {args.max_frames}")
+        if args.batch_size < 1:
+            raise DemoError(f"--batch-size must be a positive number of images, got {args.batch_size}")
+        if args.output_json:
+            check_results_path(args.output_json)
         cfg = setup_cfg(args)
         # inputs and outputs are checked before the model is built, so mistakes are reported in a second
         if args.input:
             files = expand_inputs(args.input)
             outputs = image_output_paths(files, args.output) if args.output else [None] * len(files)
-            run_images(build_demo(cfg, args), args, files, outputs)
+            demo = build_demo(cfg, args)
+            results = ResultsFile(args.output_json, demo.metadata) if args.output_json else None
+            run_images(demo, args, files, outputs, results)
         else:
             source = args.camera if args.webcam else args.video_input
             output = video_output_path(args, "webcam" if args.webcam else source)
             capture = open_capture(source)
             try:
-                run_stream(build_demo(cfg, args), args, capture, source, output)
+                demo = build_demo(cfg, args)
+                results = ResultsFile(args.output_json, demo.metadata) if args.output_json else None
+                run_stream(demo, args, capture, source, output, results)
             finally:
                 capture.release()
+        if results is not None:
+            results.write()
     except DemoError as error:
         logger.error("%s", error)
         return 2

@@ -55,8 +55,13 @@ class Prediction:
 
 class SaliencePredictor:
     """Callable: BGR ``uint8`` image (H, W, 3), as OpenCV reads it -> ``Prediction`` (no grad); a list of
-    images -> a list of predictions, run through the model ``batch_size`` images at a time (padded together,
-    as the test dataloader batches them)."""
+    images -> a list of predictions, in order.
+
+    A list runs as batches of up to ``batch_size`` images that share one input size after the test resize:
+    padding a smaller image to a larger one changes what the convolutions see at its borders, so batching
+    only equal sizes keeps every prediction the one the image gets alone. (On inputs so small that an image
+    keeps fewer than ``num_queries`` proposals, a batch still uses the fewest of any image, see
+    ``grid_nms``.)"""
 
     def __init__(self, cfg: Any, device: str | None = None, with_internals: bool = False) -> None:
         self.model = load_model_for_inference(cfg, device)
@@ -78,26 +83,34 @@ class SaliencePredictor:
         self, images_bgr: np.ndarray | Sequence[np.ndarray], batch_size: int | None = None
     ) -> Prediction | list[Prediction]:
         if isinstance(images_bgr, np.ndarray):
-            return self._predict_batch([images_bgr])[0]
+            return self._run([self._prepare(images_bgr)])[0]
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be a positive number of images, got {batch_size}")
-        step = batch_size or max(1, len(images_bgr))
-        predictions: list[Prediction] = []
-        for start in range(0, len(images_bgr), step):
-            predictions += self._predict_batch(images_bgr[start : start + step])
+        inputs = [self._prepare(image_bgr) for image_bgr in images_bgr]
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for index, item in enumerate(inputs):
+            by_size.setdefault(tuple(item["image"].shape[1:]), []).append(index)
+        step = batch_size or max(1, len(inputs))
+        predictions: list[Prediction | None] = [None] * len(inputs)
+        for indices in by_size.values():
+            for start in range(0, len(indices), step):
+                batch = indices[start : start + step]
+                for index, prediction in zip(batch, self._run([inputs[i] for i in batch])):
+                    predictions[index] = prediction
         return predictions
 
-    def _predict_batch(self, images_bgr: Sequence[np.ndarray]) -> list[Prediction]:
-        inputs = []
-        for image_bgr in images_bgr:
-            resized = resize_for_model(image_bgr, self.augmentations, self.input_format)
-            tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
-            inputs.append({"image": tensor, "height": image_bgr.shape[0], "width": image_bgr.shape[1]})
+    def _prepare(self, image_bgr: np.ndarray) -> dict[str, Any]:
+        """The model input of one image: resized as the test mapper does, CHW, with its original size."""
+        resized = resize_for_model(image_bgr, self.augmentations, self.input_format)
+        tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
+        return {"image": tensor, "height": image_bgr.shape[0], "width": image_bgr.shape[1]}
+
+    def _run(self, inputs: list[dict[str, Any]]) -> list[Prediction]:
+        """One forward over inputs of one size."""
         with torch.inference_mode():
             outputs = self.model(inputs)
-        sizes = [tuple(item["image"].shape[1:]) for item in inputs]
-        padded = self._padded(max(h for h, _ in sizes), max(w for _, w in sizes))  # the batch's padded size
-        return [self._prediction(output, size, padded) for output, size in zip(outputs, sizes)]
+        input_size = tuple(inputs[0]["image"].shape[1:])
+        return [self._prediction(output, input_size, self._padded(*input_size)) for output in outputs]
 
     def _prediction(self, output: dict[str, Any], input_size: tuple[int, int], padded: tuple[int, int]) -> Prediction:
         prediction = Prediction(output["instances"].to("cpu"), input_size, padded)
@@ -167,18 +180,36 @@ class VisualizationDemo:
 
     def run_on_image(self, image_bgr: np.ndarray) -> tuple[Prediction, Instances, np.ndarray]:
         """Prediction, the drawn detections (above the threshold) and the picture as BGR ``uint8``."""
-        prediction = self.predictor(image_bgr)
-        kept = above_threshold(prediction.instances, self.confidence_threshold)
+        return self.run_on_images([image_bgr])[0]
+
+    def run_on_images(
+        self, images_bgr: Sequence[np.ndarray], draw: bool = True
+    ) -> list[tuple[Prediction, Instances, np.ndarray | None]]:
+        """``run_on_image`` for several images, predicted in batches (see ``SaliencePredictor``); with
+        ``draw=False`` no picture is made (None), for runs that only want the detections."""
+        results = []
+        for image_bgr, prediction in zip(images_bgr, self.predictor(list(images_bgr))):
+            kept = above_threshold(prediction.instances, self.confidence_threshold)
+            results.append((prediction, kept, self._draw(image_bgr, prediction, kept) if draw else None))
+        return results
+
+    def _draw(self, image_bgr: np.ndarray, prediction: Prediction, kept: Instances) -> np.ndarray:
         visualizer = Visualizer(convert_image_to_rgb(image_bgr, "BGR"), self.metadata, instance_mode=ColorMode.IMAGE)
         detections_rgb = visualizer.draw_instance_predictions(kept).get_image()
-        return prediction, kept, self._compose(image_bgr, prediction, kept, detections_rgb)
+        return self._compose(image_bgr, prediction, kept, detections_rgb)
 
-    def run_on_frames(self, frames: Iterator[np.ndarray]) -> Iterator[tuple[Instances, np.ndarray]]:
-        """For each BGR frame: detections above the threshold and the picture (colours stable across frames)."""
+    def run_on_frames(
+        self, frames: Iterator[np.ndarray], draw: bool = True
+    ) -> Iterator[tuple[Instances, np.ndarray | None]]:
+        """For each BGR frame: detections above the threshold and the picture (colours stable across frames;
+        None with ``draw=False``)."""
         video_visualizer = VideoVisualizer(self.metadata, ColorMode.IMAGE)
         for frame in frames:
             prediction = self.predictor(frame)
             kept = above_threshold(prediction.instances, self.confidence_threshold)
+            if not draw:
+                yield kept, None
+                continue
             detections_rgb = video_visualizer.draw_instance_predictions(frame[:, :, ::-1], kept).get_image()
             yield kept, self._compose(frame, prediction, kept, detections_rgb)
 
