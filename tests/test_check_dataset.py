@@ -173,3 +173,10 @@ def test_non_json_annotation_file_names_the_path_and_the_fix(tmp_path):
     with pytest.raises(ValueError, match="holds a JSON list") as error:
         register_coco_dataset(f"list_{tmp_path.name}", str(results_like), str(tmp_path / "images"))
     assert "evaluate_json --json" in str(error.value)
+
+
+def test_pixels_the_reader_refuses_are_reported(tmp_path):
+    path = tmp_path / "float.tif"
+    Image.fromarray(np.zeros((HEIGHT, WIDTH), dtype=np.float32)).save(path)
+    kind, detail = check_record({"file_name": str(path), "width": WIDTH, "height": HEIGHT})
+    assert kind == "unsupported pixels" and "floating-point" in detail

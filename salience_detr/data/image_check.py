@@ -22,7 +22,7 @@ from detectron2.data import DatasetCatalog
 from PIL import Image
 from tqdm import tqdm
 
-from .image_io import EXIF_SIZE_FIX
+from .image_io import EXIF_SIZE_FIX, UnsupportedImageModeError, to_8bit
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ PROBLEM_FIXES = {
     "missing": "restore the files or fix the image folder (datasets.<split>.image_root) or the json's file_name",
     "corrupt": "replace or re-encode these files, or remove their entries from the json",
     "truncated": "the files end early (an interrupted copy or download): copy them again",
+    "unsupported pixels": "convert these files to 8- or 16-bit PNG or JPEG",
     "wrong size": "the json's width/height must describe the image: regenerate the json from the files",
     "EXIF orientation": EXIF_SIZE_FIX,
 }
@@ -87,6 +88,9 @@ def check_record(record: dict[str, Any]) -> tuple[str, str] | None:
             orientation = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
             image.draft("RGB", (stored_size[0] // DRAFT_SCALE, stored_size[1] // DRAFT_SCALE))
             image.load()
+            to_8bit(image, path)  # the reader refuses pixel types without an 8-bit meaning
+    except UnsupportedImageModeError as error:
+        return "unsupported pixels", str(error)
     except (OSError, SyntaxError, ValueError) as error:
         return ("truncated" if "truncated" in str(error).lower() else "corrupt"), str(error)
     width, height = stored_size[::-1] if orientation in TRANSPOSING_ORIENTATIONS else stored_size
