@@ -42,7 +42,7 @@ class DetectionMatch:
     max_score_diff: float
     unmatched_reference: list[int] = field(default_factory=list)
     unmatched_other: list[int] = field(default_factory=list)
-    at_cutoff: int = 0  # leftovers explained by the top-K cut-off (their score ties the lowest kept one)
+    at_cutoff: int = 0  # leftover pairs (one per side) excused as a swap at the top-K cut-off
 
     @property
     def ok(self) -> bool:
