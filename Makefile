@@ -52,3 +52,15 @@ lint: $(VENV)/.deps
 
 test: lint setup
 	$(PY) -m pytest tests -q -ra --durations=20 $(PYTEST_ARGS)
+
+# The GPU check (salience_detr/tools/gpu_check.py; README "Checking on a GPU"). On the GPU machine the plain
+# python3 there runs it (no venv); here `make gpu-check GPU_CHECK_ARGS=--dry-run`. `make gpu-bundle` downloads, on
+# a machine with PyPI, the offline wheels it installs there (.gpu_bundle/, git-ignored).
+GPU_CHECK_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
+GPU_CHECK_ARGS ?=
+.PHONY: gpu-check gpu-bundle
+gpu-check:
+	$(GPU_CHECK_PYTHON) -m salience_detr.tools.gpu_check $(GPU_CHECK_ARGS)
+
+gpu-bundle: setup
+	$(PY) -m salience_detr.tools.prepare_gpu_bundle

@@ -232,3 +232,19 @@ def test_latency_needs_finite_detections_in_both_precisions():
     assert numbers["summary"] == "fp32 40.0 ms (900 MB), bf16 25.0 ms (900 MB)"
     with pytest.raises(gpu_check.StepFailed, match="bfloat16"):
         gpu_check.check_latency({"precisions": {"float32": good, "bfloat16": dict(good, finite=False)}})
+
+
+@pytest.mark.parametrize(
+    "capability, archs, ok", [("9.0", "900", True), ("8.6", "800,860", True), ("9.0", "800", False)]
+)
+def test_the_build_must_hold_kernels_for_the_device(tmp_path, monkeypatch, capability, archs, ok):
+    monkeypatch.setattr(gpu_check, "device_arch", lambda: capability)
+    info = {"compiler": "gcc", "with_cuda": True, "cuda_version": "13.0", "cuda_archs": archs}
+    outputs = ["build log", "a warning\n" + json.dumps(info) + "\n"]
+    if ok:
+        assert gpu_check.evaluate_build(make_context(tmp_path), outputs)["cuda_archs"] == archs
+    else:
+        with pytest.raises(gpu_check.StepFailed, match="no 900 kernels"):
+            gpu_check.evaluate_build(make_context(tmp_path), outputs)
+    with pytest.raises(gpu_check.StepFailed, match="with_cuda=False"):
+        gpu_check.evaluate_build(make_context(tmp_path), ["", json.dumps(dict(info, with_cuda=False))])

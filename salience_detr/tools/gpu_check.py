@@ -291,14 +291,15 @@ def evaluate_build(ctx: Context, outputs: list[str]) -> dict[str, Any]:
     info = json.loads(lines[-1]) if lines else None
     if not info:
         raise StepFailed("salience_detr._C did not load after the build (see the log)")
-    arch = device_arch().replace(".", "")
+    major, minor = device_arch().split(".")
+    arch = str(int(major) * 100 + int(minor) * 10)  # nvcc's __CUDA_ARCH_LIST__ spelling: 9.0 -> 900
     archs = str(info.get("cuda_archs"))
     if not info.get("with_cuda") or arch not in archs.replace(",", " ").split():
-        raise StepFailed(f"the build has no sm_{arch} kernels: with_cuda={info.get('with_cuda')}, archs={archs}")
+        raise StepFailed(f"the build has no {arch} kernels: with_cuda={info.get('with_cuda')}, archs={archs}")
     built = sorted((ctx.root / "salience_detr").glob("_C*.so"), key=lambda path: path.stat().st_mtime)
     return {
         **info,
-        "library_mib": round(built[-1].stat().st_size / 2**20, 1),
+        "library_mib": round(built[-1].stat().st_size / 2**20, 1) if built else None,
         "summary": f"CUDA {info.get('cuda_version')}, archs {archs}",
     }
 
@@ -543,7 +544,6 @@ def dry_train(name: str) -> Callable[[Context], dict[str, Any]]:
 
         if importlib.util.find_spec("detectron2") is None:
             raise StepSkipped("no GPU (dry run); detectron2 is not installed here, so its config was not checked", {})
-        import salience_detr  # noqa: F401  (before detectron2)
         from detectron2.config import LazyConfig
 
         overrides = train_overrides(ctx, name)
@@ -573,7 +573,6 @@ LATENCY_PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
 
 def time_model(config_file: str, height: int, width: int, device: str, num_iter: int, warmup: int) -> dict:
     """Eval-mode forward of one random image in fp32 and under bf16 autocast: latency, images/s, peak memory."""
-    import salience_detr  # noqa: F401  (before detectron2)
     from detectron2.config import LazyConfig, instantiate
 
     from salience_detr.tools.benchmark import peak_memory_mb, random_image, time_forward
@@ -582,10 +581,10 @@ def time_model(config_file: str, height: int, width: int, device: str, num_iter:
     model = instantiate(LazyConfig.load(config_file).model).to(target).eval()
     inputs = [{"image": random_image(height, width, target)}]
     results = {}
+    last: dict[str, Any] = {}  # the latest forward's outputs
     for name, dtype in LATENCY_PRECISIONS.items():
         if target.type == "cuda":
             torch.cuda.reset_peak_memory_stats(target)
-        last: dict[str, Any] = {}
         with torch.no_grad(), torch.autocast(target.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             seconds = sorted(time_forward(lambda: last.update(outputs=model(inputs)), target, warmup, num_iter))
         instances = last["outputs"][0]["instances"]
