@@ -358,6 +358,19 @@ def test_torch_compile_fullgraph():
 
 
 @CUDA
+def test_cuda_level_outside_value_gives_nan_rather_than_a_read_outside_it():
+    """The CUDA kernels cannot raise without a host sync: a level past the end of value poisons its samples."""
+    value, shapes, starts, locations, weights = make_inputs(device="cuda")
+    past_the_end = starts + 1  # only the last (1x1) level no longer lies within value
+    output, grad_value, grad_locations, grad_weights = forward_and_grads(
+        lambda v, l, w: compiled_op(v, shapes, past_the_end, l, w, 2), value, locations, weights
+    )
+    assert output.isnan().all()
+    assert grad_locations[:, :, :, 3].isnan().all() and grad_weights[:, :, :, 3].isnan().all()
+    assert grad_locations[:, :, :, :3].isfinite().all() and grad_value.isfinite().all()
+
+
+@CUDA
 def test_cuda_gradcheck():
     value, shapes, starts, locations, weights = make_inputs(batch=3, head_dim=7, device="cuda")
     inputs = tuple(tensor.requires_grad_() for tensor in (value, locations, weights))
