@@ -16,6 +16,7 @@ from detectron2.structures import BoxMode
 from salience_detr.config.overrides import apply_overrides
 from salience_detr.data import DetrDatasetMapper
 from salience_detr.data.augmentations import RandomChoice, detr_train_augmentations, large_scale_jitter
+from salience_detr.utils import inference
 
 CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
 SMALL = dict(min_sizes=[64, 80], max_size=100, crop_pre_sizes=[60, 70], crop_size=[40, 56])
@@ -135,3 +136,13 @@ def test_detr_preset_in_a_config_equals_the_default_mapper(tmp_path, record):
         assert _mapped(mapper, record, seed) == before
     with pytest.raises(ValueError, match="unknown augmentation preset 'strong'"):
         LazyConfig.load(_two_line_config(tmp_path / "again", "strong"))
+
+
+def test_demo_preprocessing_follows_the_test_preset(tmp_path):
+    cfg = LazyConfig.load(_two_line_config(tmp_path, "lsj"))
+    overrides = ["dataloader.test.mapper.augmentations.min_size=64", "dataloader.test.mapper.augmentations.max_size=64"]
+    augmentations, image_format = inference.test_augmentations(apply_overrides(cfg, overrides))
+    assert inference.resize_for_model(np.zeros((60, 90, 3), np.uint8), augmentations, image_format).shape == (43, 64, 3)
+    cfg.dataloader.test.mapper = {"_target_": "detectron2.data.Metadata", "name": "not a mapper"}
+    with pytest.raises(ValueError, match="has no 'augmentations'"):
+        inference.test_augmentations(cfg)

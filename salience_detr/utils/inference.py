@@ -63,18 +63,18 @@ def load_model_for_inference(cfg: Any, device: str | None = None, checkpoint: st
 def test_augmentations(cfg: Any) -> tuple[list[T.Augmentation], str]:
     """Eval-time augmentations and image format of ``cfg.dataloader.test.mapper``.
 
-    Works with this project's ``DetrDatasetMapper`` (``augmentation``) and detectron2's ``DatasetMapper``
-    (``augmentations``); a config without a test mapper gets the COCO default, ResizeShortestEdge(800, 1333).
+    Works with any mapper that has ``augmentations`` (this project's ``DetrDatasetMapper``, detectron2's
+    ``DatasetMapper``); a config without a test mapper gets the COCO default, ResizeShortestEdge(800, 1333).
     """
     mapper_cfg = cfg.get("dataloader", {}).get("test", {}).get("mapper")
     if mapper_cfg is None:
         logger.warning("No dataloader.test.mapper in the config: using ResizeShortestEdge%s", DEFAULT_TEST_RESIZE)
         return [T.ResizeShortestEdge(*DEFAULT_TEST_RESIZE)], "RGB"
     mapper = instantiate(mapper_cfg)
-    augmentations = getattr(mapper, "augmentations", None) or getattr(mapper, "augmentation", None)
+    augmentations = getattr(mapper, "augmentations", None)
     if augmentations is None:
         raise ValueError(
-            f"The test mapper {type(mapper).__name__} has neither 'augmentations' nor 'augmentation'; "
+            f"The test mapper {type(mapper).__name__} has no 'augmentations'; "
             "use DetrDatasetMapper or detectron2's DatasetMapper in dataloader.test.mapper."
         )
     if isinstance(augmentations, T.AugmentationList):
