@@ -157,6 +157,15 @@ def test_held_records_are_replayed_once_handlers_exist():
     assert seen == ["model.num_classes = 5"]
 
 
+def test_held_warnings_still_show_when_the_block_fails(capsys):
+    with pytest.raises(ValueError, match="bad config"):
+        with held_records("salience_detr.test_held_failing"):
+            logging.getLogger("salience_detr.test_held_failing").warning("dataset x is not available")
+            logging.getLogger("salience_detr.test_held_failing").info("not shown")
+            raise ValueError("bad config")
+    assert capsys.readouterr().err.strip() == "dataset x is not available"
+
+
 @pytest.fixture
 def standin_config(tmp_path):
     path = tmp_path / "standin_config.py"
@@ -200,3 +209,15 @@ def test_resume_cases_end_to_end(standin_config, tiny_synthetic_cache, tmp_path)
     assert replaced.returncode == 0, replaced.stderr[-3000:]
     assert [m["iteration"] for m in read_metrics(out) if "total_loss" in m] == [0, 1, 2, 3]
     assert not (out / "run.lock").exists()
+
+
+@pytest.mark.slow
+def test_eval_only_with_random_weights_on_purpose(standin_config, tiny_synthetic_cache, tmp_path):
+    overrides = standin_overrides(tiny_synthetic_cache, tmp_path / "eval", max_iter=2) + [
+        "train.init_checkpoint=random"
+    ]
+    result = run(train_net_command(standin_config, overrides, "--eval-only"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert "train.init_checkpoint=random: evaluating randomly initialised weights" in log
+    assert "Evaluation results for bbox" in log

@@ -32,8 +32,8 @@ def check_device(device: str) -> None:
     if parsed.type != "cuda":
         return
     if not torch.cuda.is_available():
-        build = f"with CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only"
-        built = f"torch {torch.__version__}, {build} build"
+        build = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        built = f"torch {torch.__version__}, {build}"
         raise PreflightError(
             f"train.device={device} but no CUDA device is usable here ({built}). "
             "Add train.device=cpu to run on the CPU, or run on a machine with an NVIDIA GPU and driver."

@@ -29,9 +29,20 @@ def held_records(name: str) -> Iterator[list[logging.LogRecord]]:
     target.setLevel(logging.DEBUG)
     try:
         yield hold.records
+    except BaseException:
+        _show_warnings(hold.records)  # the block failed, so nothing will replay them
+        raise
     finally:
         target.removeHandler(hold)
         target.setLevel(level)
+
+
+def _show_warnings(records: list[logging.LogRecord]) -> None:
+    """What Python shows for records no handler takes: warnings and errors, on stderr."""
+    if logging.lastResort is not None:
+        for record in records:
+            if record.levelno >= logging.WARNING:
+                logging.lastResort.handle(record)
 
 
 def replay(records: list[logging.LogRecord]) -> None:

@@ -1,0 +1,45 @@
+"""Training as two machines of one process each, on localhost with GLOO: the flags the README gives for a cluster."""
+
+import socket
+import subprocess
+
+import pytest
+from test_train_net import REPO, STANDIN_CONFIG, read_metrics, standin_overrides, subprocess_env, train_net_command
+
+
+@pytest.fixture
+def standin_config(tmp_path):
+    path = tmp_path / "standin_config.py"
+    path.write_text(STANDIN_CONFIG.format(repo=REPO))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_machines_of_one_process_train_together(standin_config, tiny_synthetic_cache, tmp_path):
+    out = tmp_path / "run"
+    overrides = standin_overrides(tiny_synthetic_cache, out, max_iter=3) + ["train.eval_period=0"]
+    dist_url = f"tcp://127.0.0.1:{free_port()}"
+    machines = []
+    for rank in (0, 1):
+        flags = ["--num-machines", "2", "--machine-rank", str(rank), "--dist-url", dist_url]
+        log = open(tmp_path / f"machine{rank}.log", "w")
+        command = train_net_command(standin_config, overrides, *flags)
+        machines.append(subprocess.Popen(command, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT))
+    try:
+        codes = [machine.wait(timeout=120) for machine in machines]
+    finally:
+        for machine in machines:
+            if machine.poll() is None:
+                machine.kill()
+    logs = [(tmp_path / f"machine{rank}.log").read_text() for rank in (0, 1)]
+    assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "world size 2" in logs[0]
+    assert "world size 2" in (out / "log.txt.rank1").read_text()  # machine 1 joined the same run
+    assert (out / "model_final.pth").is_file() and not (out / "run.lock").exists()
+    assert [m["iteration"] for m in read_metrics(out) if "total_loss" in m] == [0, 1, 2]
