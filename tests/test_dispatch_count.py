@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+import os
+
 import pytest
 import torch
 
@@ -68,3 +71,14 @@ def test_device_to_host_copies_count_once():
         x.tolist()  # one sync, not also a device_to_host copy
         x.sum().item()
     assert counts.syncs == {"device_to_host": 1, "tolist": 1, "item": 1}
+
+
+def test_sync_sites_name_the_line_that_synced():
+    x = torch.tensor([1.0, 2.0])
+    with count_dispatch(sync_sites=True) as counts:
+        line = inspect.currentframe().f_lineno + 1
+        x.tolist()
+        x.sum().item()
+    here = os.path.relpath(__file__)
+    assert counts.sync_sites == {f"tolist at {here}:{line}": 1, f"item at {here}:{line + 1}": 1}
+    assert f"tolist at {here}:{line}: 1" in counts.table()

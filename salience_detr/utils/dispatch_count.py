@@ -12,11 +12,13 @@ Syncs counted: ``item`` (``aten._local_scalar_dense``: ``.item()``, ``bool()``, 
 tensor), ``nonzero``, ``masked_select``, ``unique`` (every variant), ``boolean_mask_index`` (indexing or index_put
 with a bool mask), ``tolist`` and ``device_to_host`` (a copy from an accelerator to the CPU outside ``tolist``).
 Calls are counted per ATen overload as the dispatcher sees them from Python, so composite ops count once, not
-per kernel they decompose into.
+per kernel they decompose into. ``count_dispatch(sync_sites=True)`` also records the line that made each sync.
 """
 
 from __future__ import annotations
 
+import os
+import traceback
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,6 +51,7 @@ class DispatchCounts:
 
     calls: Counter[str] = field(default_factory=Counter)
     syncs: Counter[str] = field(default_factory=Counter)
+    sync_sites: Counter[str] = field(default_factory=Counter)  # "kind at file:line", with sync_sites=True
 
     @property
     def total_calls(self) -> int:
@@ -62,8 +65,18 @@ class DispatchCounts:
         """Totals, the syncs by kind and the ``top`` most frequent calls, as plain text for logs."""
         lines = [f"ATen calls: {self.total_calls}, data-dependent host syncs: {self.total_syncs}"]
         lines += [f"  sync {kind}: {count}" for kind, count in self.syncs.most_common()]
+        lines += [f"  {site}: {count}" for site, count in self.sync_sites.most_common()]
         lines += [f"  {name}: {count}" for name, count in self.calls.most_common(top)]
         return "\n".join(lines)
+
+
+def _caller_site() -> str:
+    """The innermost frame outside torch and this module: the line of user code that asked for the sync."""
+    torch_dir = os.path.dirname(torch.__file__)
+    for frame in reversed(traceback.extract_stack()):
+        if not frame.filename.startswith(torch_dir) and frame.filename != __file__:
+            return f"{os.path.relpath(frame.filename)}:{frame.lineno}"
+    return "unknown"
 
 
 def _has_bool_index(indices: object) -> bool:
@@ -84,10 +97,16 @@ def _is_device_to_host(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -
 
 
 class _AtenCounter(TorchDispatchMode):
-    def __init__(self, counts: DispatchCounts) -> None:
+    def __init__(self, counts: DispatchCounts, sync_sites: bool) -> None:
         super().__init__()
         self.counts = counts
+        self.sync_sites = sync_sites
         self.in_tolist = False
+
+    def record_sync(self, kind: str) -> None:
+        self.counts.syncs[kind] += 1
+        if self.sync_sites:
+            self.counts.sync_sites[f"{kind} at {_caller_site()}"] += 1
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -98,23 +117,22 @@ class _AtenCounter(TorchDispatchMode):
         if kind is None and func in _COPY_OPS and not self.in_tolist and _is_device_to_host(func, args, kwargs):
             kind = "device_to_host"
         if kind is not None:
-            self.counts.syncs[kind] += 1
+            self.record_sync(kind)
         return func(*args, **kwargs)
 
 
 class _ToListCounter(TorchFunctionMode):
     """``tolist`` reads CPU memory without any ATen call, so it is counted where Python calls it."""
 
-    def __init__(self, counts: DispatchCounts, aten_counter: _AtenCounter) -> None:
+    def __init__(self, aten_counter: _AtenCounter) -> None:
         super().__init__()
-        self.counts = counts
         self.aten_counter = aten_counter
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is not torch.Tensor.tolist:
             return func(*args, **kwargs)
-        self.counts.syncs["tolist"] += 1
+        self.aten_counter.record_sync("tolist")
         self.aten_counter.in_tolist = True  # its device-to-host copy is part of this one sync
         try:
             return func(*args, **kwargs)
@@ -123,9 +141,12 @@ class _ToListCounter(TorchFunctionMode):
 
 
 @contextmanager
-def count_dispatch() -> Iterator[DispatchCounts]:
-    """Count the ATen calls and host syncs of the enclosed code; the counts fill in as it runs."""
+def count_dispatch(sync_sites: bool = False) -> Iterator[DispatchCounts]:
+    """Count the ATen calls and host syncs of the enclosed code; the counts fill in as it runs.
+
+    ``sync_sites`` records where each sync comes from (a stack walk per sync: slower, for finding them).
+    """
     counts = DispatchCounts()
-    aten_counter = _AtenCounter(counts)
-    with _ToListCounter(counts, aten_counter), aten_counter:
+    aten_counter = _AtenCounter(counts, sync_sites)
+    with _ToListCounter(aten_counter), aten_counter:
         yield counts
