@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import instantiate
 
 from salience_detr.checkpoint.official import backbone_family, convert_official_state_dict
 from salience_detr.checkpoint.parity import (
@@ -22,6 +22,7 @@ from salience_detr.checkpoint.parity import (
     unmatched_detections,
 )
 from salience_detr.checkpoint.synthetic import random_official_state_dict, read_official_keys
+from salience_detr.config import get_config
 from salience_detr.tools.parity_official import DETECTION_BOX_TOL, DETECTION_SCORE_TOL, FIXTURE_FORMAT, OUR_CONFIG
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +48,7 @@ def model(fixture):
                 f"the regenerated random weights differ from the fixture's ({key}): torch's random generator changed; "
                 "regenerate the fixture with salience_detr.tools.parity_official and the official code"
             )
-    model = instantiate(LazyConfig.load(str(OUR_CONFIG)).model).eval()
+    model = instantiate(get_config(OUR_CONFIG).model).eval()
     target_shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     model.load_state_dict(convert_official_state_dict(weights, target_shapes, backbone_family(model.backbone)))
     return model

@@ -20,7 +20,8 @@ from torch import Tensor
 
 from .official import CLASS_ROW_KEYS, coco_category_ids
 
-OFFICIAL_R50_KEYS = Path(__file__).resolve().parents[2] / "tests" / "data" / "official_r50_state_dict_keys.tsv"
+#: Where the checkout keeps the official R50 key list (relative to its root; tools run from there take it as default).
+OFFICIAL_R50_KEYS = "tests/data/official_r50_state_dict_keys.tsv"
 #: Buffers that hold configuration, not weights: the parity tool copies them from the official model.
 CONSTANT_BUFFERS = (
     "position_embedding.dim_tx",
@@ -46,7 +47,7 @@ class OfficialEntry:
     tied_to: str | None
 
 
-def read_official_keys(path: str | Path = OFFICIAL_R50_KEYS) -> list[OfficialEntry]:
+def read_official_keys(path: str | Path) -> list[OfficialEntry]:
     """Parse ``official_*_state_dict_keys.tsv`` (columns key, shape, dtype, kind, numel; kind ``param(tied:K)``)."""
     lines = Path(path).read_text().splitlines()
     if not lines or lines[0].split("\t")[:4] != ["key", "shape", "dtype", "kind"]:

@@ -6,3 +6,4 @@ see the config exactly as training does.
 
 from salience_detr.config.overrides import ConfigOverrideError, apply_overrides  # noqa: F401
 from salience_detr.config.loading import load_config  # noqa: F401
+from salience_detr.config.zoo import get_config, get_config_file, list_configs  # noqa: F401

@@ -20,6 +20,8 @@ turned into a Python int on the way, so ``torch.compile(dynamic=True)`` and ``to
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import json
 import math
 import os
 import subprocess
@@ -27,6 +29,7 @@ import sys
 import warnings
 from pathlib import Path
 from types import ModuleType
+from urllib.parse import unquote, urlparse
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +54,6 @@ NO_JIT_ENV = "SALIENCE_DETR_NO_JIT"
 BACKENDS = ("auto", "compiled", "pytorch")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BUILD_HINT = "build it with `pip install -e . --no-build-isolation` from the repository root"
-_CSRC_DIR = Path(__file__).resolve().parents[2] / "csrc"
 
 
 def _cuda_include_dirs() -> list[str]:
@@ -60,23 +62,39 @@ def _cuda_include_dirs() -> list[str]:
     return [str(path) for path in candidates if path.is_dir()]
 
 
+def _csrc_dir() -> Path:
+    """csrc/ of the source checkout: the one pip installed this package from in editable mode, else the cwd's."""
+    roots = [Path.cwd()]
+    try:
+        record = json.loads(importlib.metadata.distribution("salience-detr").read_text("direct_url.json") or "{}")
+    except importlib.metadata.PackageNotFoundError:
+        record = {}
+    if record.get("dir_info", {}).get("editable") and record.get("url", "").startswith("file://"):
+        roots.insert(0, Path(unquote(urlparse(record["url"]).path)))
+    for root in roots:
+        if (root / "csrc" / "ops.cpp").is_file():
+            return root / "csrc"
+    raise FileNotFoundError(
+        f"no C++ sources (csrc/ with ops.cpp) under {', '.join(map(str, roots))}: run from a source checkout"
+    )
+
+
 def _jit_build() -> ModuleType:
     """Compile csrc/ with ninja into torch's extension cache (a source checkout without a built ``_C``)."""
     from torch.utils import cpp_extension
 
-    if not _CSRC_DIR.is_dir():
-        raise FileNotFoundError(f"no C++ sources at {_CSRC_DIR} (not a source checkout)")
+    csrc = _csrc_dir()
     cpp_extension.verify_ninja_availability()
     with_cuda = torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
     patterns = ["**/*.cpp", "**/*.cu"] if with_cuda else ["**/*.cpp"]
-    sources = sorted(str(path) for pattern in patterns for path in _CSRC_DIR.glob(pattern))
+    sources = sorted(str(path) for pattern in patterns for path in csrc.glob(pattern))
     defines = ["-DWITH_CUDA"] if with_cuda else []
     return cpp_extension.load(
         name="salience_detr_jit_C",
         sources=sources,
         extra_cflags=["-O3", *defines],
         extra_cuda_cflags=["-O3", *defines],
-        extra_include_paths=[str(_CSRC_DIR), *(_cuda_include_dirs() if with_cuda else [])],
+        extra_include_paths=[str(csrc), *(_cuda_include_dirs() if with_cuda else [])],
         with_cuda=with_cuda,
     )
 

@@ -1,6 +1,6 @@
 """Cost of a Salience DETR config: parameters, FLOPs, latency, images/s and peak memory.
 
-    python -m salience_detr.tools.benchmark --config-file configs/salience_detr/salience_detr_r50_800_1333.py \
+    python -m salience_detr.tools.benchmark --config-file configs/salience_detr/salience_detr_r50_4scale_12ep.py \
         [--height 800 --width 1333] [--device cpu|cuda] [--num-iter 50] [--output benchmark.json]
 
 The model runs in eval mode on one random image of exactly the given size (the size after the test resize), with

@@ -25,9 +25,9 @@ from salience_detr.checkpoint.official import (
     load_official_checkpoint,
     save_model_checkpoint,
 )
-from salience_detr.config import load_config
+from salience_detr.config import get_config_file, load_config
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "models" / "salience_detr_r50.py"
+DEFAULT_CONFIG = "models/salience_detr_r50.py"  # packaged config (salience_detr.config.get_config_file)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,7 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("input", help="official checkpoint (.pth): a state dict, or one under model/state_dict/ema")
     parser.add_argument("output", help="where to write {'model': state_dict} for DetectionCheckpointer")
     parser.add_argument(
-        "--config-file", default=str(DEFAULT_CONFIG), help="LazyConfig whose `model` the checkpoint must fill"
+        "--config-file",
+        default=None,
+        help=f"LazyConfig whose `model` the checkpoint must fill (default: the packaged configs/{DEFAULT_CONFIG})",
     )
     parser.add_argument(
         "--backbone-family",
@@ -50,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.config_file = args.config_file or get_config_file(DEFAULT_CONFIG)
     if not Path(args.config_file).is_file():
         print(f"error: config file {args.config_file} not found; pass --config-file", file=sys.stderr)
         return 2

@@ -1,6 +1,6 @@
 """Export a Salience DETR config to ONNX and check the file with onnxruntime against PyTorch.
 
-    python -m salience_detr.tools.export_onnx --config-file configs/salience_detr/salience_detr_r50_800_1333.py \
+    python -m salience_detr.tools.export_onnx --config-file configs/salience_detr/salience_detr_r50_4scale_12ep.py \
         --output model.onnx [--image photo.jpg] [--height H --width W] [--opts train.init_checkpoint=model.pth]
 
 The exported graph takes one normalized image, ``image`` (1, 3, H, W) float32 = (RGB pixels - pixel_mean) /

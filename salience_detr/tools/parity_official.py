@@ -25,7 +25,7 @@ from typing import Any
 
 import salience_detr  # noqa: F401  (detectron2 compat layer before any detectron2 import)
 import torch
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import instantiate
 from torch import Tensor, nn
 
 from salience_detr.checkpoint.official import backbone_family, coco_category_ids, convert_official_state_dict
@@ -47,10 +47,10 @@ from salience_detr.checkpoint.synthetic import (
     random_official_state_dict,
     read_official_keys,
 )
+from salience_detr.config import get_config
 from salience_detr.utils.atomic import atomic_write
 
-REPO = Path(__file__).resolve().parents[2]
-OUR_CONFIG = REPO / "configs" / "salience_detr" / "salience_detr_r50_4scale_12ep.py"
+OUR_CONFIG = "salience_detr/salience_detr_r50_4scale_12ep.py"  # packaged config (salience_detr.config.get_config)
 OFFICIAL_CONFIG = Path("configs") / "salience_detr" / "salience_detr_resnet50_800_1333.py"
 #: Image sizes (H, W) per batch: larger than the 320x320 the official code needs, small enough for a CPU test.
 BATCHES = {"single": [(384, 448)], "pair": [(416, 352), (352, 448)]}
@@ -66,7 +66,9 @@ SUBSAMPLE = 512
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--official-root", required=True, help="a clone of github.com/xiuqhou/Salience-DETR")
-    parser.add_argument("--keys", default=str(OFFICIAL_R50_KEYS), help="official R50 state-dict key list (.tsv)")
+    parser.add_argument(
+        "--keys", default=OFFICIAL_R50_KEYS, help="official R50 state-dict key list (.tsv; default: the checkout's)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and images")
     parser.add_argument("--save-fixture", metavar="PATH", help="write the official outputs for the parity test")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -214,7 +216,7 @@ def load_models(args: argparse.Namespace) -> tuple[nn.Module, nn.Module, dict[st
     constants = {key: official_model.state_dict()[key] for key in CONSTANT_BUFFERS}
     official_weights = random_official_state_dict(read_official_keys(args.keys), args.seed, constants)
     official_model.load_state_dict(official_weights, strict=True)
-    ours = instantiate(LazyConfig.load(str(OUR_CONFIG)).model).eval()
+    ours = instantiate(get_config(OUR_CONFIG).model).eval()
     target_shapes = {key: tuple(value.shape) for key, value in ours.state_dict().items()}
     converted = convert_official_state_dict(official_weights, target_shapes, family=backbone_family(ours.backbone))
     ours.load_state_dict(converted, strict=True)

@@ -29,10 +29,10 @@ DRAW_THRESHOLD = 0.3
 
 
 def repo_root() -> Path:
-    """The checkout holding train_net.py and demo/ (the current directory, else the package's parent)."""
-    for candidate in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        if (candidate / "train_net.py").is_file() and (candidate / "demo" / "demo.py").is_file():
-            return candidate
+    """The checkout holding train_net.py and demo/: the current directory (the package does not locate sources)."""
+    candidate = Path.cwd()
+    if (candidate / "train_net.py").is_file() and (candidate / "demo" / "demo.py").is_file():
+        return candidate
     sys.exit("quickstart: run it from the salience-detr checkout (train_net.py and demo/demo.py were not found).")
 
 
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     root = repo_root()
     output_dir = (root / args.output_dir).resolve()
     config_file = str(root / args.config_file)
-    overrides = [f"train.output_dir={output_dir}", *args.opts]
+    overrides = [f"train.output_dir={output_dir}", "train.overwrite=True", *args.opts]  # a rerun replaces the last
 
     cfg = load_config(config_file, overrides)
     val = dataset_info(cfg.dataloader.test.dataset.names)
