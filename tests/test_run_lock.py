@@ -126,3 +126,17 @@ def test_claim_output_dir_locks_only_in_the_main_process(tmp_path):
         claim_output_dir(cfg, resume=False, eval_only=False, is_main=True)
     assert not (tmp_path / "run" / LOCK_NAME).exists()  # a refused run leaves no lock behind
     claim_output_dir(cfg, resume=False, eval_only=True, is_main=True).release()  # evaluation writes no checkpoints
+
+
+def test_other_processes_stop_with_the_main_process_refusal(tmp_path, monkeypatch):
+    """Without this, the other machines would wait at their first collective until the 30-minute timeout."""
+    from detectron2.utils import comm
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"train": {"output_dir": str(tmp_path), "overwrite": False}})
+    monkeypatch.setattr(comm, "get_world_size", lambda: 2)
+    monkeypatch.setattr(comm, "all_gather", lambda mine: ["Output directory X already holds checkpoints", mine])
+    with pytest.raises(OutputDirError, match=r"^The main process stopped the run: Output directory X already holds"):
+        claim_output_dir(cfg, resume=False, eval_only=False, is_main=False)
+    monkeypatch.setattr(comm, "all_gather", lambda mine: [mine, None])
+    assert claim_output_dir(cfg, resume=False, eval_only=False, is_main=False) is None

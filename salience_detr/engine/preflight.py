@@ -11,8 +11,9 @@ import logging
 from typing import Any
 
 import torch
+from detectron2.utils import comm
 
-from .run_lock import RunLock, check_fresh_start
+from .run_lock import OutputDirError, RunLock, check_fresh_start
 
 RANDOM_WEIGHTS = "random"
 
@@ -79,16 +80,30 @@ def resume_has_work(start_iter: int, max_iter: int, checkpoint: str) -> bool:
 def claim_output_dir(cfg: Any, *, resume: bool, eval_only: bool, is_main: bool) -> RunLock | None:
     """Lock ``train.output_dir`` for this run (main process only) and refuse to overwrite another run's checkpoints.
 
-    The lock is released when the process exits (or earlier through the returned lock's ``release``).
+    Every process calls this: when the main process is refused, the others (on other machines too) stop with its
+    message instead of waiting at their first collective until the timeout. The lock is released when the process
+    exits (or earlier through the returned lock's ``release``).
     """
-    if not is_main:
-        return None
+    lock, refusal = None, None
+    if is_main:
+        try:
+            lock = _lock_and_check(cfg, resume=resume, eval_only=eval_only)
+        except OutputDirError as error:
+            refusal = str(error)
+    if comm.get_world_size() > 1:
+        refusal = next((message for message in comm.all_gather(refusal) if message), None)
+    if refusal:
+        raise OutputDirError(refusal if is_main else f"The main process stopped the run: {refusal}")
+    return lock
+
+
+def _lock_and_check(cfg: Any, *, resume: bool, eval_only: bool) -> RunLock:
     lock = RunLock(cfg.train.output_dir).acquire()
     atexit.register(lock.release)
     if not eval_only:
         try:
             check_fresh_start(cfg.train.output_dir, resume=resume, overwrite=bool(cfg.train.get("overwrite", False)))
-        except Exception:
+        except OutputDirError:
             lock.release()
             raise
     return lock
