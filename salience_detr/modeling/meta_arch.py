@@ -2,7 +2,8 @@
 
 Normalisation and padding happen here (docs/model.md#preprocessing, #padding-masks, #detectron2-integration):
 images are normalised, then padded with zeros to a multiple of ``size_divisibility``; the padding mask follows the
-padded batch and is resized to every feature level by nearest interpolation. Boxes inside the model are normalized cxcywh relative to each unpadded image.
+padded batch and is resized to every feature level by nearest interpolation. Boxes inside the model are normalized
+cxcywh relative to each unpadded image.
 """
 
 from __future__ import annotations
