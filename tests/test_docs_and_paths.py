@@ -95,3 +95,20 @@ def test_package_code_finds_no_sources_through_parents():
         if re.search(r"parents\[\d\]", line) and re.search(r"tests|csrc|configs|train_net|demo", line)
     ]
     assert not offenders, offenders
+
+
+def test_jit_build_sources_come_from_the_install_record_or_the_working_directory(tmp_path, monkeypatch):
+    import importlib.metadata
+
+    from salience_detr.layers import ms_deform_attn
+
+    monkeypatch.chdir(REPO)
+    assert (ms_deform_attn._csrc_dir() / "ops.cpp").is_file()
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
+    with pytest.raises(FileNotFoundError, match="run from a source checkout"):
+        ms_deform_attn._csrc_dir()
