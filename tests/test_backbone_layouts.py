@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 from torchvision.models.swin_transformer import SwinTransformer
 
-import salience_detr  # noqa: F401  (applies the detectron2 compat layer first)
+import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 from salience_detr.checkpoint.backbone_layouts import (
     BACKBONE_LAYOUTS,
     convert_backbone_state_dict,

@@ -1,4 +1,4 @@
-import salience_detr  # noqa: F401  (applies the detectron2 compat layer first)
+import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 
 import pytest
 import torch

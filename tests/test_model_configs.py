@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import salience_detr  # noqa: F401  (detectron2 compatibility before any detectron2 import)
+import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 from detectron2.config import LazyConfig, instantiate
 from detectron2.structures import Boxes, Instances
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import salience_detr  # noqa: F401  (applies the detectron2 compat layer first)
+import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 from salience_detr.modeling.neck import (
     ChannelMapper,
     CSPRepPluXLayer,

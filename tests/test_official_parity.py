@@ -4,7 +4,7 @@ official model's outputs for seeded random weights and images (``python -m salie
 converted into our model, and every stage must agree within ``TOLERANCE`` of the stage's largest official value.
 """
 
-import salience_detr  # noqa: F401  (applies the detectron2 compat layer first)
+import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 
 from pathlib import Path
 

@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-import salience_detr  # noqa: F401  (detectron2 compatibility before any detectron2 import)
+import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 from detectron2.config import LazyCall as L
 from detectron2.config import LazyConfig, instantiate
 from detectron2.utils.events import EventStorage

@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import salience_detr  # noqa: F401  (detectron2 compat layer before any detectron2 import)
+import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 from detectron2.config import instantiate
 
 from salience_detr.checkpoint.official import (

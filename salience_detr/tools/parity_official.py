@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import salience_detr  # noqa: F401  (detectron2 compat layer before any detectron2 import)
+import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 import torch
 from detectron2.config import instantiate
 from torch import Tensor, nn

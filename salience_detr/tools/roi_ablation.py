@@ -29,7 +29,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import salience_detr  # noqa: F401  (detectron2 compatibility before any detectron2 import)
+import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 import torch
 from detectron2.config import instantiate
 from detectron2.evaluation import inference_on_dataset
