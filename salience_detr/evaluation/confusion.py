@@ -48,7 +48,9 @@ def match_detections(
     return matched
 
 
-def _add_image(matrix: np.ndarray, gts: Sequence[dict], dts: Sequence[dict], index: Mapping[Any, int], iou: float):
+def _add_image(
+    matrix: np.ndarray, gts: Sequence[dict], dts: Sequence[dict], index: Mapping[Any, int], iou: float
+) -> None:
     background = len(index)
     gt_boxes = np.array([g["bbox"] for g in gts], dtype=np.float64).reshape(-1, 4)
     det_boxes = np.array([d["bbox"] for d in dts], dtype=np.float64).reshape(-1, 4)

@@ -43,7 +43,9 @@ def add_dataloader_arguments(parser: argparse.ArgumentParser, argv: Sequence[str
     return source
 
 
-def draw_model_input(per_image: dict[str, Any], metadata: Metadata, image_format: str, scale: float = 1.0):
+def draw_model_input(
+    per_image: dict[str, Any], metadata: Metadata, image_format: str, scale: float = 1.0
+) -> np.ndarray:
     """RGB ``uint8`` picture of one mapped dataset dict (CHW ``image`` in ``image_format``, ``instances``)."""
     image = convert_image_to_rgb(per_image["image"].permute(1, 2, 0).numpy(), image_format)
     visualizer = Visualizer(np.ascontiguousarray(image), metadata=metadata, scale=scale)
