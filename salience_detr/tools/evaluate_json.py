@@ -28,29 +28,10 @@ from tabulate import tabulate
 from salience_detr.data import resolve_dataset
 from salience_detr.data.results_check import check_results_match
 from salience_detr.evaluation import write_evaluation_plots
+from salience_detr.tools._cli import add_dataset_arguments, load_results
 
-
-def add_dataset_arguments(parser: argparse.ArgumentParser, example: str) -> None:
-    """--dataset, plus --coco-json/--image-root to register a dataset that is not registered yet."""
-    parser.add_argument("--dataset", required=True, help=f"registered dataset name, e.g. {example}")
-    parser.add_argument("--coco-json", help="register --dataset from this COCO annotation file")
-    parser.add_argument("--image-root", help="image folder of --coco-json")
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-
-
-def load_results(path: str) -> list[dict]:
-    try:
-        results = json.loads(Path(path).read_text())
-    except FileNotFoundError as error:
-        raise FileNotFoundError(f"Results file {path!r} does not exist.") from error
-    except json.JSONDecodeError as error:
-        raise ValueError(f"Results file {path!r} is not valid JSON ({error}).") from error
-    if not isinstance(results, list) or any(not {"image_id", "category_id", "bbox", "score"} <= set(r) for r in results):
-        raise ValueError(
-            f"{path!r} is not a COCO detection results list: every entry needs image_id, category_id, bbox, score."
-        )
-    return results
 
 
 def evaluate_results(

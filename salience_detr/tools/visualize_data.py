@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from salience_detr.data import resolve_dataset
 from salience_detr.data.image_io import read_image
-from salience_detr.tools.evaluate_json import add_dataset_arguments
+from salience_detr.tools._cli import add_dataset_arguments
 from salience_detr.tools._dataloader_view import add_dataloader_arguments, draw_dataloader
 
 

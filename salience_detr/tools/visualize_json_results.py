@@ -24,7 +24,7 @@ from tqdm import tqdm
 from salience_detr.data import resolve_dataset
 from salience_detr.data.image_io import read_image
 from salience_detr.data.results_check import check_results_match
-from salience_detr.tools.evaluate_json import add_dataset_arguments, load_results
+from salience_detr.tools._cli import add_dataset_arguments, load_results
 from salience_detr.tools.visualize_data import draw_ground_truth, output_path
 
 
