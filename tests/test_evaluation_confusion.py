@@ -146,3 +146,11 @@ def test_evaluate_json_plots_flag(tmp_path):
     assert record["score_threshold"] == 0.0
     np.testing.assert_array_equal(np.array(record["matrix"]) - EXPECTED, [[0, 0, 0], [0, 0, 0], [1, 0, 0]])
     assert (plots / "precision_recall.png").stat().st_size > 0
+
+
+def test_empty_results_write_no_plots_and_say_so(tmp_path, caplog):
+    gt_path, _ = _write_coco(tmp_path)
+    with caplog.at_level("WARNING"):
+        metrics = evaluate_json.evaluate_results(str(gt_path), [], plots_dir=str(tmp_path / "plots"))
+    assert metrics["AP"] == 0.0 and not (tmp_path / "plots").exists()
+    assert "nothing to plot" in caplog.text

@@ -49,6 +49,8 @@ def evaluate_results(
     if unknown:
         raise ValueError(f"{len(unknown)} image ids of the results are not in {json_file!r}, e.g. {sorted(unknown)[:5]}")
     if not results:
+        if plots_dir:
+            logging.getLogger(__name__).warning("The results file is empty: nothing to plot in %s.", plots_dir)
         return {name: 0.0 for name in METRIC_NAMES}
     image_ids = sorted({r["image_id"] for r in results}) if only_result_images else sorted(coco_gt.getImgIds())
     evaluator = COCOeval(coco_gt, coco_gt.loadRes(results), "bbox")
