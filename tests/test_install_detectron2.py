@@ -49,3 +49,37 @@ def test_this_environment_has_the_current_install_or_another_detectron2():
     pytest.importorskip("detectron2")
     assert installer.installed_state() in ("current", "other")
     assert installer.VERSION.endswith(f"+salience.{installer.PATCH_LEVEL}")
+
+
+class FakeDistribution:
+    def __init__(self, version, summary):
+        self.version, self.metadata = version, {"Summary": summary}
+
+
+OLD_SUMMARY = "detectron2 0.6 (pure Python, installed by salience_detr.tools.install_detectron2)"
+
+
+@pytest.mark.parametrize(
+    ("version", "summary", "state"),
+    [
+        (installer.VERSION, f"patched ({installer.MARK})", "current"),
+        ("0.6", OLD_SUMMARY, "outdated"),  # the unpatched install of earlier versions of this project
+        ("0.6+salience.0", f"patched ({installer.MARK})", "outdated"),
+        ("0.6", "Detectron2 is FAIR's next-generation research platform", "other"),  # built from source
+    ],
+)
+def test_installed_state_reads_the_version_mark(monkeypatch, version, summary, state):
+    monkeypatch.setattr(installer.importlib.metadata, "distribution", lambda name: FakeDistribution(version, summary))
+    assert installer.installed_state() == state
+
+
+@pytest.mark.parametrize(
+    ("state", "builds"), [("current", False), ("other", False), ("outdated", True), ("absent", True)]
+)
+def test_install_upgrades_only_its_own_older_install(monkeypatch, tmp_path, state, builds):
+    calls = []
+    monkeypatch.setattr(installer, "installed_state", lambda: state)
+    monkeypatch.setattr(installer, "build_wheel", lambda wheel_dir: calls.append("build") or tmp_path / "d2.whl")
+    monkeypatch.setattr(installer, "_pip", lambda *args: calls.append(args[0]))
+    installer.install()
+    assert calls == (["build", "install"] if builds else [])
