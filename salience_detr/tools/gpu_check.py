@@ -127,31 +127,34 @@ class Step:
 
 
 def run_command(ctx: Context, command: Command) -> tuple[int, str]:
-    """Run one command in its own process group (killed whole at the step's deadline); output to the log."""
+    """Run one command in its own process group (killed whole at the step's deadline), its output streamed into
+    the log as it comes (a run cut short keeps it); returns the exit code and that output."""
     timeout = ctx.step_deadline - time.monotonic()
     if timeout <= 0:
         raise StepFailed(f"no time left for: {command.shell()}")
     ctx.log.write(f"\n$ {command.shell()}\n")
     ctx.log.flush()
+    start = ctx.log.tell()
     process = subprocess.Popen(
         command.argv,
         cwd=ctx.root,
         env=ctx.child_env(command.env),
-        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        stdout=ctx.log.fileno(),
         stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
         start_new_session=True,
     )
     try:
-        output, _ = process.communicate(timeout=timeout)
+        process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        ctx.log.write(output)
-        raise StepFailed(f"timed out after {timeout:.0f} s: {command.shell()}\n{tail(output)}") from None
-    ctx.log.write(output)
-    ctx.log.flush()
+        process.wait()
+    ctx.log.seek(0, os.SEEK_END)
+    with open(ctx.log.name, errors="replace") as log:
+        log.seek(start)
+        output = log.read()
+    if process.returncode == -signal.SIGKILL and time.monotonic() >= ctx.step_deadline:
+        raise StepFailed(f"timed out after {timeout:.0f} s: {command.shell()}\n{tail(output)}")
     return process.returncode, output
 
 
