@@ -170,10 +170,10 @@ def load_ema_for_eval(cfg, model, extra_state: dict) -> ModelEMA | None:
 def main(args) -> None:
     with held_records("salience_detr") as early_records:  # logged before log.txt exists: replayed below
         cfg = load_config(args.config_file, args.opts)
+        check_device(cfg.train.device)
+        weights = eval_weights(cfg.train.init_checkpoint) if args.eval_only else None
+        claim_output_dir(cfg, resume=args.resume, eval_only=args.eval_only, is_main=comm.is_main_process())
         check_config_images(cfg)  # every bad image file named now, not hours into a run
-    check_device(cfg.train.device)
-    weights = eval_weights(cfg.train.init_checkpoint) if args.eval_only else None
-    claim_output_dir(cfg, resume=args.resume, eval_only=args.eval_only, is_main=comm.is_main_process())
     apply_fast_dev_run(cfg)
     default_setup(cfg, args)
     share_cpu_threads(cfg)
