@@ -12,7 +12,7 @@ import pytest
 import torch
 from detectron2.config import instantiate
 
-from salience_detr.checkpoint.official import backbone_family, convert_official_state_dict
+from salience_detr.checkpoint.official import convert_into_model
 from salience_detr.checkpoint.parity import (
     detections_like_ours,
     is_selection,
@@ -49,8 +49,7 @@ def model(fixture):
                 "regenerate the fixture with salience_detr.tools.parity_official and the official code"
             )
     model = instantiate(get_config(OUR_CONFIG).model).eval()
-    target_shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()}
-    model.load_state_dict(convert_official_state_dict(weights, target_shapes, backbone_family(model.backbone)))
+    convert_into_model(model, weights)
     return model
 
 

@@ -179,6 +179,24 @@ def convert_official_state_dict(
     return converted
 
 
+def convert_into_model(
+    model: torch.nn.Module,
+    official: Mapping[str, Tensor],
+    family: str | None = None,
+    class_ids: Sequence[int] | None = None,
+) -> dict[str, Tensor]:
+    """Convert ``official`` for ``model`` and load it strictly; returns the converted state dict.
+
+    The target shapes come from the model itself and the backbone family from its backbone unless given, so the
+    converter, the parity tool and its test all fill a model the same way; a strict load proves nothing is left out.
+    """
+    target_shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    family = family or backbone_family(model.backbone)
+    converted = convert_official_state_dict(official, target_shapes, family=family, class_ids=class_ids)
+    model.load_state_dict(converted, strict=True)
+    return converted
+
+
 PICKLE_MAGIC = 0x80  # first byte of a pickle of protocol 2 or newer (torch.save's legacy format)
 
 

@@ -21,7 +21,7 @@ from salience_detr.checkpoint.official import (
     DROPPED_KEYS,
     ConversionError,
     backbone_family,
-    convert_official_state_dict,
+    convert_into_model,
     load_official_checkpoint,
     save_model_checkpoint,
 )
@@ -58,14 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     model = instantiate(load_config(args.config_file, inference=True, checkpoint="").model)
     family = args.backbone_family or backbone_family(model.backbone)
-    target_shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     try:
         official, wrapper = load_official_checkpoint(args.input, allow_pickle=args.allow_pickle)
-        converted = convert_official_state_dict(official, target_shapes, family=family)
+        converted = convert_into_model(model, official, family=family)
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    model.load_state_dict(converted, strict=True)
     save_model_checkpoint(converted, args.output)
     source = f"the '{wrapper}' entry of {args.input}" if wrapper else f"{args.input} (a plain state dict)"
     resized = sorted(

@@ -28,7 +28,7 @@ import torch
 from detectron2.config import instantiate
 from torch import Tensor, nn
 
-from salience_detr.checkpoint.official import backbone_family, coco_category_ids, convert_official_state_dict
+from salience_detr.checkpoint.official import coco_category_ids, convert_into_model
 from salience_detr.checkpoint.parity import (
     RECORDED_MODULES,
     common_stages,
@@ -217,9 +217,7 @@ def load_models(args: argparse.Namespace) -> tuple[nn.Module, nn.Module, dict[st
     official_weights = random_official_state_dict(read_official_keys(args.keys), args.seed, constants)
     official_model.load_state_dict(official_weights, strict=True)
     ours = instantiate(get_config(OUR_CONFIG).model).eval()
-    target_shapes = {key: tuple(value.shape) for key, value in ours.state_dict().items()}
-    converted = convert_official_state_dict(official_weights, target_shapes, family=backbone_family(ours.backbone))
-    ours.load_state_dict(converted, strict=True)
+    convert_into_model(ours, official_weights)
     return official_model, ours, official_weights
 
 
