@@ -53,6 +53,19 @@ def soft_focal_loss(logits: Tensor, target: Tensor, alpha: float, gamma: float) 
     return F.binary_cross_entropy_with_logits(logits, target, reduction="none") * weight
 
 
+def set_loss_weights(base: dict[str, float], num_decoder_layers: int) -> dict[str, float]:
+    """The weight of every term ``HybridSetCriterion`` returns, from the weight of each base loss.
+
+    Each base name appears for the last decoder layer, the earlier layers (``_{i}``), the encoder proposals
+    (``_enc``) and the denoising queries (``_dn``, ``_dn_{i}``), all with the base weight, as the official code does.
+    """
+    if num_decoder_layers < 1:
+        raise ValueError(f"num_decoder_layers must be >= 1 (the decoder's num_layers), got {num_decoder_layers}.")
+    earlier = [f"_{i}" for i in range(num_decoder_layers - 1)]
+    suffixes = ["", "_enc", "_dn", *earlier, *(f"_dn{suffix}" for suffix in earlier)]
+    return {f"{name}{suffix}": weight for name, weight in base.items() for suffix in suffixes}
+
+
 def denoising_indices(targets: Sequence[dict], num_groups: int, group_size: int, device) -> MatchIndices:
     """Fixed dn assignment: target t of an image goes to query ``g * group_size + t`` of every group g (positives)."""
     indices = []
@@ -78,6 +91,7 @@ class HybridSetCriterion(nn.Module):
         weight_dict: dict[str, float] | None = None,
         alpha: float = 0.25,
         gamma: float = 2.0,
+        num_decoder_layers: int = 6,
     ):
         super().__init__()
         self.num_classes = num_classes
@@ -88,6 +102,8 @@ class HybridSetCriterion(nn.Module):
             raise ValueError(
                 f"weight_dict is missing {sorted(missing)}; give weights for {sorted(DEFAULT_SET_WEIGHTS)}"
             )
+        self.num_decoder_layers = num_decoder_layers
+        self.loss_weights = set_loss_weights(self.weight_dict, num_decoder_layers)
         self.alpha = alpha
         self.gamma = gamma
 
@@ -148,8 +164,15 @@ class HybridSetCriterion(nn.Module):
             )
 
     def weighted(self, losses: dict) -> dict:
-        """Scale each term by the weight of its base name (``loss_bbox_dn_3`` -> ``loss_bbox``)."""
-        return {name: value * self.weight_dict["_".join(name.split("_")[:2])] for name, value in losses.items()}
+        """Scale each term by its weight in ``loss_weights``."""
+        unweighted = sorted(set(losses) - set(self.loss_weights))
+        if unweighted:
+            raise ValueError(
+                f"losses {unweighted[:4]} have no weight: the outputs have more decoder layers than "
+                f"num_decoder_layers={self.num_decoder_layers}; set criterion.num_decoder_layers to the decoder's "
+                "num_layers."
+            )
+        return {name: value * self.loss_weights[name] for name, value in losses.items()}
 
     def forward(
         self, outputs: dict, targets: Sequence[dict], return_indices: bool = False
