@@ -605,6 +605,7 @@ def time_model(config_file: str, height: int, width: int, device: str, num_iter:
         "size": [height, width],
         "device": device,
         "num_iter": num_iter,
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,  # whether the fp32 timing used TF32 matmuls
         "precisions": results,
     }
 
