@@ -140,3 +140,16 @@ def test_other_processes_stop_with_the_main_process_refusal(tmp_path, monkeypatc
         claim_output_dir(cfg, resume=False, eval_only=False, is_main=False)
     monkeypatch.setattr(comm, "all_gather", lambda mine: [mine, None])
     assert claim_output_dir(cfg, resume=False, eval_only=False, is_main=False) is None
+
+
+def test_lock_file_of_a_live_pid_is_refused_even_without_flock(tmp_path):
+    """On a file system where flock does nothing, the recorded pid still tells a live run from a crashed one."""
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname()}))
+        with pytest.raises(OutputDirError, match=rf"pid {sleeper.pid} on host .*If pid {sleeper.pid} is not that run"):
+            RunLock(str(tmp_path)).acquire()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    RunLock(str(tmp_path)).acquire().release()  # dead now: taken over

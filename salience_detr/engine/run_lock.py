@@ -3,7 +3,8 @@
 Two runs into one ``train.output_dir`` interleave ``metrics.json`` and ``log.txt`` and overwrite each other's
 checkpoints. The main process therefore holds ``run.lock`` there for the whole run: an exclusive ``flock`` (freed by
 the kernel when the process dies, so a crashed run never blocks the next one on the same host) on a file that names
-the holder's pid and host for the error message. A fresh (not ``--resume``) run into a directory with checkpoints
+the holder's pid and host: for the error message, and to tell a live run from a crashed one where ``flock`` does
+nothing (some network file systems). A fresh (not ``--resume``) run into a directory with checkpoints
 stops unless ``train.overwrite=True``, and a resumed run drops the ``metrics.json`` rows it is about to repeat.
 """
 
@@ -68,6 +69,11 @@ class RunLock:
                 + f" It runs on another host, so this one cannot tell whether it is still alive: if it is not, "
                 f"delete {self.path} and start again."
             )
+        if holder and _alive(holder.get("pid")):  # flock is a no-op on some network file systems
+            os.close(fd)
+            raise OutputDirError(
+                self._held_message(holder) + f" If pid {holder.get('pid')} is not that run, delete {self.path}."
+            )
         if holder:
             logger.warning("Taking over %s from pid %s, which ended without releasing it", self.path, holder.get("pid"))
         record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "argv": sys.argv}
@@ -90,6 +96,19 @@ class RunLock:
             os.remove(self.path)
         os.close(self._fd)
         self._fd = None
+
+
+def _alive(pid: object) -> bool:
+    """Whether another process with this pid runs on this host."""
+    if not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True
 
 
 def _same_file(fd: int, path: str) -> bool:
