@@ -8,7 +8,7 @@ from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.models.swin_transformer import SwinTransformer
 
-import salience_detr  # noqa: F401  (applies the detectron2 compat layer first)
+import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 from salience_detr.modeling.backbone.convnext import ConvNeXtBackbone
 from salience_detr.modeling.backbone.focalnet import FocalNetBackbone
 from salience_detr.modeling.backbone.swin import SwinBackbone
@@ -243,9 +243,9 @@ def _tiny_transformer(cfg):
     model.embed_dim = 64
     model.position_embedding.num_pos_feats = 32
     model.transformer.encoder.num_layers = 2
-    model.transformer.encoder.layer.update(d_ffn=128, n_heads=4, n_points=2, topk_sa=30)
+    model.transformer.encoder.layer.update(ffn_dim=128, num_heads=4, num_points=2, topk_sa=30)
     model.transformer.decoder.num_layers = 2
-    model.transformer.decoder.layer.update(d_ffn=128, n_heads=4, n_points=2)
+    model.transformer.decoder.layer.update(ffn_dim=128, num_heads=4, num_points=2)
     model.transformer.neck.num_blocks = 1
     model.transformer.num_queries = 50
     model.transformer.layer_filter_ratio = (1.0, 0.5)

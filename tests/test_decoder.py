@@ -1,6 +1,5 @@
 import math
 
-import pytest
 import torch
 
 from salience_detr.layers.box_ops import inverse_sigmoid
@@ -17,7 +16,7 @@ def level_layout(shapes):
 
 def make_decoder(num_layers=3, num_classes=5):
     torch.manual_seed(0)
-    layer = SalienceDecoderLayer(d_model=D_MODEL, d_ffn=64, n_heads=4, n_levels=2, n_points=2)
+    layer = SalienceDecoderLayer(embed_dim=D_MODEL, ffn_dim=64, num_heads=4, num_levels=2, num_points=2)
     return SalienceDecoder(layer, num_layers=num_layers, num_classes=num_classes)
 
 

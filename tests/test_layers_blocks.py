@@ -19,6 +19,28 @@ from salience_detr.layers.box_ops import (
 )
 from salience_detr.layers.levels import flatten_levels, level_start_index, level_valid_sizes, valid_ratios
 from salience_detr.layers.mlp import MLP, init_box_head, init_class_head
+from salience_detr.layers.post_norm import PostNormLayer
+
+
+class TwoAttentionLayer(PostNormLayer):
+    """A post-norm layer with two plain attention sublayers, named as a checkpoint might name them."""
+
+    def __init__(self, dropout: float = 0.0):
+        super().__init__(
+            embed_dim=8,
+            ffn_dim=16,
+            dropout=dropout,
+            attentions=[
+                ("cross_attn", nn.MultiheadAttention(8, 2, batch_first=True), "norm1"),
+                ("self_attn", nn.MultiheadAttention(8, 2, batch_first=True), "norm2"),
+            ],
+            ffn_norm="norm3",
+        )
+
+    def forward(self, query: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        query = self.residual("self_attn", query, self.self_attn(query, query, query)[0])
+        query = self.residual("cross_attn", query, self.cross_attn(query, memory, memory)[0])
+        return self.feed_forward(query)
 
 
 def test_mlp_has_relu_between_layers_only():
@@ -105,5 +127,57 @@ def test_layers_import_without_detectron2():
     code = (
         "import sys; sys.modules['detectron2'] = None\n"
         "import salience_detr.layers.mlp, salience_detr.layers.box_ops, salience_detr.layers.levels\n"
+        "import salience_detr.layers.post_norm\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_post_norm_layer_registers_the_given_names_in_construction_order():
+    layer = TwoAttentionLayer()
+    modules = [name for name, _ in layer.named_children()]
+    expected = "cross_attn dropout1 norm1 self_attn dropout2 norm2 linear1 dropout3 linear2 dropout4 norm3"
+    assert modules == expected.split()
+    owners = list(dict.fromkeys(name.split(".")[0] for name, _ in layer.named_parameters()))
+    assert owners == ["cross_attn", "norm1", "self_attn", "norm2", "linear1", "linear2", "norm3"]
+    assert layer.embed_dim == 8 and layer.linear1.out_features == 16
+
+
+def test_post_norm_layer_is_attention_add_norm_then_ffn_add_norm():
+    torch.manual_seed(0)
+    layer = TwoAttentionLayer().eval()
+    for norm in (layer.norm1, layer.norm2, layer.norm3):
+        nn.init.normal_(norm.weight)
+        nn.init.normal_(norm.bias)
+    query, memory = torch.randn(2, 3, 8), torch.randn(2, 5, 8)
+    expected = layer.norm2(query + layer.self_attn(query, query, query)[0])
+    expected = layer.norm1(expected + layer.cross_attn(expected, memory, memory)[0])
+    ffn = layer.linear2(torch.relu(layer.linear1(expected)))
+    expected = layer.norm3(expected + ffn)
+    torch.testing.assert_close(layer(query, memory), expected)
+
+
+def test_post_norm_layer_dropout_applies_in_training_only():
+    torch.manual_seed(0)
+    layer = TwoAttentionLayer(dropout=0.5)
+    query, memory = torch.randn(2, 3, 8), torch.randn(2, 5, 8)
+    assert not torch.equal(layer.train()(query, memory), layer.train()(query, memory))
+    assert torch.equal(layer.eval()(query, memory), layer.eval()(query, memory))
+
+
+def test_post_norm_layer_rejects_bad_arguments():
+    attention = [("attn", nn.MultiheadAttention(8, 2), "norm1")]
+    with pytest.raises(ValueError, match="distinct"):
+        PostNormLayer(embed_dim=8, ffn_dim=16, dropout=0.0, attentions=attention, ffn_norm="norm1")
+    with pytest.raises(ValueError, match="dropout"):
+        PostNormLayer(embed_dim=8, ffn_dim=16, dropout=1.0, attentions=attention, ffn_norm="norm2")
+    with pytest.raises(ValueError, match="positive"):
+        PostNormLayer(embed_dim=8, ffn_dim=0, dropout=0.0, attentions=attention, ffn_norm="norm2")
+
+
+def test_post_norm_xavier_init_redraws_attention_and_ffn_weights_only():
+    torch.manual_seed(0)
+    layer = TwoAttentionLayer()
+    before = {name: value.clone() for name, value in layer.state_dict().items()}
+    layer.xavier_init(layer.self_attn)
+    changed = {name for name, value in layer.state_dict().items() if not torch.equal(value, before[name])}
+    assert changed == {"self_attn.in_proj_weight", "self_attn.out_proj.weight", "linear1.weight", "linear2.weight"}

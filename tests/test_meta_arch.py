@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-import salience_detr  # noqa: F401  (detectron2 compatibility before any detectron2 import)
+import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 from detectron2.config import LazyCall as L
 from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import META_ARCH_REGISTRY
@@ -27,9 +27,9 @@ def tiny_model_config():
     model.position_embedding.num_pos_feats = 32
     encoder, decoder = model.transformer.encoder, model.transformer.decoder
     encoder.num_layers = 2
-    encoder.layer.update(d_ffn=128, n_heads=4, n_points=2, topk_sa=30)
+    encoder.layer.update(ffn_dim=128, num_heads=4, num_points=2, topk_sa=30)
     decoder.num_layers = 2
-    decoder.layer.update(d_ffn=128, n_heads=4, n_points=2)
+    decoder.layer.update(ffn_dim=128, num_heads=4, num_points=2)
     model.transformer.neck.num_blocks = 1
     model.transformer.num_queries = 50
     model.transformer.layer_filter_ratio = (1.0, 0.5)

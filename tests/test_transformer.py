@@ -16,12 +16,12 @@ NUM_CLASSES = 3
 def make_transformer(num_queries=50, with_neck=True, enc_layers=2, dec_layers=2):
     torch.manual_seed(0)
     encoder = SalienceEncoder(
-        SalienceEncoderLayer(d_model=D_MODEL, d_ffn=128, n_heads=4, n_levels=4, n_points=2, topk_sa=20),
+        SalienceEncoderLayer(embed_dim=D_MODEL, ffn_dim=128, num_heads=4, num_levels=4, num_points=2, topk_sa=20),
         num_layers=enc_layers,
-        d_model=D_MODEL,
+        embed_dim=D_MODEL,
     )
     decoder = SalienceDecoder(
-        SalienceDecoderLayer(d_model=D_MODEL, d_ffn=128, n_heads=4, n_levels=4, n_points=2),
+        SalienceDecoderLayer(embed_dim=D_MODEL, ffn_dim=128, num_heads=4, num_levels=4, num_points=2),
         num_layers=dec_layers,
         num_classes=NUM_CLASSES,
     )
@@ -128,7 +128,7 @@ def test_rejects_position_embedding_of_wrong_width():
 
 def test_rejects_mismatched_filter_ratios():
     with pytest.raises(ValueError, match="layer_filter_ratio"):
-        encoder = SalienceEncoder(SalienceEncoderLayer(d_model=D_MODEL, d_ffn=64, n_heads=4), num_layers=1,
-                                  d_model=D_MODEL)
-        decoder = SalienceDecoder(SalienceDecoderLayer(d_model=D_MODEL, d_ffn=64, n_heads=4), 1, NUM_CLASSES)
+        encoder = SalienceEncoder(SalienceEncoderLayer(embed_dim=D_MODEL, ffn_dim=64, num_heads=4), num_layers=1,
+                                  embed_dim=D_MODEL)
+        decoder = SalienceDecoder(SalienceDecoderLayer(embed_dim=D_MODEL, ffn_dim=64, num_heads=4), 1, NUM_CLASSES)
         SalienceTransformer(encoder, None, decoder, num_classes=NUM_CLASSES, embed_dim=D_MODEL)

@@ -25,12 +25,12 @@ model.backbone.stages = L(ResNet.make_default_stages)(depth=18, norm="GN")
 model.backbone.freeze_at = 0
 model.neck.in_channels = [128, 256, 512]
 model.transformer.encoder.num_layers = 2
-model.transformer.encoder.layer.d_ffn = 512
+model.transformer.encoder.layer.ffn_dim = 512
 model.transformer.encoder.layer.topk_sa = 100
 model.transformer.layer_filter_ratio = (1.0, 0.6)
 model.transformer.neck.num_blocks = 1
 model.transformer.decoder.num_layers = 3
-model.transformer.decoder.layer.d_ffn = 512
+model.transformer.decoder.layer.ffn_dim = 512
 model.transformer.num_queries = 100
 model.denoising_generator.denoising_nums = 20
 model.select_box_nums_for_evaluation = 100

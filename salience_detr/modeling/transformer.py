@@ -10,7 +10,7 @@ queries (learned content, detached encoder boxes), denoising queries prepended i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -46,6 +46,17 @@ class TransformerOutput:
     query_index: Tensor
     spatial_shapes: Tensor
     denoising: DenoisingQueries | None
+
+
+class FlatLevels(NamedTuple):
+    """The multi-scale input as one token sequence (levels row-major, finest first) and its layout."""
+
+    tokens: Tensor  # (B, N, C) features
+    masks: Tensor  # (B, N) True = padding
+    positions: Tensor  # (B, N, C) position + level embeddings
+    spatial_shapes: Tensor  # (L, 2) (H, W) per level
+    level_start_index: Tensor  # (L,)
+    valid_ratios: Tensor  # (B, L, 2) valid fraction as (w, h)
 
 
 class SalienceTransformer(nn.Module):
@@ -122,6 +133,85 @@ class SalienceTransformer(nn.Module):
         maps = [lvl.transpose(1, 2).reshape(batch_size, self.embed_dim, h, w) for lvl, (h, w) in zip(per_level, shapes)]
         return levels.flatten_levels(self.neck(maps))
 
+    def check_inputs(self, features: list[Tensor], position_embeddings: list[Tensor]) -> None:
+        """One map per level, and position embeddings as wide as the model, before any work is done."""
+        if len(features) != self.num_levels:
+            raise ValueError(
+                f"SalienceTransformer expects {self.num_levels} feature levels, got {len(features)}; "
+                "match the neck's num_outs to transformer.num_levels."
+            )
+        if position_embeddings[0].shape[1] != self.embed_dim:
+            raise ValueError(
+                f"position embeddings have {position_embeddings[0].shape[1]} channels but "
+                f"embed_dim={self.embed_dim}; set position_embedding.num_pos_feats to embed_dim // 2."
+            )
+
+    def flatten_inputs(
+        self, features: list[Tensor], level_masks: list[Tensor], position_embeddings: list[Tensor]
+    ) -> FlatLevels:
+        """Per-level maps -> one token sequence, with level embeddings added to the positions."""
+        tokens = levels.flatten_levels(features)
+        positions = levels.flatten_levels(
+            [pos + emb.view(1, -1, 1, 1) for pos, emb in zip(position_embeddings, self.level_embeds)]
+        )
+        spatial_shapes = torch.as_tensor([f.shape[-2:] for f in features], dtype=torch.long, device=tokens.device)
+        level_start_index = levels.level_start_index(spatial_shapes)
+        check_level_layout(spatial_shapes, level_start_index, tokens.shape[1])  # once, not in every op call
+        valid_ratios = levels.valid_ratios(level_masks, torch.promote_types(tokens.dtype, torch.float32))
+        return FlatLevels(
+            tokens, levels.flatten_levels(level_masks), positions, spatial_shapes, level_start_index, valid_ratios
+        )
+
+    def encode(self, flat: FlatLevels, level_masks: list[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """Salience maps, token ranking, the filtered encoder and the optional neck: (memory, salience, indices)."""
+        salience_input = self.project_memory(flat.tokens + flat.positions, flat.masks, flat.spatial_shapes)[0]
+        salience = salience_maps(
+            salience_input, flat.spatial_shapes, flat.level_start_index, self.enc_mask_predictor, self.alpha
+        )
+        foreground_score, focus_token_nums, layer_indices = select_salient_tokens(
+            salience, level_masks, flat.level_start_index, self.level_filter_ratio, self.layer_filter_ratio
+        )
+        memory = self.encoder(
+            flat.tokens,
+            flat.positions,
+            flat.spatial_shapes,
+            flat.level_start_index,
+            flat.valid_ratios,
+            flat.masks,
+            foreground_score,
+            focus_token_nums,
+            layer_indices,
+        )
+        if self.neck is not None:
+            memory = self.apply_neck(memory, flat.spatial_shapes)
+        return memory, salience, layer_indices
+
+    def propose(self, memory: Tensor, flat: FlatLevels) -> tuple[Tensor, Tensor, Tensor]:
+        """Two-stage proposals of every token, then grid NMS and top-k: (query_index, enc_logits, enc_boxes)."""
+        output_memory, anchor_logits = self.project_memory(memory, flat.masks, flat.spatial_shapes)
+        enc_logits_all = self.encoder_class_head(output_memory)
+        enc_boxes_all = (self.encoder_bbox_head(output_memory) + anchor_logits).sigmoid()
+        return select_proposals(
+            enc_logits_all, enc_boxes_all, flat.spatial_shapes, flat.level_start_index, self.num_queries
+        )
+
+    def decoder_queries(
+        self, enc_boxes: Tensor, make_denoising: Callable[[int], DenoisingQueries] | None
+    ) -> tuple[Tensor, Tensor, Tensor | None, DenoisingQueries | None]:
+        """Learned content queries at the detached proposal boxes, denoising queries prepended in training.
+
+        Returns (target, reference_points, self-attention mask or None, denoising queries or None).
+        """
+        num_queries = enc_boxes.shape[1]
+        reference_points = enc_boxes.detach()
+        target = self.tgt_embed.weight[:num_queries].expand(enc_boxes.shape[0], -1, -1)
+        denoising = make_denoising(num_queries) if make_denoising is not None else None
+        if denoising is None:
+            return target, reference_points, None, None
+        target = torch.cat([denoising.label_query.to(target.dtype), target], 1)
+        reference_points = torch.cat([denoising.box_query.sigmoid().to(reference_points.dtype), reference_points], 1)
+        return target, reference_points, denoising.attn_mask, denoising
+
     def forward(
         self,
         features: list[Tensor],
@@ -134,70 +224,19 @@ class SalienceTransformer(nn.Module):
         make_denoising(num_queries) builds the denoising queries once the number of matching queries Q' is known
         (it can be smaller than num_queries on small inputs); None disables denoising (evaluation).
         """
-        if len(features) != self.num_levels:
-            raise ValueError(
-                f"SalienceTransformer expects {self.num_levels} feature levels, got {len(features)}; "
-                "match the neck's num_outs to transformer.num_levels."
-            )
-        if position_embeddings[0].shape[1] != self.embed_dim:
-            raise ValueError(
-                f"position embeddings have {position_embeddings[0].shape[1]} channels but embed_dim={self.embed_dim}; "
-                "set position_embedding.num_pos_feats to embed_dim // 2."
-            )
-        feat_flatten = levels.flatten_levels(features)
-        mask_flatten = levels.flatten_levels(level_masks)
-        lvl_pos = levels.flatten_levels(
-            [pos + emb.view(1, -1, 1, 1) for pos, emb in zip(position_embeddings, self.level_embeds)]
-        )
-        spatial_shapes = torch.as_tensor([f.shape[-2:] for f in features], dtype=torch.long, device=feat_flatten.device)
-        level_start_index = levels.level_start_index(spatial_shapes)
-        check_level_layout(spatial_shapes, level_start_index, feat_flatten.shape[1])  # once, not in every op call
-        valid_ratios = levels.valid_ratios(level_masks, torch.promote_types(feat_flatten.dtype, torch.float32))
-
-        salience_input = self.project_memory(feat_flatten + lvl_pos, mask_flatten, spatial_shapes)[0]
-        salience = salience_maps(salience_input, spatial_shapes, level_start_index, self.enc_mask_predictor, self.alpha)
-        foreground_score, focus_token_nums, layer_indices = select_salient_tokens(
-            salience, level_masks, level_start_index, self.level_filter_ratio, self.layer_filter_ratio
-        )
-        memory = self.encoder(
-            feat_flatten,
-            lvl_pos,
-            spatial_shapes,
-            level_start_index,
-            valid_ratios,
-            mask_flatten,
-            foreground_score,
-            focus_token_nums,
-            layer_indices,
-        )
-        if self.neck is not None:
-            memory = self.apply_neck(memory, spatial_shapes)
-
-        output_memory, anchor_logits = self.project_memory(memory, mask_flatten, spatial_shapes)
-        enc_logits_all = self.encoder_class_head(output_memory)
-        enc_boxes_all = (self.encoder_bbox_head(output_memory) + anchor_logits).sigmoid()
-        query_index, enc_logits, enc_boxes = select_proposals(
-            enc_logits_all, enc_boxes_all, spatial_shapes, level_start_index, self.num_queries
-        )
-        num_queries = query_index.shape[1]
-        reference_points = enc_boxes.detach()
-        target = self.tgt_embed.weight[:num_queries].expand(feat_flatten.shape[0], -1, -1)
-
-        denoising = make_denoising(num_queries) if make_denoising is not None else None
-        attn_mask = None
-        if denoising is not None:
-            target = torch.cat([denoising.label_query.to(target.dtype), target], 1)
-            reference_points = torch.cat([denoising.box_query.sigmoid().to(reference_points.dtype), reference_points], 1)
-            attn_mask = denoising.attn_mask
-
+        self.check_inputs(features, position_embeddings)
+        flat = self.flatten_inputs(features, level_masks, position_embeddings)
+        memory, salience, layer_indices = self.encode(flat, level_masks)
+        query_index, enc_logits, enc_boxes = self.propose(memory, flat)
+        target, reference_points, attn_mask, denoising = self.decoder_queries(enc_boxes, make_denoising)
         pred_logits, pred_boxes, query_features = self.decoder(
             target,
             reference_points,
             memory,
-            spatial_shapes,
-            level_start_index,
-            valid_ratios,
-            key_padding_mask=mask_flatten,
+            flat.spatial_shapes,
+            flat.level_start_index,
+            flat.valid_ratios,
+            key_padding_mask=flat.masks,
             attn_mask=attn_mask,
         )
         return TransformerOutput(
@@ -209,6 +248,6 @@ class SalienceTransformer(nn.Module):
             salience=salience,
             layer_indices=layer_indices,
             query_index=query_index,
-            spatial_shapes=spatial_shapes,
+            spatial_shapes=flat.spatial_shapes,
             denoising=denoising,
         )
