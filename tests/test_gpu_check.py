@@ -248,3 +248,13 @@ def test_the_build_must_hold_kernels_for_the_device(tmp_path, monkeypatch, capab
             gpu_check.evaluate_build(make_context(tmp_path), outputs)
     with pytest.raises(gpu_check.StepFailed, match="with_cuda=False"):
         gpu_check.evaluate_build(make_context(tmp_path), ["", json.dumps(dict(info, with_cuda=False))])
+
+
+def test_the_build_needs_nvcc_but_the_dry_run_does_not(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "nvcc_path", lambda: None)
+    ctx = make_context(tmp_path)
+    with pytest.raises(gpu_check.StepFailed, match="CUDA_HOME"):
+        gpu_check.plan_build(ctx)
+    ctx.dry_run = True
+    build, probe = gpu_check.plan_build(ctx)
+    assert build.argv[1:] == ["setup.py", "build_ext", "--inplace"] and build.env["FORCE_CUDA"] == "1"

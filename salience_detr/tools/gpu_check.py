@@ -272,6 +272,8 @@ def device_arch() -> str:
 
 def plan_build(ctx: Context) -> list[Command]:
     nvcc = nvcc_path()
+    if nvcc is None and not ctx.dry_run:
+        raise StepFailed("nvcc not found (CUDA_HOME, /usr/local/cuda, PATH): set CUDA_HOME to the CUDA toolkit")
     env = {
         "FORCE_CUDA": "1",
         "TORCH_CUDA_ARCH_LIST": device_arch(),
