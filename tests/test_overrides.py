@@ -103,6 +103,8 @@ def test_flag_after_an_override_says_to_put_flags_first():
     [
         ("train.max_iter", r"Cannot parse the override 'train.max_iter': write it as key=value"),
         ("train.max_iter=1,2", r"is a sweep.*one value per run"),
+        ("=3", r"'=3' has no key; write it as key=value"),
+        ("train.sizes=[1,", r"Cannot parse the override 'train.sizes=\[1,'.*Parser said: no viable alternative"),
         ("~train.max_iter", r"Deleting keys.*set the key to null instead"),
         ("train.max_iter.x=1", r"inside 'train.max_iter', which is a int value.*set train.max_iter=VALUE"),
         ("maybe.x=1", r"inside 'maybe', which is null.*set maybe=VALUE"),

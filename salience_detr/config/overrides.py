@@ -54,13 +54,21 @@ def _parse(overrides: list[str]) -> list:
         except OverrideParseException as error:
             raise ConfigOverrideError(
                 f"Cannot parse the override {text!r}: write it as key=value (e.g. train.max_iter=100; quote "
-                f"values with spaces or special characters). Parser said: {str(error).splitlines()[-2]}"
+                f"values with spaces or special characters). Parser said: {_parser_detail(error)}"
             ) from None
     return parsed
 
 
+def _parser_detail(error: Exception) -> str:
+    """Hydra's reason without its caret line and documentation link."""
+    lines = [line for line in str(error).splitlines() if line.strip(" ^") and not line.startswith("See https")]
+    return lines[-1] if lines else str(error)
+
+
 def _apply_one(cfg: DictConfig, override) -> None:
     key, text = override.key_or_group, override.input_line
+    if not key:
+        raise ConfigOverrideError(f"The override {text!r} has no key; write it as key=value, e.g. train.max_iter=100")
     if override.is_delete():
         raise ConfigOverrideError(f"Deleting keys ({text!r}) is not supported; set the key to null instead: {key}=null")
     if override.is_sweep_override():
