@@ -52,6 +52,8 @@ def test_dry_run_writes_the_whole_report(tmp_path):
     assert [step["name"] for step in report["steps"]] == ALL_STEPS
     assert report["dry_run"] and report["exit_code"] == 0
     assert report["machine"]["torch"] == torch.__version__ and steps["machine"]["status"] == "passed"
+    assert report["machine"]["csrc_sha256"] == gpu_check.csrc_digest(Path.cwd())
+    assert len(report["machine"]["csrc_sha256"]) == 64
     for name in [*GPU_STEPS, "r50_latency"]:
         assert steps[name]["status"] == "skipped", steps[name]
     assert "no bundle" in steps["bundle"]["reason"]
@@ -258,3 +260,12 @@ def test_the_build_needs_nvcc_but_the_dry_run_does_not(tmp_path, monkeypatch):
     ctx.dry_run = True
     build, probe = gpu_check.plan_build(ctx)
     assert build.argv[1:] == ["setup.py", "build_ext", "--inplace"] and build.env["FORCE_CUDA"] == "1"
+
+
+def test_the_sources_digest_changes_with_any_kernel_file(tmp_path):
+    (tmp_path / "csrc" / "cuda").mkdir(parents=True)
+    kernel = tmp_path / "csrc" / "cuda" / "kernel.cu"
+    kernel.write_text("__global__ void k() {}\n")
+    before = gpu_check.csrc_digest(tmp_path)
+    kernel.write_text("__global__ void k() { }\n")
+    assert gpu_check.csrc_digest(tmp_path) != before

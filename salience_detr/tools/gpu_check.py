@@ -21,6 +21,7 @@ on the tiny config) and marks the GPU steps "skipped: no GPU" with the commands 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -229,7 +230,17 @@ def nvcc_path() -> Path | None:
     return next((path.resolve() for path in candidates if path.is_file()), None)
 
 
+def csrc_digest(root: Path) -> str:
+    """SHA-256 over csrc/ (names and contents): which kernels a report speaks for, also where there is no git."""
+    digest = hashlib.sha256()
+    for path in sorted((root / "csrc").rglob("*")):
+        if path.is_file():
+            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def machine_numbers(ctx: Context) -> dict[str, Any]:
+    """The machine and software a report speaks for."""
     nvcc = nvcc_path()
     release = None
     if nvcc:
@@ -244,6 +255,7 @@ def machine_numbers(ctx: Context) -> dict[str, Any]:
         "nvcc": str(nvcc) if nvcc else None,
         "nvcc_release": release,
         "git_commit": _first_line(["git", "-C", str(ctx.root), "rev-parse", "HEAD"]),
+        "csrc_sha256": csrc_digest(ctx.root),
         "cuda_available": torch.cuda.is_available(),
     }
     if torch.cuda.is_available():
@@ -418,9 +430,7 @@ def dry_benchmark(ctx: Context) -> dict[str, Any]:
 
 
 def bundle_wheels(bundle_dir: Path) -> list[Path]:
-    """The bundle's wheels, each checked against the manifest's size and SHA-256."""
-    import hashlib
-
+    """The bundle's wheels, each checked against the manifest's SHA-256."""
     manifest_path = bundle_dir / MANIFEST
     if not manifest_path.is_file():
         raise StepFailed(
