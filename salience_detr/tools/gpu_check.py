@@ -411,7 +411,8 @@ def evaluate_benchmark(ctx: Context, outputs: list[str]) -> dict[str, Any]:
     dtypes = {row["dtype"] for row in rows}
     if len(rows) != 12 or dtypes != {"float32", "float16", "bfloat16"}:
         raise StepFailed(
-            f"expected 12 rows (3 dtypes x 2 cases x 2 passes), got {len(rows)} over {sorted(dtypes)}\n{tail(outputs[0])}"
+            f"expected 12 rows (3 dtypes x 2 cases x 2 passes), got {len(rows)} over {sorted(dtypes)}\n"
+            + tail(outputs[0])
         )
     bad = [row for row in rows if not all(math.isfinite(row[key]) and row[key] > 0 for key in BENCHMARK_COLUMNS[3:])]
     if bad:
