@@ -71,7 +71,7 @@ C10_HOST_DEVICE inline BilinearCorners<acc_t> bilinear_corners(
 // (exclusive cumulative sum, sum == num_values) runs in Python, once per transformer forward.
 C10_HOST_DEVICE inline bool level_fits(int64_t height, int64_t width, int64_t start, int64_t num_values) {
   return height >= 0 && width >= 0 && start >= 0 && start <= num_values &&
-      (width == 0 || height <= (num_values - start) / width);
+         (width == 0 || height <= (num_values - start) / width);
 }
 
 // What a sample's outside corners add to the output, attention * weight * 0 summed: 0, or NaN when one of those

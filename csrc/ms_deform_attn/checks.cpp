@@ -44,8 +44,7 @@ MsDeformAttnInputs check_ms_deform_attn_inputs(
     const at::Tensor& attention_weights,
     int64_t im2col_step) {
   TORCH_CHECK(im2col_step > 0, "im2col_step must be positive, got ", im2col_step);
-  TORCH_CHECK(
-      value.dim() == 4, "value must be 4-D (batch, num_values, num_heads, head_dim), got ", value.dim(), "-D");
+  TORCH_CHECK(value.dim() == 4, "value must be 4-D (batch, num_values, num_heads, head_dim), got ", value.dim(), "-D");
   TORCH_CHECK(at::isFloatingType(value.scalar_type()), "value must be floating point, got ", value.scalar_type());
   TORCH_CHECK(
       spatial_shapes.dim() == 2 && spatial_shapes.size(1) == 2,

@@ -30,9 +30,9 @@ struct LevelLayout {
     const auto starts = level_start_index.accessor<int64_t, 1>();
     for (int64_t level = 0; level < spatial_shapes.size(0); ++level) {
       TORCH_CHECK(
-          level_fits(shapes[level][0], shapes[level][1], starts[level], num_values), "spatial_shapes[", level,
-          "] = (", shapes[level][0], ", ", shapes[level][1], ") starting at level_start_index[", level, "] = ",
-          starts[level], " does not lie within the ", num_values, " values of value (its dim 1); ",
+          level_fits(shapes[level][0], shapes[level][1], starts[level], num_values), "spatial_shapes[", level, "] = (",
+          shapes[level][0], ", ", shapes[level][1], ") starting at level_start_index[", level, "] = ", starts[level],
+          " does not lie within the ", num_values, " values of value (its dim 1); ",
           "salience_detr.layers.ms_deform_attn.check_level_layout names the fault in the layout");
       height.push_back(shapes[level][0]);
       width.push_back(shapes[level][1]);
@@ -63,7 +63,10 @@ inline void scaled_add(acc_t* __restrict__ accumulator, const scalar_t* __restri
 // without reassociating a single sum.
 template <typename acc_t, typename scalar_t>
 inline acc_t dot_and_scaled_add(
-    const acc_t* __restrict__ grad, const scalar_t* __restrict__ row, acc_t* __restrict__ grad_row, acc_t scale,
+    const acc_t* __restrict__ grad,
+    const scalar_t* __restrict__ row,
+    acc_t* __restrict__ grad_row,
+    acc_t scale,
     int64_t n) {
   acc_t partial[kLanes] = {};
   int64_t c = 0;
@@ -114,7 +117,11 @@ struct KernelArgs {
 // Output rows [first_query, last_query) of head `head` in image `b`, accumulated level by level.
 template <typename scalar_t>
 SALIENCE_DETR_CPU_CLONES void forward_query_block(
-    const KernelArgs<scalar_t>& args, int64_t b, int64_t head, int64_t first_query, int64_t last_query,
+    const KernelArgs<scalar_t>& args,
+    int64_t b,
+    int64_t head,
+    int64_t first_query,
+    int64_t last_query,
     at::opmath_type<scalar_t>* accumulator) {
   using acc_t = at::opmath_type<scalar_t>;
   const MsDeformAttnSizes& s = args.s;

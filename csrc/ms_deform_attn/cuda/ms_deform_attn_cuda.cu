@@ -74,12 +74,12 @@ __global__ void forward_kernel(DeviceArgs<scalar_t> args, scalar_t* out, int64_t
       for (int64_t sample = first_sample; sample < first_sample + s.num_points; ++sample) {
         const acc_t attention = static_cast<acc_t>(args.weights[sample]);
         const BilinearCorners<acc_t> corners = bilinear_corners<acc_t>(
-            static_cast<acc_t>(args.locations[2 * sample]), static_cast<acc_t>(args.locations[2 * sample + 1]),
-            height, width);
+            static_cast<acc_t>(args.locations[2 * sample]), static_cast<acc_t>(args.locations[2 * sample + 1]), height,
+            width);
         for (int corner = 0; corner < 4; ++corner) {
           if (corners.index[corner] >= 0) {
             accumulator += attention * corners.weight[corner] *
-                static_cast<acc_t>(level_value[corners.index[corner] * pixel_stride]);
+                           static_cast<acc_t>(level_value[corners.index[corner] * pixel_stride]);
           }
         }
         accumulator += outside_contribution(corners, attention);  // 0, or NaN as in the reference
@@ -201,21 +201,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
   at::Tensor grad_locations = at::empty(in.sampling_locations.sizes(), in.sampling_locations.options());
   at::Tensor grad_weights = at::empty(in.attention_weights.sizes(), in.attention_weights.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const DeviceArgs<scalar_t> args = device_args<scalar_t>(in);
-    for (int64_t first_batch = 0; first_batch < s.batch; first_batch += im2col_step) {
-      const int64_t chunk = std::min(im2col_step, s.batch - first_batch);
-      const int64_t total = chunk * s.num_queries * s.num_heads * s.num_levels * s.num_points;
-      if (total == 0) {
-        continue;
-      }
-      backward_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
-          args, grad_out.const_data_ptr<scalar_t>(), grad_value_acc.mutable_data_ptr<acc_t>(),
-          grad_locations.mutable_data_ptr<scalar_t>(), grad_weights.mutable_data_ptr<scalar_t>(), first_batch, total);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const DeviceArgs<scalar_t> args = device_args<scalar_t>(in);
+        for (int64_t first_batch = 0; first_batch < s.batch; first_batch += im2col_step) {
+          const int64_t chunk = std::min(im2col_step, s.batch - first_batch);
+          const int64_t total = chunk * s.num_queries * s.num_heads * s.num_levels * s.num_points;
+          if (total == 0) {
+            continue;
+          }
+          backward_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
+              args, grad_out.const_data_ptr<scalar_t>(), grad_value_acc.mutable_data_ptr<acc_t>(),
+              grad_locations.mutable_data_ptr<scalar_t>(), grad_weights.mutable_data_ptr<scalar_t>(), first_batch,
+              total);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      });
   return {grad_value_acc.to(in.value.scalar_type()), grad_locations, grad_weights};
 }
 
