@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 from pathlib import Path
 
 import cv2
@@ -145,9 +146,13 @@ def test_output_json_has_video_frames(tiny_synthetic_cache, tmp_path):
     assert not any("image_id" in r for r in records)
 
 
-def test_bad_output_json_stops_before_the_model(tmp_path, capsys):
+def test_bad_output_json_stops_before_the_model(tmp_path, caplog):
     argv = ["--config-file", TINY_CONFIG, "--input", str(tmp_path), "--output-json", str(tmp_path)]
-    assert demo_cli.main(argv) == 2
-    printed = "".join(capsys.readouterr())  # detectron2's logger prints to stdout and does not propagate
-    assert "--output-json" in printed and "ending in .json" in printed
+    demo_logger = logging.getLogger("salience_detr.demo")  # setup_logger stops it propagating to the root
+    demo_logger.addHandler(caplog.handler)
+    try:
+        assert demo_cli.main(argv) == 2
+    finally:
+        demo_logger.removeHandler(caplog.handler)
+    assert "--output-json" in caplog.text and "ending in .json" in caplog.text
     assert demo_cli.main(["--config-file", TINY_CONFIG, "--input", str(tmp_path), "--batch-size", "0"]) == 2
