@@ -1,7 +1,8 @@
 # The README's two commands. Each sets up what it needs on a fresh machine (a virtual environment in .venv,
 # detectron2, this package with its compiled operator) and is quick when that is already done.
 #   make quickstart   train a small model on the built-in synthetic dataset on CPU, evaluate it, draw detections
-#   make test         run the test suite
+#   make test         make lint, then run the test suite
+#   make lint         ruff check, ruff format --check, clang-format --dry-run over csrc/
 # Variables: PYTHON (interpreter that creates the venv), VENV, and the build switches of setup.py
 # (FORCE_CUDA, TORCH_CUDA_ARCH_LIST, NVCC_FLAGS, MAX_JOBS).
 
