@@ -14,8 +14,10 @@ Run from the checkout. The steps, each a subprocess under its own time limit, al
 
 The report is gpu_check.md, gpu_check.json and gpu_check.log in ``--report-dir`` ($OUT when set, else
 output/gpu_check), rewritten after every step; the exit code is 1 when any step failed. ``--dry-run`` is for a
-CPU machine: it runs what needs no GPU (the machine survey, test collection, config checks, the latency worker
-on the tiny config) and marks the GPU steps "skipped: no GPU" with the commands they would run.
+CPU machine: it runs what needs no GPU (the machine survey, the op test files parsed, the bundle's manifest, the
+training overrides checked against the config, the latency worker on the tiny config) and marks the GPU steps
+"skipped: no GPU" with the commands they would run. Rerunning some steps (``--steps``) on the same machine reuses
+the work folder (the installed bundle); a fresh machine needs ``build`` again, and ``bundle`` for the training.
 """
 
 from __future__ import annotations
