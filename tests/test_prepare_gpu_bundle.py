@@ -73,3 +73,31 @@ def test_the_working_tree_fits_what_the_device_tool_carries():
 def test_the_bundle_is_git_ignored():
     check = subprocess.run(["git", "check-ignore", "-q", f"{gpu_check.BUNDLE_DIR}/{gpu_check.MANIFEST}"])
     assert check.returncode == 0, f"add /{gpu_check.BUNDLE_DIR}/ to .gitignore"
+
+
+def fake_pip(produced: dict[str, str | None]):
+    """A stand-in for pip: each verb ('download', 'wheel') writes the named wheel file, or fails when None."""
+
+    def pip(*args: str) -> subprocess.CompletedProcess:
+        verb, folder = args[0], Path(args[args.index("-d" if "-d" in args else "-w") + 1])
+        name = produced.get(verb)
+        if name is None:
+            return subprocess.CompletedProcess(args, 1, "", f"no {verb} for this")
+        (folder / name).write_bytes(b"wheel")
+        return subprocess.CompletedProcess(args, 0, "", "")
+
+    return pip
+
+
+def test_a_wheel_is_downloaded_for_python_312_or_built_here_only_if_pure(tmp_path, monkeypatch):
+    binary = "pycocotools-2.0.11-cp312-abi3-manylinux2014_x86_64.whl"
+    monkeypatch.setattr(bundle, "_pip", fake_pip({"download": binary}))
+    assert bundle.fetch_wheel("pycocotools==2.0.11", tmp_path).name == binary
+    monkeypatch.setattr(bundle, "_pip", fake_pip({"download": None, "wheel": "fvcore-0.1.5-py3-none-any.whl"}))
+    assert bundle.fetch_wheel("fvcore==0.1.5", tmp_path).name == "fvcore-0.1.5-py3-none-any.whl"
+    monkeypatch.setattr(bundle, "_pip", fake_pip({"download": None, "wheel": "fast-1.0-cp311-cp311-linux_x86_64.whl"}))
+    with pytest.raises(SystemExit, match="not pure Python"):
+        bundle.fetch_wheel("fast==1.0", tmp_path)
+    monkeypatch.setattr(bundle, "_pip", fake_pip({"download": None, "wheel": None}))
+    with pytest.raises(SystemExit, match="no wheel for gone==1.0"):
+        bundle.fetch_wheel("gone==1.0", tmp_path)
