@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_SPEC
-
-import salience_detr  # noqa: F401  (before detectron2)
 from detectron2.data import Metadata
 from detectron2.structures import Boxes, Instances
+
+import salience_detr  # noqa: F401  (before detectron2)
 from salience_detr.config import load_config
 from salience_detr.data import SHAPE_CLASSES
 from salience_detr.tools import evaluate_json

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_SPEC
+from detectron2.data import Metadata
+from detectron2.structures import Boxes, Instances
 from PIL import Image
 
 import salience_detr  # noqa: F401  (before detectron2)
-from detectron2.data import Metadata
-from detectron2.structures import Boxes, Instances
 from salience_detr.tools import visualize_data
 from salience_detr.tools._dataloader_view import draw_model_input
 

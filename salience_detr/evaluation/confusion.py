@@ -78,8 +78,8 @@ def confusion_matrix(
         raise ValueError(f"iou_threshold must be in (0, 1], got {iou_threshold}")
     index = {category_id: i for i, category_id in enumerate(category_ids)}
     matrix = np.zeros((len(index) + 1, len(index) + 1), dtype=np.int64)
-    for image_id, annotations in ground_truth.items():
-        gts = [g for g in annotations if not g.get("iscrowd", 0) and g["category_id"] in index]
+    for image_id, objects in ground_truth.items():
+        gts = [g for g in objects if not g.get("iscrowd", 0) and g["category_id"] in index]
         dts = [d for d in detections.get(image_id, ()) if d["score"] >= score_threshold and d["category_id"] in index]
         _add_image(matrix, gts, dts, index, iou_threshold)
     return matrix
