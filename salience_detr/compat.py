@@ -6,6 +6,8 @@ ops that a pure-Python install lacks. A detectron2 built from source has the rea
 for a detectron2 the project did not install (or an earlier, unpatched install of it) is one case known to fail:
 a pure-Python 0.6 with no ``detectron2._C`` at all, which dies deep inside detectron2 on ``Image.LINEAR`` or
 ``from detectron2 import _C``. ``check_detectron2`` turns that into an error that names the fix.
+``silence_jit_deprecation`` hides, only while the package imports detectron2, the warning torch >= 2.9 prints
+because detectron2 and fvcore call ``torch.jit.script`` at import.
 """
 
 from __future__ import annotations
