@@ -14,7 +14,16 @@ import torch
 
 from salience_detr.tools import benchmark_ops, gpu_check
 
-GPU_STEPS = ["build", "op_tests", "benchmark_ops", "bundle", "train_fp32", "train_amp_fp16", "train_amp_bf16"]
+GPU_STEPS = [
+    "build",
+    "op_tests",
+    "benchmark_ops",
+    "bundle",
+    "cuda_tests",
+    "train_fp32",
+    "train_amp_fp16",
+    "train_amp_bf16",
+]
 ALL_STEPS = ["machine", *GPU_STEPS, "r50_latency"]
 
 
@@ -176,22 +185,54 @@ def test_benchmark_table_is_read_from_the_tool_output(monkeypatch, capsys, tmp_p
         gpu_check.evaluate_benchmark(make_context(tmp_path), [benchmark_output(monkeypatch, capsys, ("float32",))])
 
 
-def test_op_tests_fail_on_any_failure_or_skip(tmp_path):
-    (tmp_path / "test_sample.py").write_text(
-        "import pytest\n\ndef test_a():\n    pass\n\n@pytest.mark.skip(reason='x')\ndef test_b():\n    pass\n"
-    )
-    ctx = make_context(tmp_path)
-    report = ctx.work_dir / "op_tests.xml"
+SAMPLE_TESTS = """import pytest
+
+def test_a():
+    pass
+
+@pytest.mark.skip(reason="needs two machines")
+def test_b():
+    pass
+"""
+
+
+def run_sample_tests(tmp_path: Path, text: str, report: Path) -> None:
+    (tmp_path / "test_sample.py").write_text(text)
     argv = [sys.executable, "-m", "pytest", str(tmp_path / "test_sample.py"), "-q", "-p", "no:cacheprovider"]
     subprocess.run([*argv, f"--junitxml={report}", f"--rootdir={tmp_path}"], capture_output=True, timeout=120)
+
+
+def test_tests_fail_on_a_failure_or_a_forbidden_skip(tmp_path):
+    ctx = make_context(tmp_path)
+    report = ctx.work_dir / "op_tests.xml"
+    run_sample_tests(tmp_path, SAMPLE_TESTS, report)
     counts = gpu_check.junit_counts(report)
     assert (counts["tests"], counts["passed"], counts["skipped"], counts["failed"]) == (2, 1, 1, 0)
-    assert counts["not_passed"] == {"skipped": ["test_sample::test_b"]}
-    with pytest.raises(gpu_check.StepFailed, match="1 skipped"):
-        gpu_check.evaluate_op_tests(ctx, ["output"])
+    assert counts["not_passed"] == {"skipped": ["test_sample::test_b: needs two machines"]}
+    with pytest.raises(gpu_check.StepFailed, match="1 skipped .*none may skip"):
+        gpu_check.evaluate_tests("op_tests", any_skip_fails=True)(ctx, ["output"])
+    assert gpu_check.evaluate_tests("op_tests", any_skip_fails=False)(ctx, ["output"])["passed"] == 1
+    run_sample_tests(tmp_path, SAMPLE_TESTS.replace("two machines", "a CUDA GPU"), report)
+    with pytest.raises(gpu_check.StepFailed, match="no CUDA case may skip"):
+        gpu_check.evaluate_tests("op_tests", any_skip_fails=False)(ctx, ["output"])
     report.unlink()
     with pytest.raises(gpu_check.StepFailed, match="no report"):
-        gpu_check.evaluate_op_tests(ctx, ["output"])
+        gpu_check.evaluate_tests("op_tests", any_skip_fails=True)(ctx, ["output"])
+
+
+def test_other_cuda_tests_are_found_by_their_skip_condition(tmp_path):
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_plain.py").write_text("def test_x():\n    pass\n")
+    cuda_mark = "CUDA = pytest.mark.skipif(not torch." + "cuda.is_available(), reason='x')\n"  # split: not this file
+    (tmp_path / "tests" / "test_gpu_thing.py").write_text(cuda_mark)
+    (tmp_path / "tests" / "test_other.py").write_text("SEEN = torch.cuda.is_available()\n")
+    (tmp_path / "tests" / "test_ms_deform_attn.py").write_text(cuda_mark)
+    assert gpu_check.other_cuda_test_files(tmp_path) == ["tests/test_gpu_thing.py"]
+    ctx = make_context(tmp_path)
+    ctx.root = tmp_path
+    (tmp_path / "tests" / "test_gpu_thing.py").unlink()
+    with pytest.raises(gpu_check.StepSkipped):
+        gpu_check.plan_tests("cuda_tests", lambda ctx: gpu_check.other_cuda_test_files(ctx.root))(ctx)
 
 
 def write_metrics(path: Path, losses: list[float], ap: float = 1.5) -> None:

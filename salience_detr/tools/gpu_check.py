@@ -9,6 +9,7 @@ Run from the checkout. The steps, each a subprocess under its own time limit, al
   op_tests        tests/test_ms_deform_attn.py and tests/test_ms_deform_attn_cuda.py: none may fail or skip
   benchmark_ops   ``benchmark_ops --device cuda``: fp32/fp16/bf16, encoder and decoder shapes, vs the reference
   bundle          detectron2 and the wheels it needs, installed offline from .gpu_bundle (``make gpu-bundle``)
+  cuda_tests      the other test files with CUDA cases (found by their skip mark): no CUDA case may skip
   train_*         the tiny synthetic config for 50 iterations in fp32, AMP fp16 and AMP bf16, then evaluated
   r50_latency     R50 eval forward at 800x1333, fp32 and bf16 autocast: latency, images/s, peak memory
 
@@ -28,6 +29,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
@@ -332,40 +334,65 @@ def dry_build(ctx: Context) -> dict[str, Any]:
     }
 
 
-# ---- op tests
+# ---- tests on CUDA
 
 
-def plan_op_tests(ctx: Context) -> list[Command]:
-    report = ctx.work_dir / "op_tests.xml"
-    report.unlink(missing_ok=True)
-    return [Command([ctx.python, "-m", "pytest", *OP_TESTS, "-q", "-rs", f"--junitxml={report}"], check=False)]
+CUDA_SKIP = re.compile(r"skipif\(\s*not torch\.cuda\.is_available\(\)")
+
+
+def other_cuda_test_files(root: Path) -> list[str]:
+    """Test files beyond the op tests that hold CUDA cases (skipped without a GPU), found so new ones join in."""
+    files = (path for path in sorted((root / "tests").glob("test_*.py")) if CUDA_SKIP.search(path.read_text()))
+    return [name for name in (str(path.relative_to(root)) for path in files) if name not in OP_TESTS]
+
+
+def plan_tests(report_name: str, files: Callable[[Context], Sequence[str]]) -> Callable[[Context], list[Command]]:
+    def plan(ctx: Context) -> list[Command]:
+        report = ctx.work_dir / f"{report_name}.xml"
+        report.unlink(missing_ok=True)
+        chosen = list(files(ctx))
+        if not chosen:
+            raise StepSkipped("no test file beyond the op tests has CUDA cases")
+        argv = [ctx.python, "-m", "pytest", *chosen, "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={report}"]
+        return [Command(argv, check=False)]
+
+    return plan
 
 
 def junit_counts(report: Path) -> dict[str, Any]:
-    """Counts of a pytest junit XML report, and the names of the tests that did not pass."""
+    """Counts of a pytest junit XML report, and the tests that did not pass (skips with their reasons)."""
     root = ElementTree.parse(report).getroot()
     cases = list(root.iter("testcase"))
     not_passed: dict[str, list[str]] = {"failed": [], "errors": [], "skipped": []}
     for case in cases:
         name = f"{case.get('classname')}::{case.get('name')}"
         for tag, kind in (("failure", "failed"), ("error", "errors"), ("skipped", "skipped")):
-            if case.find(tag) is not None:
-                not_passed[kind].append(name)
+            found = case.find(tag)
+            if found is not None:
+                not_passed[kind].append(f"{name}: {found.get('message')}" if kind == "skipped" else name)
     counts = {kind: len(names) for kind, names in not_passed.items()}
     counts["passed"] = len(cases) - sum(counts.values())
     counts["tests"] = len(cases)
     return {**counts, "not_passed": {kind: names for kind, names in not_passed.items() if names}}
 
 
-def evaluate_op_tests(ctx: Context, outputs: list[str]) -> dict[str, Any]:
-    report = ctx.work_dir / "op_tests.xml"
-    if not report.is_file():
-        raise StepFailed(f"pytest wrote no report ({report})\n{tail(outputs[0])}")
-    counts = junit_counts(report)
-    counts["summary"] = ", ".join(f"{counts[kind]} {kind}" for kind in ("passed", "failed", "errors", "skipped"))
-    if counts["failed"] or counts["errors"] or counts["skipped"] or not counts["tests"]:
-        raise StepFailed(f"op tests: {counts['summary']} (on a GPU none may skip)\n{tail(outputs[0])}")
-    return counts
+def evaluate_tests(report_name: str, any_skip_fails: bool) -> Callable[[Context, list[str]], dict[str, Any]]:
+    """No failure or error; no skip at all (the op tests) or no skip that names CUDA or a GPU (the others)."""
+
+    def evaluate(ctx: Context, outputs: list[str]) -> dict[str, Any]:
+        report = ctx.work_dir / f"{report_name}.xml"
+        if not report.is_file():
+            raise StepFailed(f"pytest wrote no report ({report})\n{tail(outputs[0])}")
+        counts = junit_counts(report)
+        counts["summary"] = ", ".join(f"{counts[kind]} {kind}" for kind in ("passed", "failed", "errors", "skipped"))
+        skips = counts["not_passed"].get("skipped", [])
+        gpu_skips = [skip for skip in skips if any_skip_fails or "cuda" in skip.lower() or "gpu" in skip.lower()]
+        if counts["failed"] or counts["errors"] or gpu_skips or not counts["tests"]:
+            rule = "none may skip" if any_skip_fails else "no CUDA case may skip"
+            raise StepFailed(f"{report_name}: {counts['summary']} (on a GPU {rule})\n{tail(outputs[0])}")
+        return counts
+
+    return evaluate
 
 
 def dry_op_tests(ctx: Context) -> dict[str, Any]:
@@ -666,9 +693,24 @@ def dry_r50(ctx: Context) -> dict[str, Any]:
 STEPS = (
     Step("machine", "GPU, driver, torch, CUDA", 60, lambda ctx: [], lambda ctx, _: machine_numbers(ctx), False),
     Step("build", "build salience_detr._C for this GPU", 300, plan_build, evaluate_build, dry=dry_build),
-    Step("op_tests", "operator tests on CUDA", 240, plan_op_tests, evaluate_op_tests, dry=dry_op_tests),
+    Step(
+        "op_tests",
+        "operator tests on CUDA",
+        240,
+        plan_tests("op_tests", lambda ctx: OP_TESTS),
+        evaluate_tests("op_tests", any_skip_fails=True),
+        dry=dry_op_tests,
+    ),
     Step("benchmark_ops", "operator vs reference timings", 120, plan_benchmark, evaluate_benchmark, dry=dry_benchmark),
     Step("bundle", "detectron2 and its wheels, offline", 90, plan_bundle, evaluate_bundle, dry=dry_bundle),
+    Step(
+        "cuda_tests",
+        "the other tests with CUDA cases",
+        120,
+        plan_tests("cuda_tests", lambda ctx: other_cuda_test_files(ctx.root)),
+        evaluate_tests("cuda_tests", any_skip_fails=False),
+        dry=lambda ctx: {"files": other_cuda_test_files(ctx.root)},
+    ),
     *(
         Step(
             name,
