@@ -37,8 +37,8 @@ def _refuse_flags(overrides: list[str]) -> None:
     if flags:
         raise ConfigOverrideError(
             f"Command-line flag(s) {flags} appear among the config overrides; everything after the first "
-            "key=value is read as an override. Put flags before the overrides, e.g. "
-            "`train_net.py --config-file CONFIG --eval-only train.max_iter=2`."
+            f"key=value is read as an override. Put flags before the overrides: `... {flags[0]} key=value`, "
+            f"not `... key=value {flags[0]}`."
         )
 
 
