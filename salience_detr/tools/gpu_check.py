@@ -874,6 +874,8 @@ def run_all(args: argparse.Namespace) -> int:
                 results.append(StepResult(step.name, step.title, "skipped", "not selected (--steps)"))
             write_report(report_dir, report_dict(results, args.dry_run, started, args.budget_s))
     code = exit_code(results)
+    markdown = (report_dir / f"{REPORT_NAME}.md").read_text()
+    print(markdown.split("\n## Details")[0], flush=True)  # the step table also reaches whoever sees only stdout
     print(f"[gpu_check] {'FAILED' if code else 'PASSED'}: report in {report_dir / REPORT_NAME}.md", flush=True)
     return code
 
