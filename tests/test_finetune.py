@@ -226,8 +226,9 @@ def test_readme_fine_tune_on_your_own_dataset(pretrained_tiny, tmp_path):
     _train(config, datasets + SHORT_RUN + [f"train.init_checkpoint={pretrained_tiny}", f"train.output_dir={run}"])
     log = (run / "log.txt").read_text()
     assert all(f"Re-initialised {group}" in log for group in EXPECTED_GROUPS)
-    weights = run / "model_final.pth"
+    weights = run / "model_best.pth"
     assert torch.load(weights)["metadata"]["thing_classes"] == list(THREE_CLASSES)
+    assert (run / "last_checkpoint").read_text() == "model_final.pth"
 
     evaluation = [f"train.init_checkpoint={weights}", f"train.output_dir={tmp_path / 'ev'}"]
     _train(config, datasets + SHORT_RUN + evaluation, "--eval-only")
