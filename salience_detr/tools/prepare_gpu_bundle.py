@@ -41,7 +41,7 @@ BUNDLED = (
     "termcolor",
     "yacs",
 )
-# On the GPU machine's image already (the device notes' package list): bundled wheels may require these.
+# Already on the GPU machine's image (its published package list): bundled wheels may require these.
 ON_DEVICE = frozenset(
     "cloudpickle matplotlib numpy opencv-python-headless packaging pillow portalocker protobuf pyparsing pyyaml "
     "scipy setuptools tabulate tensorboard torch torchvision tqdm typing-extensions".split()
