@@ -105,7 +105,8 @@ def test_a_failing_step_fails_the_run_but_not_the_steps_after_it(tmp_path, monke
     broken = next(step for step in report["steps"] if step["name"] == "broken")
     assert "bad" in broken["log_tail"] and len(broken["commands"]) == 1
     assert report["exit_code"] == 1 and report["summary"] == {"passed": 2, "failed": 1, "skipped": 1}
-    assert (tmp_path / "report" / "gpu_check.md").read_text().startswith("# GPU check: FAILED")
+    markdown = (tmp_path / "report" / "gpu_check.md").read_text()
+    assert markdown.startswith("# GPU check: FAILED") and "gpu_check --steps broken`" in markdown
     assert "never" not in (tmp_path / "report" / "gpu_check.log").read_text()
 
 

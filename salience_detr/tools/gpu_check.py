@@ -792,6 +792,9 @@ def report_markdown(report: dict[str, Any]) -> str:
     for step in report["steps"]:
         result = step["reason"] if step["status"] == "skipped" else step["numbers"].get("summary", step["reason"])
         lines.append(f"| {step['name']} | {step['status']} | {step['seconds']} ({step['limit_s']}) | {result} |")
+    failed = [step["name"] for step in report["steps"] if step["status"] == "failed"]
+    if failed:
+        lines += ["", f"Rerun the failed steps: `python3 -m salience_detr.tools.gpu_check --steps {','.join(failed)}`"]
     lines += ["", "## Details", ""]
     for step in report["steps"]:
         lines += _step_details(step)
