@@ -2,6 +2,7 @@
 
 import socket
 import subprocess
+import sys
 
 import pytest
 from test_train_net import REPO, STANDIN_CONFIG, read_metrics, standin_overrides, subprocess_env, train_net_command
@@ -43,3 +44,32 @@ def test_two_machines_of_one_process_train_together(standin_config, tiny_synthet
     assert "world size 2" in (out / "log.txt.rank1").read_text()  # machine 1 joined the same run
     assert (out / "model_final.pth").is_file() and not (out / "run.lock").exists()
     assert [m["iteration"] for m in read_metrics(out) if "total_loss" in m] == [0, 1, 2]
+
+
+ALL_REDUCE = """
+import os, sys
+import torch
+import torch.distributed as dist
+from salience_detr.engine.launch import launch
+
+def main(rank):
+    value = torch.tensor([float(rank + 1)])
+    dist.all_reduce(value)
+    print(f"pid {os.getpid()} sum {value.item()}", flush=True)
+
+rank = int(sys.argv[2])
+launch(main, 1, num_machines=2, machine_rank=rank, dist_url=sys.argv[1], args=(rank,))
+print(f"launcher {os.getpid()} done", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_one_process_per_machine_runs_in_the_launching_process():
+    """No spawned copy per machine: half the start-up, and the launcher itself holds the rank."""
+    dist_url = f"tcp://127.0.0.1:{free_port()}"
+    command = [sys.executable, "-c", ALL_REDUCE, dist_url]
+    machines = [subprocess.Popen([*command, str(rank)], stdout=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outputs = [machine.communicate(timeout=120)[0] for machine in machines]
+    for machine, output in zip(machines, outputs):
+        assert machine.returncode == 0, output
+        assert f"pid {machine.pid} sum 3.0" in output and f"launcher {machine.pid} done" in output

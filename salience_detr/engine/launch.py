@@ -47,6 +47,13 @@ def launch(
         raise ValueError(
             f"{num_processes_per_machine} processes per machine but only {torch.cuda.device_count()} GPUs."
         )
+    if num_processes_per_machine == 1:  # one process per machine (e.g. a CPU cluster): this one, no spawned copy
+        try:
+            _worker(0, main_func, world_size, 1, machine_rank, dist_url, args, timeout)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        return
     mp.start_processes(
         _worker,
         nprocs=num_processes_per_machine,
