@@ -32,6 +32,7 @@ from salience_detr.engine import (
     DetrTrainer,
     EMAHook,
     ModelEMA,
+    ModelIterationHook,
     freeze_all_but,
     launch,
     resolve_amp,
@@ -88,7 +89,7 @@ def do_test(cfg, model, ema: ModelEMA | None = None) -> dict:
 
 def _trainer_hooks(cfg, model, trainer, checkpointer, ema, resume: bool = False) -> list:
     """Hooks in detectron2's order: timer, EMA, LR, checkpoint, eval, writers (main process only)."""
-    hook_list = [hooks.IterationTimer()]
+    hook_list = [hooks.IterationTimer(), ModelIterationHook(model)]  # the iteration the RoI warm-up reads
     if ema is not None:
         hook_list.append(EMAHook(ema))
     hook_list.append(hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)))

@@ -1,4 +1,5 @@
 import copy
+import types
 
 import pytest
 import torch
@@ -10,12 +11,13 @@ from detectron2.utils.events import EventStorage
 from torch import nn
 from torchvision.ops import box_convert
 
+from salience_detr.engine import ModelIterationHook
 from salience_detr.modeling.roi_refine import (
     RoIInputs,
     RoIRefineHead,
-    current_iteration,
     level_strides,
     matched_mask,
+    positive_targets,
     warmup_factor,
 )
 from test_meta_arch import make_input, tiny_model_config
@@ -165,11 +167,11 @@ def test_positive_iou_adds_the_refined_queries_near_an_object_with_their_best_gr
     ]
     indices = [(torch.tensor([0]), torch.tensor([0])), (torch.zeros(0, dtype=torch.long),) * 2]
     refinement = head(logits, boxes, inputs, matched_mask(indices, (2, 4), boxes.device))
-    rows, target_boxes = head.targets_of_rows(refinement, targets, indices)
+    rows, target_boxes = positive_targets(refinement, targets, indices, head.positive_iou)
     positives = [(int(refinement.batch_index[r]), int(refinement.query_index[r])) for r in rows]
     assert positives == [(0, 0), (0, 1), (0, 3)]
     assert torch.allclose(target_boxes, targets[0]["boxes"][[0, 0, 1]])
-    matched_only = small_head(num_rois=6, positive_iou=None).targets_of_rows(refinement, targets, indices)
+    matched_only = positive_targets(refinement, targets, indices, positive_iou=None)
     assert matched_only[0].tolist() == rows[:1].tolist()
     assert all(torch.isfinite(v) and v > 0 for v in head.losses(refinement, targets, indices).values())
     with pytest.raises(ValueError, match="positive_iou"):
@@ -182,7 +184,7 @@ def test_positive_iou_with_every_refined_query_matched_adds_nothing():
     targets = [{"labels": torch.tensor([0]), "boxes": random_boxes(1, 1)[0]} for _ in range(2)]
     indices = [(torch.tensor([0]), torch.tensor([0]))] * 2
     refinement = head(logits, boxes, inputs, matched_mask(indices, (2, 1), boxes.device))
-    rows, target_boxes = head.targets_of_rows(refinement, targets, indices)
+    rows, target_boxes = positive_targets(refinement, targets, indices, head.positive_iou)
     assert sorted(rows.tolist()) == [0, 1]
     assert target_boxes.shape == (2, 4)
 
@@ -197,11 +199,9 @@ def test_losses_need_the_matched_queries_selected():
         head.losses(refinement, target, [(torch.tensor([missing]), torch.tensor([0]))])
 
 
-def test_warmup_ramps_from_zero_and_reads_the_event_storage():
-    assert current_iteration() is None and warmup_factor(None, 100) == 1.0
+def test_warmup_ramps_from_zero_and_is_off_without_an_iteration():
+    assert warmup_factor(None, 100) == 1.0 and warmup_factor(49, 0) == 1.0
     assert warmup_factor(0, 100) == pytest.approx(0.01) and warmup_factor(500, 100) == 1.0
-    with EventStorage(start_iter=49):
-        assert current_iteration() == 49
 
 
 def test_bad_arguments_are_named():
@@ -314,6 +314,34 @@ def test_warmup_scales_every_loss_term():
     early = head.losses(refinement, targets, indices, iteration=0)
     for name, value in full.items():
         assert torch.allclose(early[name], value * 0.1), name
+
+
+def test_the_hook_hands_the_trainer_iteration_to_the_model_and_the_model_to_the_warmup(roi_model):
+    hook = ModelIterationHook(roi_model)
+    hook.trainer = types.SimpleNamespace(iter=0)
+    roi_model.train()
+    roi_model.roi_refine.warmup_iters = 10
+    try:
+        warmed = {}
+        for iteration in (0, None):
+            if iteration is None:
+                hook.after_train()
+            else:
+                hook.before_step()
+            assert roi_model.iteration == iteration
+            torch.manual_seed(3)
+            with EventStorage(start_iter=40):  # the storage's iteration is not what the warm-up reads
+                warmed[iteration] = roi_model(small_batch())
+    finally:
+        roi_model.roi_refine.warmup_iters = 0
+        roi_model.iteration = None
+    roi_terms = [name for name in warmed[None] if name.startswith("loss_roi")]
+    assert len(roi_terms) == 3
+    for name in warmed[None]:
+        factor = 0.1 if name in roi_terms else 1.0
+        torch.testing.assert_close(warmed[0][name], warmed[None][name] * factor)
+    with pytest.raises(TypeError, match="no 'iteration' attribute"):
+        ModelIterationHook(nn.Linear(2, 2))
 
 
 def test_adding_the_head_leaves_the_base_models_training_bit_for_bit_unchanged():

@@ -5,6 +5,7 @@ from .best_checkpoint import BestCheckpointer
 from .checkpoint import AtomicDetectionCheckpointer, CheckpointFileError
 from .ema import EMAHook, ModelEMA, unwrap_model
 from .freeze import freeze_all_but
+from .model_iteration import ModelIterationHook
 from .launch import launch
 from .param_groups import detr_param_groups
 from .trainer import DetrTrainer, NonFiniteLossError, resolve_amp
@@ -18,6 +19,7 @@ __all__ = [
     "DetrTrainer",
     "EMAHook",
     "ModelEMA",
+    "ModelIterationHook",
     "NonFiniteLossError",
     "detr_param_groups",
     "freeze_all_but",

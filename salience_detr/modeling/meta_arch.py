@@ -110,6 +110,8 @@ class SalienceDETR(nn.Module):
         self.select_box_nums_for_evaluation = select_box_nums_for_evaluation
         self.size_divisibility = size_divisibility
         self.return_salience = return_salience
+        #: the training iteration, set before every step by engine.ModelIterationHook (None outside training)
+        self.iteration: int | None = None
         shapes = backbone.output_shape()
         self.in_features = sorted(shapes, key=lambda name: shapes[name].stride)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
@@ -205,7 +207,9 @@ class SalienceDETR(nn.Module):
         else:
             loss_dict, indices = self.criterion(outputs, set_targets, return_indices=True)
             loss_dict = dict(loss_dict)
-            loss_dict.update(self.roi_refine.training_losses(output, roi_inputs, set_targets, indices))
+            loss_dict.update(
+                self.roi_refine.training_losses(output, roi_inputs, set_targets, indices, iteration=self.iteration)
+            )
         loss_dict.update(self.focus_criterion(output.salience, [t["boxes_xyxy"] for t in targets], padded_size))
         return loss_dict
 

@@ -1,0 +1,74 @@
+"""Which queries the RoI head refines, and which refined rows train on which ground-truth box.
+
+The counterpart of detectron2's ``ROIHeads.label_and_sample_proposals``: the decoder's top queries take the place
+of the proposals, the Hungarian matching that of the proposal-to-box matcher.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torchvision.ops import box_convert, box_iou
+
+from ..criterion import MatchIndices
+from .structures import RoIRefinement
+
+
+def select_queries(logits: Tensor, num_rois: int, extra: Tensor | None = None) -> Tensor:
+    """(B, Q) bool: the top-``num_rois`` queries by maximum sigmoid class score, OR ``extra`` (e.g. matched ones)."""
+    scores = logits.detach().sigmoid().amax(-1)
+    top = scores.topk(min(num_rois, scores.shape[1]), dim=1).indices
+    selected = torch.zeros_like(scores, dtype=torch.bool).scatter(1, top, torch.ones_like(top, dtype=torch.bool))
+    return selected if extra is None else selected | extra
+
+
+def matched_mask(indices: MatchIndices, shape: tuple[int, int], device: torch.device) -> Tensor:
+    """(B, Q) bool marking the queries the Hungarian matcher assigned to a ground-truth box."""
+    mask = torch.zeros(shape, dtype=torch.bool, device=device)
+    for image, (query, _) in enumerate(indices):
+        mask[image, query.to(device)] = True
+    return mask
+
+
+def matched_rows(refinement: RoIRefinement, indices: MatchIndices) -> Tensor:
+    """The refined row of every matched query, in the matching's order; refused if one was not refined."""
+    device = refinement.refined_boxes.device
+    row_of = torch.full((len(indices), refinement.boxes.shape[1]), -1, dtype=torch.long, device=device)
+    num_rows = len(refinement.batch_index)
+    row_of[refinement.batch_index, refinement.query_index] = torch.arange(num_rows, device=device)
+    batch = torch.cat([torch.full_like(query, i) for i, (query, _) in enumerate(indices)]).to(device)
+    rows = row_of[batch, torch.cat([query for query, _ in indices]).to(device)]
+    if (rows < 0).any():
+        raise ValueError("a matched query was not refined; pass the matched queries as extra_selected in forward.")
+    return rows
+
+
+def positive_targets(
+    refinement: RoIRefinement,
+    targets: Sequence[dict[str, Tensor]],
+    indices: MatchIndices,
+    positive_iou: float | None,
+) -> tuple[Tensor, Tensor]:
+    """(rows, target boxes) the box losses train on: every matched query with its ground truth, and with
+    ``positive_iou`` also every other refined query whose input box overlaps a ground truth by that much (its
+    best-overlapping one), as R-CNN heads train on all proposals near an object."""
+    rows = matched_rows(refinement, indices)
+    target_boxes = torch.cat([t["boxes"][gt] for t, (_, gt) in zip(targets, indices)]).to(refinement.refined_boxes)
+    if positive_iou is None:
+        return rows, target_boxes
+    unmatched = torch.ones(len(refinement.batch_index), dtype=torch.bool, device=rows.device)
+    unmatched[rows] = False
+    positive_rows, positive_boxes = [rows], [target_boxes]
+    for image, target in enumerate(targets):
+        if not len(target["boxes"]):
+            continue
+        candidates = (unmatched & (refinement.batch_index == image)).nonzero(as_tuple=True)[0]
+        gt_boxes = target["boxes"].to(target_boxes)
+        candidate_xyxy = box_convert(refinement.input_boxes[candidates], "cxcywh", "xyxy")
+        best_iou, best_gt = box_iou(candidate_xyxy, box_convert(gt_boxes, "cxcywh", "xyxy")).max(1)
+        positive = best_iou >= positive_iou
+        positive_rows.append(candidates[positive])
+        positive_boxes.append(gt_boxes[best_gt[positive]])
+    return torch.cat(positive_rows), torch.cat(positive_boxes)
