@@ -20,8 +20,6 @@ from detectron2.structures import Boxes, Instances
 from torch import Tensor, nn
 
 from salience_detr.layers.levels import flatten_levels
-from salience_detr.modeling import transformer as transformer_module
-from salience_detr.modeling.two_stage import gather_proposals
 
 from .official import coco_category_ids
 
@@ -123,48 +121,46 @@ def query_stages(
 
 
 @contextlib.contextmanager
-def forced_query_selection(index: Tensor | None) -> Iterator[dict[str, Tensor]]:
-    """Within the block the transformer uses ``index`` (B, Q) as its queries, in that order (None: its own).
+def forced_query_order(transformer: nn.Module, index: Tensor | None) -> Iterator[None]:
+    """Within the block ``transformer`` is called with ``query_order=index``: its decoder runs on those queries, in
+    that order (None: its own). Its own choice stays in the output's ``query_index``.
 
-    Its own choice is still made and recorded as ``chosen["query_index"]``. Forcing the reference order keeps a
-    swap of two near-tied queries (float noise before the sort) from changing the decoder's input pairing.
+    Forcing the reference order keeps a swap of two near-tied queries (float noise before the sort) from changing
+    the decoder's input pairing.
     """
-    real_select = transformer_module.select_proposals
-    chosen: dict[str, Tensor] = {}
 
-    def select(enc_class: Tensor, enc_coord: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor, Tensor]:
-        own = real_select(enc_class, enc_coord, *args, **kwargs)
-        chosen["query_index"] = own[0]
-        return own if index is None else gather_proposals(enc_class, enc_coord, index.to(own[0].device))
+    def pass_order(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        return args, {**kwargs, "query_order": index}
 
-    transformer_module.select_proposals = select
+    handle = transformer.register_forward_pre_hook(pass_order, with_kwargs=True) if index is not None else None
     try:
-        yield chosen
+        yield
     finally:
-        transformer_module.select_proposals = real_select
+        if handle is not None:
+            handle.remove()
 
 
 def our_stages(model: nn.Module, images: Sequence[Tensor], query_index: Tensor | None = None) -> dict[str, Tensor]:
     """Run this project's SalienceDETR (eval) on normalized images and return every parity stage by name.
 
     The model's own normalisation is off for the call (mean 0, std 1) so it sees exactly ``images``;
-    ``query_index`` forces the decoder's queries (see ``forced_query_selection``). Final detections are those of
+    ``query_index`` forces the decoder's queries (see ``forced_query_order``). Final detections are those of
     ``inference`` (clipped by ``detector_postprocess``), labelled with COCO category ids.
     """
     mean, std = model.pixel_mean.clone(), model.pixel_std.clone()
     model.pixel_mean.zero_()
     model.pixel_std.fill_(1.0)
     try:
-        with torch.no_grad(), record_outputs(model, RECORDED_MODULES) as records, forced_query_selection(
-            query_index
-        ) as chosen:
+        with torch.no_grad(), record_outputs(model, RECORDED_MODULES) as records, forced_query_order(
+            model.transformer, query_index
+        ):
             results = model([{"image": image} for image in images])
     finally:
         model.pixel_mean.copy_(mean)
         model.pixel_std.copy_(std)
     output = records["transformer"][-1]
     stages = common_stages(records, records["neck"][-1], output.salience, output.layer_indices)
-    queries = (chosen["query_index"], output.enc_logits, output.enc_boxes, output.pred_logits, output.pred_boxes)
+    queries = (output.query_index, output.enc_logits, output.enc_boxes, output.pred_logits, output.pred_boxes)
     stages.update(query_stages(stages["enc_logits_all"], model.transformer.num_queries, *queries))
     coco_ids = torch.as_tensor(coco_category_ids())
     for index, result in enumerate(results):

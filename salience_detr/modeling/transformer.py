@@ -186,13 +186,17 @@ class SalienceTransformer(nn.Module):
             memory = self.apply_neck(memory, flat.spatial_shapes)
         return memory, salience, layer_indices
 
-    def propose(self, memory: Tensor, flat: FlatLevels) -> tuple[Tensor, Tensor, Tensor]:
-        """Two-stage proposals of every token, then grid NMS and top-k: (query_index, enc_logits, enc_boxes)."""
+    def propose(
+        self, memory: Tensor, flat: FlatLevels, query_order: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Two-stage proposals of every token, then grid NMS and top-k: (query_index, enc_logits, enc_boxes).
+
+        ``query_order`` (B, Q) takes those tokens as the queries instead (``two_stage.select_proposals``)."""
         output_memory, anchor_logits = self.project_memory(memory, flat.masks, flat.spatial_shapes)
         enc_logits_all = self.encoder_class_head(output_memory)
         enc_boxes_all = (self.encoder_bbox_head(output_memory) + anchor_logits).sigmoid()
         return select_proposals(
-            enc_logits_all, enc_boxes_all, flat.spatial_shapes, flat.level_start_index, self.num_queries
+            enc_logits_all, enc_boxes_all, flat.spatial_shapes, flat.level_start_index, self.num_queries, query_order
         )
 
     def decoder_queries(
@@ -218,16 +222,20 @@ class SalienceTransformer(nn.Module):
         level_masks: list[Tensor],
         position_embeddings: list[Tensor],
         make_denoising: Callable[[int], DenoisingQueries] | None = None,
+        *,
+        query_order: Tensor | None = None,
     ) -> TransformerOutput:
         """features/position_embeddings: per level (B,C,H_l,W_l); level_masks (B,H_l,W_l) True=padding.
 
         make_denoising(num_queries) builds the denoising queries once the number of matching queries Q' is known
         (it can be smaller than num_queries on small inputs); None disables denoising (evaluation).
+        ``query_order`` (B, Q) token indices replace the selected queries (parity checks); ``query_index`` of the
+        output is still the model's own choice.
         """
         self.check_inputs(features, position_embeddings)
         flat = self.flatten_inputs(features, level_masks, position_embeddings)
         memory, salience, layer_indices = self.encode(flat, level_masks)
-        query_index, enc_logits, enc_boxes = self.propose(memory, flat)
+        query_index, enc_logits, enc_boxes = self.propose(memory, flat, query_order)
         target, reference_points, attn_mask, denoising = self.decoder_queries(enc_boxes, make_denoising)
         pred_logits, pred_boxes, query_features = self.decoder(
             target,

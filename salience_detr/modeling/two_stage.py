@@ -90,15 +90,20 @@ def select_proposals(
     spatial_shapes: Tensor,
     level_start_index: Tensor,
     num_queries: int,
+    query_order: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Top-4Q tokens by max class logit -> grid NMS -> first Q' survivors; gathers their class logits and boxes.
 
     enc_class (B,N,K), enc_coord (B,N,4). Returns (index (B,Q'), class (B,Q',K), coord (B,Q',4)).
+    ``query_order`` (B, Q) gathers those tokens, in that order, instead of the own choice, which is still returned
+    as ``index``: a parity check runs the decoder on a reference's queries, so near-tied swaps cannot blur it.
     """
     num_candidates = min(4 * num_queries, enc_class.shape[1])
     top_scores, top_index = torch.topk(enc_class.max(-1)[0], num_candidates, dim=1)
     index = grid_nms(top_scores, top_index, spatial_shapes, level_start_index, num_queries)
-    return gather_proposals(enc_class, enc_coord, index)
+    if query_order is None:
+        return gather_proposals(enc_class, enc_coord, index)
+    return index, *gather_proposals(enc_class, enc_coord, query_order.to(index.device))[1:]
 
 
 def gather_proposals(enc_class: Tensor, enc_coord: Tensor, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
