@@ -37,6 +37,7 @@ __all__ = [
     "check_config_datasets",
     "config_dataset_names",
     "load_config",
+    "prepare_for_inference",
     "register_config_datasets",
     "resolve_num_classes",
     "training_metadata",
@@ -201,6 +202,14 @@ def prepare_for_inference(cfg: Any, metadata: dict[str, Any] | None, checkpoint:
             f"config has model.num_classes={cfg.model.num_classes}. Use the config it was trained with, or set "
             f"model.num_classes={metadata['num_classes']}."
         )
-    for name in config_dataset_names(cfg, "test"):
-        if metadata and not _available(name) and not MetadataCatalog.get(name).get("thing_classes", None):
+    for name in config_dataset_names(cfg, "test") if metadata else ():
+        known = MetadataCatalog.get(name).get("thing_classes", None)
+        if not known and not _available(name):
             MetadataCatalog.get(name).set(thing_classes=list(metadata["thing_classes"]))
+        elif known and list(known) != list(metadata["thing_classes"]):
+            logger.warning(
+                "Dataset %s names its classes %s, the checkpoint %s; detections are labelled with the dataset's",
+                name,
+                list(known),
+                list(metadata["thing_classes"]),
+            )

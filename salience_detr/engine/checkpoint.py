@@ -113,14 +113,11 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
 
     def _load_model(self, checkpoint: dict[str, Any]) -> Any:
         """Match names (detectron2's heuristics for .pkl files), then load what fits under ``plan_loading``'s rules."""
-        dropped = 0
         if checkpoint.get("matching_heuristics", False):
             self._convert_ndarray_to_tensor(checkpoint["model"])
-            original = len(checkpoint["model"])
             checkpoint["model"] = align_and_update_state_dicts(
                 self.model.state_dict(), checkpoint["model"], c2_conversion=checkpoint.get("__author__") == "Caffe2"
             )
-            dropped = original - len(checkpoint["model"])
             checkpoint["matching_heuristics"] = False
         state_dict = {key.removeprefix("module."): value for key, value in checkpoint["model"].items()}
         plan = plan_loading(
@@ -129,7 +126,6 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
             allow_new_classes=self.allow_new_classes,
             source=self._source,
             config_hint=config_hint(checkpoint.get("metadata")),
-            dropped=dropped,
         )
         log_reinitialised(plan, self.model, self._source)
         checkpoint["model"] = plan.state_dict

@@ -75,12 +75,11 @@ def plan_loading(
     allow_new_classes: bool,
     source: str = "checkpoint",
     config_hint: str = "",
-    dropped: int = 0,
 ) -> LoadPlan:
     """Match ``state_dict`` to ``model`` or raise :class:`CheckpointMismatchError` saying why and what to do.
 
-    ``dropped`` counts tensors already discarded for their shape by detectron2's name matching (``.pkl`` files).
-    Missing keys are fine (a backbone-only initialisation); unknown keys up to ``MAX_UNFIT_FRACTION``.
+    Missing keys are fine (a backbone-only initialisation); unknown keys up to ``MAX_UNFIT_FRACTION`` (for ``.pkl``
+    files a tensor that detectron2's name matching placed but found of another shape stays unknown, with its warning).
     """
     model_shapes = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
     ckpt_shapes = {key: tuple(tensor.shape) for key, tensor in state_dict.items()}
@@ -90,18 +89,17 @@ def plan_loading(
     wrong = [key for key in ckpt_shapes if key in model_shapes and ckpt_shapes[key] != model_shapes[key]]
     other_wrong = [key for key in wrong if key not in head_of]
     unfit = other_wrong + unexpected
-    total = len(ckpt_shapes) + dropped
+    total = len(ckpt_shapes)
     hint = config_hint or "Use the config the checkpoint was trained with."
-    if total and (len(unfit) + dropped) / total > MAX_UNFIT_FRACTION:
-        raise CheckpointMismatchError(_mismatch_message(source, total - len(unfit) - dropped, total, unfit, hint))
-    if other_wrong or dropped:
+    if total and len(unfit) / total > MAX_UNFIT_FRACTION:
+        raise CheckpointMismatchError(_mismatch_message(source, total - len(unfit), total, unfit, hint))
+    if other_wrong:
         shapes = "; ".join(
             f"{key}: {ckpt_shapes[key]} in the checkpoint, {model_shapes[key]} in the model" for key in other_wrong[:5]
         )
         raise CheckpointMismatchError(
-            f"{source}: {len(other_wrong) + dropped} tensors have other shapes than the model's "
-            f"({shapes or 'named in the warnings above'}). Only the class heads may differ (fine-tuning on other "
-            f"classes). {hint}"
+            f"{source}: {len(other_wrong)} tensors have other shapes than the model's ({shapes}). Only the class "
+            f"heads may differ (fine-tuning on other classes). {hint}"
         )
     head_wrong = [key for key in wrong if key in head_of]
     if head_wrong and not allow_new_classes:
