@@ -12,31 +12,15 @@ mapper's augmentations, with the boxes that survived them.
 from __future__ import annotations
 
 import argparse
-import os
-from typing import Any
+import functools
 
-import numpy as np
 import salience_detr  # noqa: F401  (before detectron2; registers the built-in datasets)
 from detectron2.data import MetadataCatalog
-from detectron2.utils.visualizer import Visualizer
-from PIL import Image
-from tqdm import tqdm
 
 from salience_detr.data import resolve_dataset
-from salience_detr.data.image_io import read_image
 from salience_detr.tools._cli import add_dataset_arguments
+from salience_detr.tools._drawing import draw_ground_truth, write_drawings
 from salience_detr.tools._dataloader_view import add_dataloader_arguments, draw_dataloader
-
-
-def draw_ground_truth(record: dict[str, Any], metadata, scale: float = 1.0) -> np.ndarray:
-    """RGB image of ``record`` with its boxes and class names drawn."""
-    image = read_image(record["file_name"], format="RGB")
-    return Visualizer(image, metadata=metadata, scale=scale).draw_dataset_dict(record).get_image()
-
-
-def output_path(output_dir: str, record: dict[str, Any]) -> str:
-    stem = os.path.splitext(os.path.basename(record["file_name"]))[0]
-    return os.path.join(output_dir, f"{record['image_id']}_{stem}.png")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,14 +39,8 @@ def main(argv: list[str] | None = None) -> list[str]:
         return draw_dataloader(args.config_file, args.opts, args.output, args.num_images, args.scale)
     records = resolve_dataset(args.dataset, args.coco_json, args.image_root)[: args.num_images]
     metadata = MetadataCatalog.get(args.dataset)
-    os.makedirs(args.output, exist_ok=True)
-    written = []
-    for record in tqdm(records, desc=f"Drawing {args.dataset}", unit="image"):
-        path = output_path(args.output, record)
-        Image.fromarray(draw_ground_truth(record, metadata, args.scale)).save(path)
-        written.append(path)
-    print(f"Wrote {len(written)} images to {args.output}")
-    return written
+    draw = functools.partial(draw_ground_truth, metadata=metadata, scale=args.scale)
+    return write_drawings(records, draw, args.output, desc=f"Drawing {args.dataset}")
 
 
 if __name__ == "__main__":

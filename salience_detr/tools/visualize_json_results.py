@@ -10,7 +10,6 @@ Left: predictions with a score of at least ``--conf-threshold``; right: ground t
 from __future__ import annotations
 
 import argparse
-import os
 from collections import defaultdict
 
 import numpy as np
@@ -18,14 +17,12 @@ import salience_detr  # noqa: F401  (before detectron2; registers the built-in d
 from detectron2.data import MetadataCatalog
 from detectron2.structures import Boxes, BoxMode, Instances
 from detectron2.utils.visualizer import Visualizer
-from PIL import Image
-from tqdm import tqdm
 
 from salience_detr.data import resolve_dataset
 from salience_detr.data.image_io import read_image
 from salience_detr.data.results_check import check_results_match
 from salience_detr.tools._cli import add_dataset_arguments, load_results
-from salience_detr.tools.visualize_data import draw_ground_truth, output_path
+from salience_detr.tools._drawing import draw_ground_truth, write_drawings
 
 
 def results_to_instances(results: list[dict], image_size: tuple[int, int], id_map: dict[int, int]) -> Instances:
@@ -63,18 +60,14 @@ def main(argv: list[str] | None = None) -> list[str]:
             by_image[result["image_id"]].append(result)
     metadata = MetadataCatalog.get(args.dataset)
     id_map = metadata.get("thing_dataset_id_to_contiguous_id")
-    os.makedirs(args.output, exist_ok=True)
-    written = []
-    for record in tqdm(records, desc="Drawing detections", unit="image"):
+
+    def draw(record: dict) -> np.ndarray:
         image = read_image(record["file_name"], format="RGB")
         predictions = results_to_instances(by_image[record["image_id"]], image.shape[:2], id_map)
         drawn = Visualizer(image, metadata=metadata).draw_instance_predictions(predictions).get_image()
-        side_by_side = np.concatenate([drawn, draw_ground_truth(record, metadata)], axis=1)
-        path = output_path(args.output, record)
-        Image.fromarray(side_by_side).save(path)
-        written.append(path)
-    print(f"Wrote {len(written)} images to {args.output}")
-    return written
+        return np.concatenate([drawn, draw_ground_truth(record, metadata)], axis=1)
+
+    return write_drawings(records, draw, args.output, desc="Drawing detections")
 
 
 if __name__ == "__main__":
