@@ -37,6 +37,7 @@ from fvcore.nn.jit_handles import get_shape
 from salience_detr.config import load_config
 from salience_detr.engine import AtomicDetectionCheckpointer
 from salience_detr.layers.ms_deform_attn import BACKEND_ENV, BACKENDS, resolve_backend
+from salience_detr.modeling.fuse import fuse_conv_bn
 from salience_detr.utils.inference import DetectionsAsTensors
 from tabulate import tabulate
 
@@ -194,6 +195,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=5, help="untimed forward passes first")
     parser.add_argument("--backend", choices=BACKENDS, help=f"deformable attention backend (sets {BACKEND_ENV})")
     parser.add_argument("--weights", help="checkpoint to load (default: random weights)")
+    parser.add_argument(
+        "--fuse-bn", action="store_true", help="fold batch norms into the preceding convolutions (inference only)"
+    )
     parser.add_argument("--output", default="output/benchmark.json", help="where to write the JSON results")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides, key=value")
     return parser
@@ -227,6 +231,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         model = instantiate(variant_cfg.model)
         if args.weights:
             AtomicDetectionCheckpointer(model).load(args.weights)
+        if args.fuse_bn:
+            logger.info("Folded %d batch norms into convolutions", fuse_conv_bn(model.eval()))
         results[name] = benchmark_model(
             model, args.height, args.width, device, args.batch_size, args.warmup, args.num_iter
         )
@@ -234,6 +240,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "config_file": args.config_file,
         "input_size": [args.height, args.width],
         "batch_size": args.batch_size,
+        "fuse_bn": args.fuse_bn,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "cpu_threads": torch.get_num_threads(),
         "num_iter": args.num_iter,

@@ -38,6 +38,7 @@ from detectron2.data import DatasetCatalog
 from salience_detr.config import load_config
 from salience_detr.data.image_io import read_image
 from salience_detr.layers import MultiScaleDeformableAttention
+from salience_detr.modeling.fuse import fuse_conv_bn
 from salience_detr.tools.onnx_check import (
     Detections,
     check_output_path,
@@ -176,6 +177,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--height", type=int, help="export height (default: the image's test-resized height)")
     parser.add_argument("--width", type=int, help="export width (default: the image's test-resized width)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (16 or newer for grid_sample)")
+    parser.add_argument(
+        "--fuse-bn", action="store_true", help="fold batch norms into the preceding convolutions before export"
+    )
     parser.add_argument("--tolerance", type=float, default=1e-3, help="largest box/score difference accepted")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides, key=value")
     return parser
@@ -197,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model = load_model_for_inference(cfg, "cpu")
     switched = use_pytorch_attention(model)
     logger.info("Deformable attention: %d modules switched to the pure-PyTorch path", switched)
+    if args.fuse_bn:
+        logger.info("Folded %d batch norms into convolutions", fuse_conv_bn(model.eval()))
     image_file = args.image or first_test_image(cfg)
     try:
         image_bgr = read_image(image_file, format="BGR")
