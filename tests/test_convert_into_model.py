@@ -1,7 +1,5 @@
 """convert_into_model: the one path (converter, parity tool, parity test) from an official state dict into a model."""
 
-import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
-
 from pathlib import Path
 
 import pytest

@@ -1,15 +1,13 @@
 """Loss weights as an explicit mapping: every term the set criterion returns has its own entry."""
 
-import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
-
 import pytest
 import torch
 from detectron2.config import instantiate
+from test_criterion import NUM_CLASSES, full_outputs, make_targets
 
 from salience_detr.config import get_config
 from salience_detr.modeling.criterion import HybridSetCriterion, set_loss_weights
 from salience_detr.modeling.matcher import HungarianMatcher
-from test_criterion import NUM_CLASSES, full_outputs, make_targets
 
 WEIGHTS = {"loss_class": 1.5, "loss_bbox": 5.0, "loss_giou": 2.0}
 

@@ -1,16 +1,14 @@
 """An explicit query order (parity checks): passed as an argument down to the query selection, no module patched."""
 
-import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
-
 import torch
 from detectron2.config import instantiate
+from test_meta_arch import tiny_model_config
 
 from salience_detr.checkpoint import parity
 from salience_detr.checkpoint.parity import our_stages
 from salience_detr.layers.levels import level_start_index
 from salience_detr.modeling import transformer as transformer_module
 from salience_detr.modeling.two_stage import select_proposals
-from test_meta_arch import tiny_model_config
 
 
 def test_select_proposals_gathers_the_given_order_and_still_returns_its_own_choice():
