@@ -1,4 +1,4 @@
-"""Helpers the command-line tools share: dataset arguments and reading a COCO results file.
+"""Helpers the command-line tools share: dataset arguments, reading a COCO results file, running steps.
 
 Private to ``salience_detr.tools``: each tool imports them from here rather than from another tool, so a tool can
 change its own interface without breaking the others.
@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 RESULT_FIELDS = frozenset({"image_id", "category_id", "bbox", "score"})
@@ -33,3 +37,21 @@ def load_results(path: str) -> list[dict]:
             f"{path!r} is not a COCO detection results list: every entry needs image_id, category_id, bbox, score."
         )
     return results
+
+
+def checkout_root(tool: str) -> Path:
+    """The checkout holding train_net.py and demo/: the current directory (the package does not locate sources)."""
+    candidate = Path.cwd()
+    if (candidate / "train_net.py").is_file() and (candidate / "demo" / "demo.py").is_file():
+        return candidate
+    sys.exit(f"{tool}: run it from the salience-detr checkout (train_net.py and demo/demo.py were not found).")
+
+
+def run_step(tool: str, title: str, command: list[str], cwd: Path, timings: dict[str, float]) -> None:
+    """Run one printed command as a user would type it, record its wall time; stop the tool if it fails."""
+    print(f"\n=== {title}\n$ {shlex.join(command)}", flush=True)
+    start = time.perf_counter()
+    completed = subprocess.run(command, cwd=cwd)
+    timings[title] = time.perf_counter() - start
+    if completed.returncode != 0:
+        sys.exit(f"{tool}: step '{title}' failed with exit code {completed.returncode}.")

@@ -14,35 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 from salience_detr.config import load_config
 from salience_detr.data import dataset_info
+from salience_detr.tools._cli import checkout_root, run_step
 
 DEFAULT_CONFIG = "configs/salience_detr/salience_detr_tiny_synthetic.py"
 NUM_DRAWN_IMAGES = 4
 DRAW_THRESHOLD = 0.3
-
-
-def repo_root() -> Path:
-    """The checkout holding train_net.py and demo/: the current directory (the package does not locate sources)."""
-    candidate = Path.cwd()
-    if (candidate / "train_net.py").is_file() and (candidate / "demo" / "demo.py").is_file():
-        return candidate
-    sys.exit("quickstart: run it from the salience-detr checkout (train_net.py and demo/demo.py were not found).")
-
-
-def run_step(title: str, command: list[str], cwd: Path, timings: dict[str, float]) -> None:
-    print(f"\n=== {title}\n$ {shlex.join(command)}", flush=True)
-    start = time.perf_counter()
-    completed = subprocess.run(command, cwd=cwd)
-    timings[title] = time.perf_counter() - start
-    if completed.returncode != 0:
-        sys.exit(f"quickstart: step '{title}' failed with exit code {completed.returncode}.")
 
 
 def last_bbox_metrics(output_dir: Path) -> dict[str, float]:
@@ -65,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="key=value config overrides")
     args = parser.parse_args(argv)
 
-    root = repo_root()
+    root = checkout_root("quickstart")
     output_dir = (root / args.output_dir).resolve()
     config_file = str(root / args.config_file)
     overrides = [f"train.output_dir={output_dir}", "train.overwrite=True", *args.opts]  # a rerun replaces the last
@@ -75,9 +56,11 @@ def main(argv: list[str] | None = None) -> None:
 
     timings: dict[str, float] = {}
     python = sys.executable
-    run_step("train and evaluate", [python, "train_net.py", "--config-file", config_file, *overrides], root, timings)
+    train_command = [python, "train_net.py", "--config-file", config_file, *overrides]
+    run_step("quickstart", "train and evaluate", train_command, root, timings)
     results_file = output_dir / "inference" / "coco_instances_results.json"
     run_step(
+        "quickstart",
         "draw validation detections",
         [python, "-m", "salience_detr.tools.visualize_json_results", "--input", str(results_file),
          "--dataset", val["name"], "--coco-json", val["json_file"], "--image-root", val["image_root"],
@@ -88,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     first_image = sorted(Path(val["image_root"]).iterdir())[0]
     run_step(
+        "quickstart",
         "demo on one image",
         [python, "demo/demo.py", "--config-file", config_file, "--input", str(first_image),
          "--output", str(output_dir / "demo"), "--confidence-threshold", str(DRAW_THRESHOLD), "--show-salience",

@@ -37,7 +37,7 @@ from torch import nn
 
 from salience_detr.config import load_config
 from salience_detr.engine import AtomicDetectionCheckpointer
-from salience_detr.tools.quickstart import repo_root, run_step
+from salience_detr.tools._cli import checkout_root, run_step
 from salience_detr.utils.atomic import atomic_write
 
 BASELINE = "configs/salience_detr/salience_detr_tiny_synthetic.py"
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="key=value overrides for every arm")
     args = parser.parse_args(argv)
 
-    root = repo_root()
+    root = checkout_root("roi_ablation")
     twin = roi_twin(str(root / args.config_file))
     configs = {"base": str(root / args.config_file), "roi": twin, "head_only": twin}
     output_dir = (root / args.output_dir).resolve()
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
                     init = base_weights(output_dir, seed)
                     overrides += ["train.trainable=[roi_refine]", f"train.init_checkpoint={init}"]
                 command = [sys.executable, "train_net.py", "--config-file", config_file, "--resume", *overrides]
-                run_step(f"train {arm}, seed {seed}", command, root, timings)
+                run_step("roi_ablation", f"train {arm}, seed {seed}", command, root, timings)
             for name, variant_arm, change in VARIANTS:
                 if variant_arm == arm:
                     metrics = evaluate(config_file, overrides, run_dir / "model_final.pth", change)
