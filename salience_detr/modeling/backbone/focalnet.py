@@ -17,7 +17,7 @@ from timm.layers import LayerNorm2d
 from timm.models.focalnet import FocalNet
 from torch import Tensor, nn
 
-from .convnext import STAGE_NAMES, PaddedBatchBackbone, check_out_features
+from .base import STAGE_NAMES, PaddedBatchBackbone, check_out_features
 
 __all__ = ["FocalNetBackbone"]
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from torchvision.models.swin_transformer import SwinTransformer
 
-from .convnext import StagedFeaturesBackbone
+from .base import StagedFeaturesBackbone
 
 __all__ = ["SwinBackbone"]
 

@@ -14,7 +14,7 @@ from timm.layers import LayerNorm2d
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from .convnext import PaddedBatchBackbone
+from .base import PaddedBatchBackbone
 
 __all__ = ["ViTBackbone", "simple_pyramid_level"]
 
