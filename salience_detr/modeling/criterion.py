@@ -27,11 +27,13 @@ MatchIndices = list[tuple[Tensor, Tensor]]
 
 def average_num_boxes(targets: Sequence[dict], device: torch.device) -> float:
     """Total number of target boxes averaged over processes (all-reduced when distributed), at least 1."""
-    num_boxes = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+    num_boxes = float(sum(len(t["labels"]) for t in targets))  # known on the host: no sync on one process
     world_size = comm.get_world_size()
-    if world_size > 1:
-        dist.all_reduce(num_boxes)
-    return torch.clamp(num_boxes / world_size, min=1).item()
+    if world_size == 1:
+        return max(num_boxes, 1.0)
+    total = torch.as_tensor([num_boxes], device=device)
+    dist.all_reduce(total)
+    return torch.clamp(total / world_size, min=1).item()
 
 
 def varifocal_loss(logits: Tensor, onehot: Tensor, iou: Tensor, num_boxes: float, alpha: float, gamma: float) -> Tensor:
@@ -129,11 +131,6 @@ class HybridSetCriterion(nn.Module):
             "loss_giou": (1 - torch.diag(generalized_box_iou(matched_xyxy, target_xyxy))).sum() / num_boxes,
         }
 
-    def matched_losses(self, outputs: dict, targets: Sequence[dict], num_boxes: float) -> tuple[dict, MatchIndices]:
-        """Hungarian-match one output set, then its unweighted losses and the matching."""
-        indices = self.matcher(outputs["pred_logits"], outputs["pred_boxes"], targets)
-        return self.set_losses(outputs, targets, indices, num_boxes), indices
-
     def denoising_losses(self, dn_outputs: dict, targets: Sequence[dict], num_boxes: float) -> dict:
         """``_dn`` (last layer) and ``_dn_{i}`` (earlier layers) losses under the fixed assignment, / (num_boxes·G)."""
         num_groups = int(dn_outputs["denoising_groups"])
@@ -157,7 +154,7 @@ class HybridSetCriterion(nn.Module):
         if len(targets) != batch_size:
             raise ValueError(f"HybridSetCriterion got {len(targets)} targets for a batch of {batch_size} images")
         labels = torch.cat([t["labels"] for t in targets])
-        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+        if labels.numel() and bool(((labels < 0) | (labels >= self.num_classes)).any()):  # one sync, not two
             raise ValueError(
                 f"target labels must be contiguous class ids in [0, {self.num_classes}), got values in "
                 f"[{int(labels.min())}, {int(labels.max())}]"
@@ -180,12 +177,15 @@ class HybridSetCriterion(nn.Module):
         self.check_targets(targets, outputs["pred_logits"].shape[0])
         num_boxes = average_num_boxes(targets, outputs["pred_logits"].device)
 
-        losses, last_indices = self.matched_losses(outputs, targets, num_boxes)
-        for i, aux in enumerate(outputs.get("aux_outputs", [])):
-            losses.update({f"{k}_{i}": v for k, v in self.matched_losses(aux, targets, num_boxes)[0].items()})
+        named_sets = [("", outputs), *((f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", [])))]
         if "enc_outputs" in outputs:
-            enc_losses = self.matched_losses(outputs["enc_outputs"], targets, num_boxes)[0]
-            losses.update({f"{k}_enc": v for k, v in enc_losses.items()})
+            named_sets.append(("_enc", outputs["enc_outputs"]))
+        # the matching costs of every set reach the host in one transfer
+        all_indices = self.matcher.match_sets([(o["pred_logits"], o["pred_boxes"]) for _, o in named_sets], targets)
+        losses, last_indices = {}, all_indices[0]
+        for (suffix, output_set), indices in zip(named_sets, all_indices):
+            set_losses = self.set_losses(output_set, targets, indices, num_boxes)
+            losses.update({f"{k}{suffix}": v for k, v in set_losses.items()})
         if "dn_outputs" in outputs:
             losses.update(self.denoising_losses(outputs["dn_outputs"], targets, num_boxes))
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
@@ -54,32 +57,52 @@ class HungarianMatcher(nn.Module):
     @torch.no_grad()
     def forward(self, pred_logits: Tensor, pred_boxes: Tensor, targets: list[dict]) -> list[tuple[Tensor, Tensor]]:
         """Return per image ``(query_idx, gt_idx)`` int64 tensors (sorted by query), empty for images without boxes."""
-        batch_size, num_queries = pred_logits.shape[:2]
-        if len(targets) != batch_size:
-            raise ValueError(f"HungarianMatcher got {len(targets)} targets for a batch of {batch_size} predictions")
-        device = pred_logits.device
+        return self.match_sets([(pred_logits, pred_boxes)], targets)[0]
+
+    @torch.no_grad()
+    def match_sets(
+        self, output_sets: Sequence[tuple[Tensor, Tensor]], targets: list[dict]
+    ) -> list[list[tuple[Tensor, Tensor]]]:
+        """Match several ``(pred_logits, pred_boxes)`` sets (decoder layers, encoder proposals) to the same targets.
+
+        The cost matrices of all sets are computed on the device in one go and reach the host in one transfer:
+        the step's only data-dependent sync for matching. Returns, per set, what ``forward`` returns.
+        """
+        for pred_logits, _ in output_sets:
+            if len(targets) != pred_logits.shape[0]:
+                raise ValueError(
+                    f"HungarianMatcher got {len(targets)} targets for a batch of {pred_logits.shape[0]} predictions"
+                )
+        device = output_sets[0][0].device
         counts = [len(t["labels"]) for t in targets]
         empty = torch.zeros(0, dtype=torch.int64, device=device)
         if sum(counts) == 0:
-            return [(empty, empty) for _ in targets]
+            return [[(empty, empty) for _ in targets] for _ in output_sets]
 
+        dtype = output_sets[0][1].dtype
         gt_labels = torch.cat([t["labels"] for t in targets]).to(device)
-        gt_boxes = torch.cat([t["boxes"] for t in targets]).to(device=device, dtype=pred_boxes.dtype)
-        cost = self.cost_matrix(pred_logits.flatten(0, 1), pred_boxes.flatten(0, 1), gt_labels, gt_boxes)
-        cost = cost.view(batch_size, num_queries, -1).float().cpu()
-        if not torch.isfinite(cost).all():
+        gt_boxes = torch.cat([t["boxes"] for t in targets]).to(device=device, dtype=dtype)
+        pred_logits = torch.cat([logits.flatten(0, 1) for logits, _ in output_sets])
+        pred_boxes = torch.cat([boxes.flatten(0, 1).to(dtype) for _, boxes in output_sets])
+        cost = self.cost_matrix(pred_logits, pred_boxes, gt_labels, gt_boxes).float().cpu().numpy()
+        if not np.isfinite(cost).all():  # on the host copy: no further sync
             raise ValueError(
                 "HungarianMatcher: the matching cost has NaN/inf entries; the predictions (logits or boxes) are not "
                 "finite — check the learning rate, AMP settings and the input boxes (they must be valid cxcywh)"
             )
+        columns = np.cumsum([0, *counts])
+        matches, row = [], 0
+        for logits, _ in output_sets:
+            batch_size, num_queries = logits.shape[:2]
+            block = cost[row : row + batch_size * num_queries].reshape(batch_size, num_queries, -1)
+            row += batch_size * num_queries
+            matches.append([self._assign(block[i, :, columns[i] : columns[i + 1]], device) for i in range(batch_size)])
+        return matches
 
-        indices = []
-        for image, block in enumerate(cost.split(counts, dim=-1)):
-            query_idx, gt_idx = linear_sum_assignment(block[image].numpy())
-            indices.append(
-                (
-                    torch.as_tensor(query_idx, dtype=torch.int64, device=device),
-                    torch.as_tensor(gt_idx, dtype=torch.int64, device=device),
-                )
-            )
-        return indices
+    @staticmethod
+    def _assign(cost: np.ndarray, device: torch.device) -> tuple[Tensor, Tensor]:
+        query_idx, gt_idx = linear_sum_assignment(cost)
+        return (
+            torch.as_tensor(query_idx, dtype=torch.int64, device=device),
+            torch.as_tensor(gt_idx, dtype=torch.int64, device=device),
+        )
