@@ -1,5 +1,5 @@
 """Training-loop pieces for train_net.py: trainer, atomic checkpointer, EMA, CPU-capable launch, param groups,
-freezing."""
+freezing, the hook that hands the iteration to the model."""
 
 from .best_checkpoint import BestCheckpointer
 from .checkpoint import AtomicDetectionCheckpointer, CheckpointFileError
