@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from salience_detr.layers.levels import flatten_levels
+
 __all__ = ["MaskPredictor", "salience_maps", "select_salient_tokens"]
 
 
@@ -138,6 +140,6 @@ def select_salient_tokens(
     layer_indices = [ranking[:, :count] for count in layer_counts]
 
     foreground_score = torch.cat([scores.flatten(1) for scores in salience], 1)
-    mask_flatten = torch.cat([mask.flatten(1) for mask in level_masks], 1)
+    mask_flatten = flatten_levels(level_masks)
     foreground_score = foreground_score.masked_fill(mask_flatten, foreground_score.min())
     return foreground_score, focus_token_nums, layer_indices
