@@ -14,17 +14,17 @@ from salience_detr.modeling import transformer as transformer_module
 def layout_checks(monkeypatch):
     """Counts the checks made by the transformer and by the op wrapper, which each name the function globally."""
     calls = {"transformer": 0, "op": 0}
-    check = msda.check_level_layout
 
-    def counted(where):
+    def counted(where, check):
         def run(*args):
             calls[where] += 1
             return check(*args)
 
         return run
 
-    monkeypatch.setattr(transformer_module, "check_level_layout", counted("transformer"))
-    monkeypatch.setattr(msda, "check_level_layout", counted("op"))
+    # the transformer checks the host values it builds the layout from; the op (debug switch) reads its tensors
+    monkeypatch.setattr(transformer_module, "check_level_values", counted("transformer", msda.check_level_values))
+    monkeypatch.setattr(msda, "check_level_layout", counted("op", msda.check_level_layout))
     monkeypatch.delenv(msda.CHECK_ENV, raising=False)
     return calls
 

@@ -28,6 +28,27 @@ def level_start_index(spatial_shapes: Tensor) -> Tensor:
     return torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
 
 
+def host_shapes(spatial_shapes: Tensor | Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+    """Each level's (H, W) as Python ints: free for the host list the model carries, one value read for a tensor."""
+    if isinstance(spatial_shapes, Tensor):
+        spatial_shapes = spatial_shapes.tolist()
+    return [(int(height), int(width)) for height, width in spatial_shapes]
+
+
+def host_ints(values: Tensor | Sequence[int]) -> list[int]:
+    """A 1-D index (``level_start_index``) as Python ints: free for a host list, one value read for a tensor."""
+    return [int(value) for value in (values.tolist() if isinstance(values, Tensor) else values)]
+
+
+def host_starts(shapes: Sequence[tuple[int, int]]) -> list[int]:
+    """The values of ``level_start_index`` computed on the host from the (H, W) of each level."""
+    starts, offset = [], 0
+    for height, width in shapes:
+        starts.append(offset)
+        offset += height * width
+    return starts
+
+
 def level_valid_sizes(level_mask: Tensor) -> Tensor:
     """Valid (width, height) in cells per image, counted on row 0 / column 0 of a (B,H,W) padding mask."""
     valid_w = (~level_mask[:, 0, :]).sum(1)

@@ -27,6 +27,7 @@ import os
 import subprocess
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 from urllib.parse import unquote, urlparse
@@ -41,6 +42,7 @@ __all__ = [
     "NO_JIT_ENV",
     "MultiScaleDeformableAttention",
     "check_level_layout",
+    "check_level_values",
     "compiled_backend_available",
     "extension_status",
     "multi_scale_deformable_attn",
@@ -240,9 +242,14 @@ def check_level_layout(spatial_shapes: Tensor, level_start_index: Tensor, num_va
         return
     values = torch.cat([spatial_shapes.flatten(), level_start_index.to(spatial_shapes.device)]).tolist()
     num_levels = spatial_shapes.shape[0]
+    shapes = list(zip(values[0 : 2 * num_levels : 2], values[1 : 2 * num_levels : 2]))
+    check_level_values(shapes, values[2 * num_levels :], num_values)
+
+
+def check_level_values(shapes: Sequence[tuple[int, int]], starts: Sequence[int], num_values: int) -> None:
+    """``check_level_layout`` on host values (the model builds its layout from the maps' shapes): no sync at all."""
     offset = 0
-    for level in range(num_levels):
-        height, width, start = values[2 * level], values[2 * level + 1], values[2 * num_levels + level]
+    for level, ((height, width), start) in enumerate(zip(shapes, starts, strict=True)):
         if height <= 0 or width <= 0:
             raise _layout_error(f"spatial_shapes[{level}] = ({height}, {width}) is not a positive size")
         if height * width > torch.iinfo(torch.int64).max:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from salience_detr.layers.levels import flatten_levels
+from salience_detr.layers.levels import flatten_levels, host_ints, host_shapes
 
 __all__ = ["MaskPredictor", "salience_maps", "select_salient_tokens"]
 
@@ -50,15 +50,21 @@ class MaskPredictor(nn.Module):
         return self.layer2(torch.cat([z_local, z_global], dim=-1))
 
 
-def _level_slices(spatial_shapes: Tensor, level_start_index: Tensor) -> list[tuple[int, int, int, int]]:
-    """(start, end, H, W) of each level in the flattened token axis."""
-    shapes = spatial_shapes.tolist()
-    starts = level_start_index.tolist()
+def _level_slices(
+    spatial_shapes: Tensor | Sequence[tuple[int, int]], level_start_index: Tensor | Sequence[int]
+) -> list[tuple[int, int, int, int]]:
+    """(start, end, H, W) of each level in the flattened token axis (no sync when given host lists)."""
+    shapes = host_shapes(spatial_shapes)
+    starts = host_ints(level_start_index)
     return [(start, start + h * w, h, w) for start, (h, w) in zip(starts, shapes)]
 
 
 def salience_maps(
-    memory: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, predictor: MaskPredictor, alpha: Tensor
+    memory: Tensor,
+    spatial_shapes: Tensor | Sequence[tuple[int, int]],
+    level_start_index: Tensor | Sequence[int],
+    predictor: MaskPredictor,
+    alpha: Tensor,
 ) -> list[Tensor]:
     """Per-level salience logit maps, predicted coarse to fine with top-down fusion (docs/model.md#top-down-fusion).
 
@@ -93,7 +99,7 @@ def _truncate(counts: Tensor, ratios: Tensor) -> Tensor:
 def select_salient_tokens(
     salience: Sequence[Tensor],
     level_masks: Sequence[Tensor],
-    level_start_index: Tensor,
+    level_start_index: Tensor | Sequence[int],
     level_filter_ratio: Tensor,
     layer_filter_ratio: Tensor,
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
@@ -108,25 +114,22 @@ def select_salient_tokens(
     official code passes them to the encoder), ``focus_token_nums`` (B,) int64: the per-image budget, and
     ``layer_indices``: one (B, M_i) int64 tensor of flattened token indices per layer.
     """
-    if not (len(salience) == len(level_masks) == level_start_index.numel() == level_filter_ratio.numel()):
+    starts = host_ints(level_start_index)
+    if not (len(salience) == len(level_masks) == len(starts) == level_filter_ratio.numel()):
         raise ValueError(
             f"salience ({len(salience)}), level_masks ({len(level_masks)}), level_start_index "
-            f"({level_start_index.numel()}) and level_filter_ratio ({level_filter_ratio.numel()}) must all have one "
+            f"({len(starts)}) and level_filter_ratio ({level_filter_ratio.numel()}) must all have one "
             "entry per level"
         )
     for level, (scores, mask) in enumerate(zip(salience, level_masks)):
         if scores.shape[0] != mask.shape[0] or scores.shape[-2:] != mask.shape[-2:]:
             raise ValueError(f"level {level}: salience {tuple(scores.shape)} does not match mask {tuple(mask.shape)}")
-    for name, ratios in (("level_filter_ratio", level_filter_ratio), ("layer_filter_ratio", layer_filter_ratio)):
-        if ratios.numel() and (ratios.min() < 0 or ratios.max() > 1):
-            raise ValueError(f"{name} must lie in [0, 1], got {ratios.tolist()}")
     valid_counts = torch.stack([(~mask).sum((1, 2)) for mask in level_masks], dim=-1)  # (B, L)
     focus = _truncate(valid_counts, level_filter_ratio)
     level_k = focus.max(0).values.tolist()
     focus_token_nums = focus.sum(-1)
 
     picked_scores, picked_indices = [], []
-    starts = level_start_index.tolist()
     for scores, mask, k, start in zip(salience, level_masks, level_k, starts):
         flat = scores.flatten(1)
         ranked = flat.masked_fill(mask.flatten(1), flat.min())

@@ -9,15 +9,16 @@ queries (learned content, detached encoder boxes), denoising queries prepended i
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from salience_detr.layers import levels
 from salience_detr.layers.mlp import MLP, init_box_head, init_class_head
-from salience_detr.layers.ms_deform_attn import check_level_layout
+from salience_detr.layers.ms_deform_attn import check_level_values
 
 from .decoder import SalienceDecoder
 from .denoising import DenoisingQueries
@@ -57,6 +58,7 @@ class FlatLevels(NamedTuple):
     spatial_shapes: Tensor  # (L, 2) (H, W) per level
     level_start_index: Tensor  # (L,)
     valid_ratios: Tensor  # (B, L, 2) valid fraction as (w, h)
+    shapes: tuple[tuple[int, int], ...] = ()  # spatial_shapes on the host: loops over levels read these, no sync
 
 
 class SalienceTransformer(nn.Module):
@@ -86,6 +88,9 @@ class SalienceTransformer(nn.Module):
                 f"layer_filter_ratio has {len(layer_filter_ratio)} entries but the encoder has {len(encoder.layers)} "
                 "layers; give one ratio per encoder layer."
             )
+        for name, ratios in (("level_filter_ratio", level_filter_ratio), ("layer_filter_ratio", layer_filter_ratio)):
+            if any(not 0 <= ratio <= 1 for ratio in ratios):
+                raise ValueError(f"{name} must lie in [0, 1], got {list(ratios)}; ratios are fractions of tokens kept.")
         self.embed_dim = embed_dim
         self.num_classes = num_classes
         self.num_levels = num_levels
@@ -117,7 +122,9 @@ class SalienceTransformer(nn.Module):
         init_class_head(self.encoder_class_head)
         init_box_head(self.encoder_bbox_head)
 
-    def project_memory(self, memory: Tensor, mask_flatten: Tensor, spatial_shapes: Tensor) -> tuple[Tensor, Tensor]:
+    def project_memory(
+        self, memory: Tensor, mask_flatten: Tensor, spatial_shapes: Tensor | Sequence[tuple[int, int]]
+    ) -> tuple[Tensor, Tensor]:
         """enc_output + LayerNorm of the masked memory, and the anchor logits.
 
         Described in docs/model.md#proposals; the same projection is the salience input (#salience-scores).
@@ -125,10 +132,10 @@ class SalienceTransformer(nn.Module):
         masked, anchor_logits = encoder_output_proposals(memory, mask_flatten, spatial_shapes)
         return self.enc_output_norm(self.enc_output(masked)), anchor_logits
 
-    def apply_neck(self, memory: Tensor, spatial_shapes: Tensor) -> Tensor:
+    def apply_neck(self, memory: Tensor, spatial_shapes: Tensor | Sequence[tuple[int, int]]) -> Tensor:
         """Transformer neck (docs/model.md#transformer-neck) on the memory reshaped per level, flattened again."""
         batch_size = memory.shape[0]
-        shapes = spatial_shapes.tolist()
+        shapes = levels.host_shapes(spatial_shapes)
         per_level = memory.split([h * w for h, w in shapes], dim=1)
         maps = [lvl.transpose(1, 2).reshape(batch_size, self.embed_dim, h, w) for lvl, (h, w) in zip(per_level, shapes)]
         return levels.flatten_levels(self.neck(maps))
@@ -154,22 +161,23 @@ class SalienceTransformer(nn.Module):
         positions = levels.flatten_levels(
             [pos + emb.view(1, -1, 1, 1) for pos, emb in zip(position_embeddings, self.level_embeds)]
         )
-        spatial_shapes = torch.as_tensor([f.shape[-2:] for f in features], dtype=torch.long, device=tokens.device)
-        level_start_index = levels.level_start_index(spatial_shapes)
-        check_level_layout(spatial_shapes, level_start_index, tokens.shape[1])  # once, not in every op call
+        shapes = tuple((int(f.shape[-2]), int(f.shape[-1])) for f in features)
+        starts = levels.host_starts(shapes)
+        check_level_values(shapes, starts, tokens.shape[1])  # on the host, once, not in every op call
+        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=tokens.device)
+        level_start_index = torch.as_tensor(starts, dtype=torch.long, device=tokens.device)
         valid_ratios = levels.valid_ratios(level_masks, torch.promote_types(tokens.dtype, torch.float32))
-        return FlatLevels(
-            tokens, levels.flatten_levels(level_masks), positions, spatial_shapes, level_start_index, valid_ratios
-        )
+        masks = levels.flatten_levels(level_masks)
+        return FlatLevels(tokens, masks, positions, spatial_shapes, level_start_index, valid_ratios, shapes)
 
     def encode(self, flat: FlatLevels, level_masks: list[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """Salience maps, token ranking, the filtered encoder and the optional neck: (memory, salience, indices)."""
-        salience_input = self.project_memory(flat.tokens + flat.positions, flat.masks, flat.spatial_shapes)[0]
+        salience_input = self.project_memory(flat.tokens + flat.positions, flat.masks, flat.shapes)[0]
         salience = salience_maps(
-            salience_input, flat.spatial_shapes, flat.level_start_index, self.enc_mask_predictor, self.alpha
+            salience_input, flat.shapes, levels.host_starts(flat.shapes), self.enc_mask_predictor, self.alpha
         )
         foreground_score, focus_token_nums, layer_indices = select_salient_tokens(
-            salience, level_masks, flat.level_start_index, self.level_filter_ratio, self.layer_filter_ratio
+            salience, level_masks, levels.host_starts(flat.shapes), self.level_filter_ratio, self.layer_filter_ratio
         )
         memory = self.encoder(
             flat.tokens,
@@ -183,7 +191,7 @@ class SalienceTransformer(nn.Module):
             layer_indices,
         )
         if self.neck is not None:
-            memory = self.apply_neck(memory, flat.spatial_shapes)
+            memory = self.apply_neck(memory, flat.shapes)
         return memory, salience, layer_indices
 
     def propose(
@@ -192,7 +200,7 @@ class SalienceTransformer(nn.Module):
         """Two-stage proposals of every token, then grid NMS and top-k: (query_index, enc_logits, enc_boxes).
 
         ``query_order`` (B, Q) takes those tokens as the queries instead (``two_stage.select_proposals``)."""
-        output_memory, anchor_logits = self.project_memory(memory, flat.masks, flat.spatial_shapes)
+        output_memory, anchor_logits = self.project_memory(memory, flat.masks, flat.shapes)
         enc_logits_all = self.encoder_class_head(output_memory)
         enc_boxes_all = (self.encoder_bbox_head(output_memory) + anchor_logits).sigmoid()
         return select_proposals(

@@ -6,11 +6,13 @@ logit space with +inf marking padded or invalid anchors (their sigmoid is 1, and
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torchvision
 from torch import Tensor
 
-from salience_detr.layers.levels import level_valid_sizes
+from salience_detr.layers.levels import host_shapes, level_valid_sizes
 
 ANCHOR_BASE_SIZE = 0.05
 ANCHOR_VALID_RANGE = (0.01, 0.99)
@@ -18,7 +20,7 @@ NMS_IOU_THRESHOLD = 0.3
 
 
 def encoder_output_proposals(
-    memory: Tensor, mask_flatten: Tensor, spatial_shapes: Tensor
+    memory: Tensor, mask_flatten: Tensor, spatial_shapes: Tensor | Sequence[tuple[int, int]]
 ) -> tuple[Tensor, Tensor]:
     """Anchor proposals for every token and the memory with padded/invalid tokens zeroed (docs/model.md#proposals).
 
@@ -30,7 +32,7 @@ def encoder_output_proposals(
     batch_size = memory.shape[0]
     dtype = torch.promote_types(memory.dtype, torch.float32)
     proposals, start = [], 0
-    for level, (height, width) in enumerate(spatial_shapes.tolist()):
+    for level, (height, width) in enumerate(host_shapes(spatial_shapes)):
         level_mask = mask_flatten[:, start : start + height * width].view(batch_size, height, width)
         scale = level_valid_sizes(level_mask).to(dtype).view(batch_size, 1, 1, 2)
         grid_y, grid_x = torch.meshgrid(
