@@ -82,7 +82,7 @@ def test_training_resolves_num_classes_from_the_json(tmp_path, three_class_root)
 
 def test_training_without_the_dataset_stops_naming_the_key(tmp_path):
     with pytest.raises(DatasetPathError, match="no json_file given"):
-        load_config(str(write_user_config(tmp_path)))
+        load_config(str(write_user_config(tmp_path)), ["datasets.train.name=nopaths_train"])
 
 
 def test_inference_without_the_dataset_takes_classes_from_the_checkpoint(tmp_path):
@@ -95,8 +95,10 @@ def test_inference_without_the_dataset_takes_classes_from_the_checkpoint(tmp_pat
 
 
 def test_inference_without_dataset_or_checkpoint_names_the_fixes(tmp_path):
+    # names no other test registers (tests/test_configs.py registers the defaults custom_train/custom_val)
+    overrides = ["datasets.train.name=nothing_train", "datasets.val.name=nothing_val"]
     with pytest.raises(ValueError, match=r"train.init_checkpoint=.*model.num_classes=N"):
-        load_config(str(write_user_config(tmp_path)), inference=True)
+        load_config(str(write_user_config(tmp_path)), overrides, inference=True)
 
 
 def test_checkpoint_of_other_classes_stops_naming_both_numbers(tmp_path, three_class_root):

@@ -84,10 +84,10 @@ def plan_loading(
     model_shapes = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
     ckpt_shapes = {key: tuple(tensor.shape) for key, tensor in state_dict.items()}
     heads = class_head_keys(model)
-    head_of = {key: group for group, keys in heads.items() for key in keys}
+    head_keys = {key for keys in heads.values() for key in keys}
     unexpected = [key for key in ckpt_shapes if key not in model_shapes]
     wrong = [key for key in ckpt_shapes if key in model_shapes and ckpt_shapes[key] != model_shapes[key]]
-    other_wrong = [key for key in wrong if key not in head_of]
+    other_wrong = [key for key in wrong if key not in head_keys]
     unfit = other_wrong + unexpected
     total = len(ckpt_shapes)
     hint = config_hint or "Use the config the checkpoint was trained with."
@@ -101,7 +101,7 @@ def plan_loading(
             f"{source}: {len(other_wrong)} tensors have other shapes than the model's ({shapes}). Only the class "
             f"heads may differ (fine-tuning on other classes). {hint}"
         )
-    head_wrong = [key for key in wrong if key in head_of]
+    head_wrong = [key for key in wrong if key in head_keys]
     if head_wrong and not allow_new_classes:
         ckpt_classes = _classes_in(ckpt_shapes, head_wrong)
         model_classes = _classes_in(model_shapes, head_wrong)
