@@ -340,8 +340,11 @@ def test_the_hook_hands_the_trainer_iteration_to_the_model_and_the_model_to_the_
     for name in warmed[None]:
         factor = 0.1 if name in roi_terms else 1.0
         torch.testing.assert_close(warmed[0][name], warmed[None][name] * factor)
-    with pytest.raises(TypeError, match="no 'iteration' attribute"):
-        ModelIterationHook(nn.Linear(2, 2))
+    plain = nn.Linear(2, 2)
+    hook = ModelIterationHook(plain)
+    hook.trainer = types.SimpleNamespace(iter=7)
+    hook.before_step()
+    assert not hasattr(plain, "iteration"), "a model that does not read the iteration is left alone"
 
 
 def test_adding_the_head_leaves_the_base_models_training_bit_for_bit_unchanged():
