@@ -110,9 +110,10 @@ class GenerateCDNQueries(nn.Module):
                 f"{len(gt_labels_list)} labels and {len(gt_boxes_list)} boxes tensors"
             )
         device = self.label_encoder.weight.device
-        counts = torch.tensor([len(labels) for labels in gt_labels_list], dtype=torch.long, device=device)
+        host_counts = [len(labels) for labels in gt_labels_list]  # known on the host: no sync
+        counts = torch.tensor(host_counts, dtype=torch.long, device=device)
         batch_size = len(gt_labels_list)
-        max_gt = int(counts.max())
+        max_gt = max(host_counts)
         num_groups = denoising_group_count(self.denoising_nums, max_gt)
         num_dn = 2 * max_gt * num_groups
         attn_mask = denoising_attention_mask(2 * max_gt, num_groups, num_queries, device=device)
@@ -126,15 +127,15 @@ class GenerateCDNQueries(nn.Module):
         boxes = torch.cat(gt_boxes_list).to(device=device, dtype=box_query.dtype)
         if boxes.ndim != 2 or boxes.shape[1] != 4:
             raise ValueError(f"gt boxes must be (n, 4) normalized cxcywh per image, got {tuple(boxes.shape)} in total")
-        if labels.min() < 0 or labels.max() >= self.num_classes:
+        if bool(((labels < 0) | (labels >= self.num_classes)).any()):  # one sync, not two
             raise ValueError(
                 f"gt labels must be contiguous class ids in [0, {self.num_classes}), got values in "
                 f"[{int(labels.min())}, {int(labels.max())}]; map dataset ids to contiguous ids first"
             )
-        num_gt = labels.numel()
+        num_gt = sum(host_counts)
         # Copy c (0 .. 2G-1) of GT t of image b goes to slot c * n_max + (t's index within b): even copies are
         # the positive blocks, odd copies the negative blocks.
-        image_of_gt = torch.repeat_interleave(torch.arange(batch_size, device=device), counts)
+        image_of_gt = torch.repeat_interleave(torch.arange(batch_size, device=device), counts, output_size=num_gt)
         index_in_image = torch.arange(num_gt, device=device) - (torch.cumsum(counts, 0) - counts)[image_of_gt]
         copy = torch.arange(2 * num_groups, device=device).repeat_interleave(num_gt)
         slots = copy * max_gt + index_in_image.repeat(2 * num_groups)

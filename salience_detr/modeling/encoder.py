@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from salience_detr.layers.levels import host_shapes
 from salience_detr.layers.ms_deform_attn import MultiScaleDeformableAttention
 from salience_detr.layers.post_norm import PostNormLayer
 from salience_detr.layers.position_encoding import PositionEmbeddingLearned
@@ -107,14 +108,14 @@ class SalienceEncoderLayer(PostNormLayer):
         return self.feed_forward(query)
 
 
-def encoder_reference_points(spatial_shapes: Tensor, valid_ratios: Tensor) -> Tensor:
+def encoder_reference_points(spatial_shapes: Tensor | Sequence[tuple[int, int]], valid_ratios: Tensor) -> Tensor:
     """Cell centres normalised by each image's valid extent, rescaled per level: (B, N, L, 2) in (x, y) order.
 
     ``valid_ratios`` is (B, L, 2) in (w, h) order; the arithmetic follows Deformable DETR step by step.
     """
     dtype, device = valid_ratios.dtype, valid_ratios.device
     per_level = []
-    for level, (height, width) in enumerate(spatial_shapes.tolist()):
+    for level, (height, width) in enumerate(host_shapes(spatial_shapes)):
         ref_y, ref_x = torch.meshgrid(
             torch.linspace(0.5, height - 0.5, height, dtype=dtype, device=device),
             torch.linspace(0.5, width - 0.5, width, dtype=dtype, device=device),
@@ -154,7 +155,9 @@ class SalienceEncoder(nn.Module):
         self.background_embedding = PositionEmbeddingLearned(max_num_embedding, embed_dim // 2)
         self.enhance_mcsp: nn.Module | None = None
 
-    def _check_inputs(self, feat_flatten: Tensor, layer_indices: Sequence[Tensor], spatial_shapes: Tensor) -> None:
+    def _check_inputs(
+        self, feat_flatten: Tensor, layer_indices: Sequence[Tensor], shapes: Sequence[tuple[int, int]]
+    ) -> None:
         if self.enhance_mcsp is None:
             raise RuntimeError(
                 "SalienceEncoder.enhance_mcsp is not set: assign the transformer's encoder_class_head to it "
@@ -164,16 +167,16 @@ class SalienceEncoder(nn.Module):
             raise ValueError(
                 f"layer_indices must hold one index tensor per layer ({self.num_layers}), got {len(layer_indices)}"
             )
-        num_tokens = int(spatial_shapes.prod(-1).sum())
+        num_tokens = sum(height * width for height, width in shapes)
         if feat_flatten.dim() != 3 or feat_flatten.shape[1:] != (num_tokens, self.embed_dim):
             raise ValueError(
                 f"feat_flatten must be (B, {num_tokens}, {self.embed_dim}) to match spatial_shapes, "
                 f"got {tuple(feat_flatten.shape)}"
             )
 
-    def background(self, spatial_shapes: Tensor) -> Tensor:
+    def background(self, spatial_shapes: Tensor | Sequence[tuple[int, int]]) -> Tensor:
         """Learned background embedding of every token, levels flattened row-major and concatenated: (N, C)."""
-        maps = [self.background_embedding(h, w).flatten(1) for h, w in spatial_shapes.tolist()]
+        maps = [self.background_embedding(h, w).flatten(1) for h, w in host_shapes(spatial_shapes)]
         return torch.cat(maps, dim=1).transpose(0, 1)
 
     def forward(
@@ -187,14 +190,17 @@ class SalienceEncoder(nn.Module):
         foreground_score: Tensor,
         focus_token_nums: Tensor,
         layer_indices: Sequence[Tensor],
+        shapes: Sequence[tuple[int, int]] | None = None,
     ) -> Tensor:
         """Update each layer's selected tokens in place of the running memory; return memory (B, N, C).
 
         Rows of a layer's selection beyond an image's own budget ``focus_token_nums[b]`` (the batch-max padding of
-        smaller images) are computed but not written back, as in the official per-image scatter.
+        smaller images) are computed but not written back, as in the official per-image scatter. ``shapes``: the
+        values of ``spatial_shapes`` on the host (read from the tensor when not given, one sync).
         """
-        self._check_inputs(feat_flatten, layer_indices, spatial_shapes)
-        reference_points = encoder_reference_points(spatial_shapes, valid_ratios)
+        shapes = host_shapes(spatial_shapes) if shapes is None else shapes
+        self._check_inputs(feat_flatten, layer_indices, shapes)
+        reference_points = encoder_reference_points(shapes, valid_ratios)
         output = feat_flatten
         for layer, indices in zip(self.layers, layer_indices):
             if indices.shape[1] == 0:
@@ -216,7 +222,7 @@ class SalienceEncoder(nn.Module):
             updated = torch.where(within_budget, updated.to(output.dtype), query)
             output = output.scatter(1, indices.unsqueeze(-1).expand(-1, -1, output.shape[-1]), updated)
 
-        background = self.background(spatial_shapes).to(output.dtype)
+        background = self.background(shapes).to(output.dtype)
         background = background.unsqueeze(0).repeat(output.shape[0], 1, 1)
         background = background.scatter(1, layer_indices[-1].unsqueeze(-1).expand(-1, -1, output.shape[-1]), 0.0)
         background = background * (~mask_flatten).unsqueeze(-1).to(output.dtype)

@@ -33,6 +33,20 @@ def padding_mask(images: ImageList) -> Tensor:
     return mask
 
 
+def pad_images(images: list[Tensor], size_divisibility: int) -> ImageList:
+    """Zero-pad to the largest size of the batch rounded up to ``size_divisibility``, like
+    ``ImageList.from_tensors``, but with the sizes computed on the host (it reads them back from tensors)."""
+    if torch.jit.is_tracing():  # export: detectron2 keeps the sizes traced
+        return ImageList.from_tensors(images, size_divisibility, pad_value=0.0)
+    sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
+    stride = max(size_divisibility, 1)
+    height, width = (-(-max(side) // stride) * stride for side in zip(*sizes))
+    batch = images[0].new_zeros(len(images), *images[0].shape[:-2], height, width)
+    for image, padded, (h, w) in zip(images, batch, sizes):
+        padded[..., :h, :w].copy_(image)
+    return ImageList(batch, sizes)
+
+
 def level_masks_for(mask: Tensor, features: list[Tensor]) -> list[Tensor]:
     """Padding mask resized to each feature map with nearest interpolation (official ``F.interpolate`` default)."""
     return [F.interpolate(mask[None].float(), size=f.shape[-2:]).to(torch.bool)[0] for f in features]
@@ -124,7 +138,7 @@ class SalienceDETR(nn.Module):
     def preprocess_image(self, batched_inputs: list[dict[str, Any]]) -> ImageList:
         """Normalise, then pad with zeros to a multiple of size_divisibility (official order)."""
         images = [(x["image"].to(self.device).float() - self.pixel_mean) / self.pixel_std for x in batched_inputs]
-        return ImageList.from_tensors(images, self.size_divisibility, pad_value=0.0)
+        return pad_images(images, self.size_divisibility)
 
     def check_batchnorm_statistics(self, features: list[Tensor], padded_size: torch.Size) -> None:
         """Name the fix before the transformer neck's BatchNorm fails on a level with one value per channel."""
@@ -139,19 +153,25 @@ class SalienceDETR(nn.Module):
                 f"Train with 2 or more images per batch, or with images larger than {stride} px on a side."
             )
 
+    def check_gt_classes(self, batched_inputs: list[dict[str, Any]]) -> None:
+        """Every image's gt_classes in [0, num_classes), read once for the batch from the host copies (the mapper's
+        tensors), before the targets move to the device."""
+        if any("instances" not in x for x in batched_inputs):
+            raise ValueError("SalienceDETR in training mode needs 'instances' in every input dict.")
+        labels = torch.cat([x["instances"].gt_classes.reshape(-1).long().cpu() for x in batched_inputs])
+        if labels.numel() and bool(((labels < 0) | (labels >= self.num_classes)).any()):
+            raise ValueError(
+                f"gt_classes must be contiguous ids in [0, {self.num_classes}), got min {int(labels.min())} and "
+                f"max {int(labels.max())}; set model.num_classes to the dataset's number of categories."
+            )
+
     def prepare_targets(self, batched_inputs: list[dict[str, Any]], images: ImageList) -> list[dict[str, Tensor]]:
         """gt boxes -> cxcywh normalized by each unpadded image size; also keeps the absolute xyxy boxes."""
+        self.check_gt_classes(batched_inputs)
         targets = []
         for x, (height, width) in zip(batched_inputs, images.image_sizes):
-            if "instances" not in x:
-                raise ValueError("SalienceDETR in training mode needs 'instances' in every input dict.")
             instances = x["instances"].to(self.device)
             labels = instances.gt_classes.long()
-            if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
-                raise ValueError(
-                    f"gt_classes must be contiguous ids in [0, {self.num_classes}), got min {int(labels.min())} and "
-                    f"max {int(labels.max())}; set model.num_classes to the dataset's number of categories."
-                )
             boxes_xyxy = instances.gt_boxes.tensor.float()
             boxes = to_normalized_cxcywh(boxes_xyxy, whwh_scale([(height, width)], boxes_xyxy)[0])
             targets.append({"labels": labels, "boxes": boxes, "boxes_xyxy": boxes_xyxy})

@@ -189,6 +189,7 @@ class SalienceTransformer(nn.Module):
             foreground_score,
             focus_token_nums,
             layer_indices,
+            shapes=flat.shapes,
         )
         if self.neck is not None:
             memory = self.apply_neck(memory, flat.shapes)

@@ -81,9 +81,14 @@ def grid_nms(
     image = torch.arange(batch_size, device=scores.device).repeat_interleave(num_candidates)
     groups = level + spatial_shapes.shape[0] * image
     keep = torchvision.ops.batched_nms(boxes, scores.reshape(-1), groups, iou_threshold)
-    kept_per_image = [flat_index[keep[image[keep] == b]] for b in range(batch_size)]
-    num_kept = min([max_keep] + [len(kept) for kept in kept_per_image])
-    return torch.stack([kept[:num_kept] for kept in kept_per_image])
+    # survivors come in descending score order; a stable sort by image groups them and keeps that order
+    kept_image = image[keep]
+    grouped = keep[torch.sort(kept_image, stable=True).indices]
+    per_image = torch.zeros(batch_size, dtype=torch.long, device=scores.device)
+    per_image.index_add_(0, kept_image, torch.ones_like(kept_image))
+    num_kept = min(max_keep, int(per_image.min()))  # the selection's one sync (a size must reach the host)
+    rows = (per_image.cumsum(0) - per_image)[:, None] + torch.arange(num_kept, device=scores.device)
+    return flat_index[grouped[rows]]
 
 
 def select_proposals(
