@@ -5,6 +5,9 @@
 its image format), so the demo sees the model as evaluation does. ``VisualizationDemo`` turns predictions
 into pictures: detections above a confidence threshold, and optionally the per-level salience heat-maps
 and the tokens kept by each encoder layer (see ``salience_detr.utils.visualization``).
+
+Load the config with ``salience_detr.config.load_config(path, overrides, inference=True)``: it resolves
+``model.num_classes`` and, where the dataset is not available, takes the class names from the checkpoint.
 """
 
 from __future__ import annotations
