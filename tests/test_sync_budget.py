@@ -17,12 +17,12 @@ from salience_detr.layers.levels import host_starts
 from salience_detr.modeling.matcher import HungarianMatcher
 from salience_detr.utils.dispatch_count import count_dispatch
 
-# what the training step still reads: the batch's gt-class check (host copies), the per-level token budgets
-# (salience), the encoder layers' prefix lengths, the grid-NMS survivor count, the denoising and criterion class checks
-TRAIN_SYNCS = 6
+# what the training step still reads: the batch's gt-class check (host copies), the token budgets of the levels and
+# encoder layers (one read), the grid-NMS survivor count, the denoising and criterion class checks
+TRAIN_SYNCS = 5
 TRAIN_CALLS = 7300  # forward + backward
-# token budgets, prefix lengths, grid-NMS survivors, detectron2's empty-box filter (detector_postprocess)
-EVAL_SYNCS = 7
+# token budgets, grid-NMS survivors, detectron2's finiteness assert and empty-box filter (detector_postprocess)
+EVAL_SYNCS = 6
 EVAL_CALLS = 2100
 
 

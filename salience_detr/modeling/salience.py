@@ -126,7 +126,10 @@ def select_salient_tokens(
             raise ValueError(f"level {level}: salience {tuple(scores.shape)} does not match mask {tuple(mask.shape)}")
     valid_counts = torch.stack([(~mask).sum((1, 2)) for mask in level_masks], dim=-1)  # (B, L)
     focus = _truncate(valid_counts, level_filter_ratio)
-    level_k = focus.max(0).values.tolist()
+    level_max = focus.max(0).values
+    # each level's top-k and each encoder layer's prefix length (of the M = sum(level_k) ranked tokens): one read
+    host_counts = torch.cat([level_max, _truncate(level_max.sum(), layer_filter_ratio)]).tolist()
+    level_k, layer_counts = host_counts[: len(starts)], host_counts[len(starts) :]
     focus_token_nums = focus.sum(-1)
 
     picked_scores, picked_indices = [], []
@@ -139,7 +142,6 @@ def select_salient_tokens(
     order = torch.sort(torch.cat(picked_scores, 1), dim=1, descending=True)[1]
     ranking = torch.cat(picked_indices, 1).gather(1, order)
 
-    layer_counts = _truncate(torch.tensor(ranking.shape[1]), layer_filter_ratio).tolist()
     layer_indices = [ranking[:, :count] for count in layer_counts]
 
     foreground_score = torch.cat([scores.flatten(1) for scores in salience], 1)
