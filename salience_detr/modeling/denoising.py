@@ -123,15 +123,17 @@ class GenerateCDNQueries(nn.Module):
         if max_gt == 0:
             return DenoisingQueries(label_query, box_query, attn_mask, num_groups, max_gt)
 
-        labels = torch.cat(gt_labels_list).to(device=device, dtype=torch.long)
+        labels = torch.cat(gt_labels_list)
         boxes = torch.cat(gt_boxes_list).to(device=device, dtype=box_query.dtype)
         if boxes.ndim != 2 or boxes.shape[1] != 4:
             raise ValueError(f"gt boxes must be (n, 4) normalized cxcywh per image, got {tuple(boxes.shape)} in total")
-        if bool(((labels < 0) | (labels >= self.num_classes)).any()):  # one sync, not two
+        # checked where the labels lie: the model passes the host copies, so this read is no device sync
+        if bool(((labels < 0) | (labels >= self.num_classes)).any()):
             raise ValueError(
                 f"gt labels must be contiguous class ids in [0, {self.num_classes}), got values in "
                 f"[{int(labels.min())}, {int(labels.max())}]; map dataset ids to contiguous ids first"
             )
+        labels = labels.to(device=device, dtype=torch.long)
         num_gt = sum(host_counts)
         # Copy c (0 .. 2G-1) of GT t of image b goes to slot c * n_max + (t's index within b): even copies are
         # the positive blocks, odd copies the negative blocks.

@@ -195,9 +195,8 @@ class SalienceDETR(nn.Module):
 
         targets = self.prepare_targets(batched_inputs, images)
         self.check_batchnorm_statistics(features, images.tensor.shape[-2:])
-        make_denoising = functools.partial(
-            self.denoising_generator, [t["labels"] for t in targets], [t["boxes"] for t in targets]
-        )
+        host_labels = [x["instances"].gt_classes for x in batched_inputs]  # the denoising check reads no device value
+        make_denoising = functools.partial(self.denoising_generator, host_labels, [t["boxes"] for t in targets])
         output = self.transformer(features, level_masks, position_embeddings, make_denoising)
         roi_inputs = None
         if self.roi_refine is not None:

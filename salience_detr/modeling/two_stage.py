@@ -81,14 +81,14 @@ def grid_nms(
     image = torch.arange(batch_size, device=scores.device).repeat_interleave(num_candidates)
     groups = level + spatial_shapes.shape[0] * image
     keep = torchvision.ops.batched_nms(boxes, scores.reshape(-1), groups, iou_threshold)
-    # survivors come in descending score order; a stable sort by image groups them and keeps that order
+    # survivors come in descending score order: each goes to row (its image, its rank among that image's survivors)
     kept_image = image[keep]
-    grouped = keep[torch.sort(kept_image, stable=True).indices]
-    per_image = torch.zeros(batch_size, dtype=torch.long, device=scores.device)
-    per_image.index_add_(0, kept_image, torch.ones_like(kept_image))
-    num_kept = min(max_keep, int(per_image.min()))  # the selection's one sync (a size must reach the host)
-    rows = (per_image.cumsum(0) - per_image)[:, None] + torch.arange(num_kept, device=scores.device)
-    return flat_index[grouped[rows]]
+    one_hot = (kept_image[:, None] == torch.arange(batch_size, device=scores.device)).long()  # (K, B)
+    rank = (one_hot.cumsum(0) - 1).gather(1, kept_image[:, None]).squeeze(1)
+    num_kept = min(max_keep, int(one_hot.sum(0).min()))  # the selection's one sync (a size must reach the host)
+    table = flat_index.new_zeros(batch_size, num_candidates)
+    table[kept_image, rank] = flat_index[keep]
+    return table[:, :num_kept]
 
 
 def select_proposals(
