@@ -11,10 +11,11 @@ The backend is chosen per call from the tensor's device and dtype; ``SALIENCE_DE
 module's ``backend`` argument) forces one.
 
 The compiled op checks shapes, dtypes and devices only, so it never copies data to the host. The values of
-``spatial_shapes`` and ``level_start_index`` are checked by ``check_level_layout``, which the transformer runs once
-per forward; ``SALIENCE_DETR_MSDA_CHECK=1`` runs it before every call of the op as well (for debugging direct
-callers). Its kernels take any batch size with any ``im2col_step`` (the last chunk may be smaller), and no size is
-turned into a Python int on the way, so ``torch.compile(dynamic=True)`` and ``torch.export`` keep the batch dynamic.
+``spatial_shapes`` and ``level_start_index`` are checked once per transformer forward, on the host values the
+transformer builds them from (``check_level_values``, no sync); ``SALIENCE_DETR_MSDA_CHECK=1`` runs
+``check_level_layout`` before every call of the op as well (for debugging direct callers). Its kernels take any
+batch size with any ``im2col_step`` (the last chunk may be smaller), and no size is turned into a Python int on the
+way, so ``torch.compile(dynamic=True)`` and ``torch.export`` keep the batch dynamic.
 """
 
 from __future__ import annotations
@@ -227,8 +228,8 @@ def check_level_layout(spatial_shapes: Tensor, level_start_index: Tensor, num_va
 
     Checks positive sizes, starts equal to the exclusive cumulative sum of height * width, a total equal to
     ``num_values``, and no product beyond int64. It reads the values (one host copy for CUDA tensors), which is why
-    the op does not run it: the transformer does, once per forward. Skipped while torch.compile or torch.export
-    traces (the values are not known then) and for meta tensors.
+    the op runs it only when asked to (the transformer checks its host values instead). Skipped while torch.compile
+    or torch.export traces (the values are not known then) and for meta tensors.
     """
     for name, tensor in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)):
         if tensor.dtype != torch.int64:
