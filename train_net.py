@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 
-import salience_detr  # noqa: F401  (first: makes detectron2 0.6 importable, registers the model and datasets)
 import torch
 from detectron2.config import instantiate
 from detectron2.engine import default_argument_parser, default_setup, default_writers, hooks
@@ -25,6 +24,7 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 from salience_detr.config.loading import load_config, training_metadata
 from salience_detr.engine import (
     AtomicDetectionCheckpointer,
@@ -161,7 +161,9 @@ def load_ema_for_eval(cfg, model, extra_state: dict) -> ModelEMA | None:
     if not cfg.train.ema.enabled:
         return None
     if "ema" not in extra_state:
-        logger.warning("train.ema.enabled but %s holds no EMA weights; evaluating its model weights.", cfg.train.init_checkpoint)
+        logger.warning(
+            "train.ema.enabled but %s holds no EMA weights; evaluating its model weights.", cfg.train.init_checkpoint
+        )
         return None
     ema = ModelEMA(model, cfg.train.ema.decay)
     ema.load_state_dict(extra_state["ema"])

@@ -27,10 +27,10 @@ import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from detectron2.utils.logger import setup_logger  # noqa: E402
 from predictor import VisualizationDemo  # noqa: E402  (after the sys.path line, as in detectron2's demo)
 
 from salience_detr.config import load_config  # noqa: E402  (predictor imported salience_detr first)
-from detectron2.utils.logger import setup_logger  # noqa: E402
 from salience_detr.data.image_io import read_image as decode_image  # noqa: E402
 from salience_detr.utils.coco_results import ResultsFile  # noqa: E402
 

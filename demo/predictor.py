@@ -18,13 +18,13 @@ from typing import Any
 
 import numpy as np
 import torch
-
-import salience_detr  # noqa: F401  (makes detectron2 importable and registers the model and datasets)
 from detectron2.data import Metadata, MetadataCatalog
 from detectron2.data.detection_utils import convert_image_to_rgb
 from detectron2.structures import Instances
 from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, Visualizer
+
+import salience_detr  # noqa: F401  (makes detectron2 importable and registers the model and datasets)
 from salience_detr.utils.inference import load_model_for_inference, resize_for_model, test_augmentations
 from salience_detr.utils.visualization import (
     label_panel,
@@ -34,6 +34,7 @@ from salience_detr.utils.visualization import (
     tile_panels,
     token_panels,
 )
+
 
 def dataset_metadata(cfg: Any) -> Metadata:
     """Metadata (class names) of the config's first test dataset; detectron2's empty metadata if there is none."""
@@ -215,4 +216,3 @@ class VisualizationDemo:
                 continue
             detections_rgb = video_visualizer.draw_instance_predictions(frame[:, :, ::-1], kept).get_image()
             yield kept, self._compose(frame, prediction, kept, detections_rgb)
-

@@ -12,7 +12,7 @@ from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 from PIL import Image
 
-import salience_detr  # noqa: F401  (before detectron2)
+import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 from salience_detr.config.overrides import apply_overrides
 from salience_detr.data import DetrDatasetMapper
 from salience_detr.data.augmentations import RandomChoice, detr_train_augmentations, large_scale_jitter

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import salience_detr  # noqa: F401  (before detectron2)
 from detectron2.config import LazyConfig, instantiate
 from omegaconf import OmegaConf
+
+import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 from salience_detr.layers.ms_deform_attn import BACKEND_ENV
 from salience_detr.tools import benchmark
 
@@ -58,11 +58,12 @@ def test_benchmark_reports_every_field(tmp_path, capsys):
     assert name in table and "GFLOPs" in table and "images/s" in table
 
 
-
 def test_roi_config_is_traced_and_measured_with_the_head_on_and_off(tmp_path):
     roi_config = TINY_CONFIG.replace("tiny_synthetic.py", "tiny_synthetic_roi.py")
     argv = ["--config-file", roi_config, "--height", str(HEIGHT), "--width", str(WIDTH), "--device", "cpu"]
-    results = benchmark.main([*argv, "--num-iter", "1", "--warmup", "0", "--output", str(tmp_path / "r.json")])["results"]
+    results = benchmark.main([*argv, "--num-iter", "1", "--warmup", "0", "--output", str(tmp_path / "r.json")])[
+        "results"
+    ]
     on, off = results["roi_refine on"], results["roi_refine off"]
     assert on["params_m"] > off["params_m"] and on["gflops"] > off["gflops"]
 

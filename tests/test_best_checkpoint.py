@@ -4,10 +4,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from detectron2.utils.events import EventStorage
 from torch import nn
 
-import salience_detr  # noqa: F401  (before detectron2)
-from detectron2.utils.events import EventStorage
+import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 from salience_detr.engine import AtomicDetectionCheckpointer, BestCheckpointer
 from salience_detr.engine.best_checkpoint import read_best_metric
 

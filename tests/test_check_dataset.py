@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import salience_detr  # noqa: F401  (before detectron2)
+import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 import train_net
 from salience_detr.data import register_coco_dataset
 from salience_detr.data.image_check import ImageCheckError, check_images, check_record

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from own_dataset import THREE_CLASSES, dataset_overrides, write_three_class_split, write_user_config
-
-import salience_detr  # noqa: F401  (before detectron2)
 from detectron2.data import MetadataCatalog
 from omegaconf import DictConfig
+from own_dataset import THREE_CLASSES, dataset_overrides, write_three_class_split, write_user_config
+
+import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 from salience_detr.config import ConfigOverrideError, load_config
 from salience_detr.data import DatasetPathError, SyntheticSpec
 from salience_detr.engine import CheckpointMismatchError

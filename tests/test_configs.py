@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_SPEC
-
-import salience_detr  # noqa: F401  (before detectron2)
 from detectron2.config import LazyConfig, instantiate
+
+import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 from salience_detr.data import DatasetPathError, SyntheticSpec
 from salience_detr.engine import detr_param_groups
 

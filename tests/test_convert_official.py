@@ -1,5 +1,3 @@
-import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
-
 from pathlib import Path
 
 import pytest
@@ -7,6 +5,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 
+import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 from salience_detr.checkpoint.official import (
     BACKBONE_RULES,
     ConversionError,

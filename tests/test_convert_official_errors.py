@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-import salience_detr  # noqa: F401  (before detectron2)
+import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 from salience_detr.checkpoint.official import ConversionError, load_official_checkpoint
 from salience_detr.tools import convert_official
 

@@ -1,10 +1,9 @@
-import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
-
 import math
 
 import pytest
 import torch
 
+import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 from salience_detr.modeling.criterion import HybridSetCriterion, denoising_indices
 from salience_detr.modeling.matcher import HungarianMatcher
 

@@ -4,9 +4,9 @@ import json
 
 import pytest
 from conftest import TINY_SPEC
-
-import salience_detr  # noqa: F401  (before detectron2)
 from detectron2.data import DatasetCatalog
+
+import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 from salience_detr.data import DatasetPathError, SyntheticSpec, load_detection_dicts, register_coco_dataset
 
 

@@ -31,11 +31,23 @@ def decoder_inputs(batch=2, queries=7):
 
 def test_state_dict_keys_follow_official_names():
     keys = set(make_decoder(num_layers=2).state_dict())
-    for name in ["cross_attn.sampling_offsets.weight", "norm1.weight", "self_attn.in_proj_weight", "norm2.bias",
-                 "linear1.weight", "linear2.weight", "norm3.weight"]:
+    for name in [
+        "cross_attn.sampling_offsets.weight",
+        "norm1.weight",
+        "self_attn.in_proj_weight",
+        "norm2.bias",
+        "linear1.weight",
+        "linear2.weight",
+        "norm3.weight",
+    ]:
         assert f"layers.1.{name}" in keys
-    for name in ["ref_point_head.layers.0.weight", "ref_point_head.layers.1.bias", "class_head.1.weight",
-                 "bbox_head.1.layers.2.weight", "norm.weight"]:
+    for name in [
+        "ref_point_head.layers.0.weight",
+        "ref_point_head.layers.1.bias",
+        "class_head.1.weight",
+        "bbox_head.1.layers.2.weight",
+        "norm.weight",
+    ]:
         assert name in keys
     assert "bbox_head.1.layers.3.weight" not in keys
 
@@ -66,7 +78,9 @@ def test_next_reference_comes_from_unnormalised_query_and_look_forward_twice():
         decoder.norm.bias.normal_(std=0.5)
     query, reference, *rest = decoder_inputs()
     layer_queries = []
-    hooks = [layer.register_forward_hook(lambda module, args, out: layer_queries.append(out)) for layer in decoder.layers]
+    hooks = [
+        layer.register_forward_hook(lambda module, args, out: layer_queries.append(out)) for layer in decoder.layers
+    ]
     _, boxes, _ = decoder(query, reference, *rest)
     for hook in hooks:
         hook.remove()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -11,9 +10,10 @@ import cv2
 import numpy as np
 import pytest
 import torch
-
-import salience_detr  # noqa: F401  (before detectron2)
+from demo_loading import load_demo_cli
 from detectron2.config import LazyConfig
+
+import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 from salience_detr.utils.visualization import (
     label_panel,
     level_start_index,
@@ -31,14 +31,7 @@ IMAGE_SIZE = (96, 128)  # height, width of the generated pictures
 SMALL_INPUT = ["dataloader.test.mapper.test_min_size=96", "dataloader.test.mapper.test_max_size=128"]
 
 
-def _load_demo_module():
-    spec = importlib.util.spec_from_file_location("salience_detr_demo_cli", REPO / "demo" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-demo_cli = _load_demo_module()
+demo_cli = load_demo_cli("salience_detr_demo_cli")
 from predictor import VisualizationDemo  # noqa: E402  (demo.py put demo/ on sys.path)
 
 
@@ -179,8 +172,9 @@ def test_show_salience_and_queries_compose_every_panel(tiny_cfg, image_folder, t
     assert picture.shape[0] % rows == 0 and picture.shape[0] // rows > IMAGE_SIZE[0]
 
     output = tmp_path / "salience.png"
-    code = run_demo("--input", str(image_folder / "picture_0.png"), "--output", str(output), "--show-salience",
-                    "--show-queries")
+    code = run_demo(
+        "--input", str(image_folder / "picture_0.png"), "--output", str(output), "--show-salience", "--show-queries"
+    )
     assert code == 0 and cv2.imread(str(output)).shape == picture.shape
 
 

@@ -3,7 +3,6 @@ results (images and video frames) that evaluate_json scores. Tiny synthetic conf
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -13,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_SPEC
+from demo_loading import load_demo_cli
 from detectron2.data import Metadata
 from detectron2.structures import Boxes, Instances
 
-import salience_detr  # noqa: F401  (before detectron2)
+import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 from salience_detr.config import load_config
 from salience_detr.data import SHAPE_CLASSES
 from salience_detr.tools import evaluate_json
@@ -27,14 +27,7 @@ TINY_CONFIG = str(REPO / "configs" / "salience_detr" / "salience_detr_tiny_synth
 PREFIX = "demo_json"  # its own dataset names, so other tests' registrations are left alone
 
 
-def _load_demo_module():
-    spec = importlib.util.spec_from_file_location("salience_detr_demo_json_cli", REPO / "demo" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-demo_cli = _load_demo_module()
+demo_cli = load_demo_cli("salience_detr_demo_json_cli")
 from predictor import SaliencePredictor  # noqa: E402  (demo.py put demo/ on sys.path)
 
 

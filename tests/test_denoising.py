@@ -1,9 +1,8 @@
-import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
-
 import pytest
 import torch
 from torchvision.ops import box_convert
 
+import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 from salience_detr.layers.box_ops import inverse_sigmoid
 from salience_detr.modeling.denoising import GenerateCDNQueries, denoising_attention_mask, denoising_group_count
 

@@ -69,8 +69,15 @@ def _reference_encoder(encoder, inputs):
         batch_rows = torch.arange(idx.shape[0])[:, None]
         query = output[batch_rows, idx]
         new = layer(
-            query, pos[batch_rows, idx], feat, refs[batch_rows, idx], inputs["spatial_shapes"],
-            inputs["level_start_index"], mask, encoder.enhance_mcsp(query), inputs["foreground_score"][batch_rows, idx],
+            query,
+            pos[batch_rows, idx],
+            feat,
+            refs[batch_rows, idx],
+            inputs["spatial_shapes"],
+            inputs["level_start_index"],
+            mask,
+            encoder.enhance_mcsp(query),
+            inputs["foreground_score"][batch_rows, idx],
         )
         updated = output.clone()
         for b in range(idx.shape[0]):
@@ -96,9 +103,17 @@ def test_layer_and_background_parameter_counts_and_keys():
     layer = SalienceEncoderLayer()
     assert sum(p.numel() for p in layer.parameters()) == 1_545_856
     keys = set(layer.state_dict())
-    for key in ("pre_attention.in_proj_weight", "pre_attention.out_proj.weight", "pre_norm.weight",
-                "self_attn.sampling_offsets.weight", "self_attn.value_proj.bias", "norm1.bias",
-                "linear1.weight", "linear2.weight", "norm2.weight"):
+    for key in (
+        "pre_attention.in_proj_weight",
+        "pre_attention.out_proj.weight",
+        "pre_norm.weight",
+        "self_attn.sampling_offsets.weight",
+        "self_attn.value_proj.bias",
+        "norm1.bias",
+        "linear1.weight",
+        "linear2.weight",
+        "norm2.weight",
+    ):
         assert key in keys
     encoder = SalienceEncoder(layer, num_layers=2)
     assert sum(p.numel() for p in encoder.background_embedding.parameters()) == 51_200
@@ -154,8 +169,7 @@ def test_value_is_the_unencoded_features_in_every_layer():
     inputs = _inputs([(48, 56)], (48, 56))
     seen = []
     hooks = [
-        layer.self_attn.register_forward_pre_hook(lambda _m, args: seen.append(args[2]))
-        for layer in encoder.layers
+        layer.self_attn.register_forward_pre_hook(lambda _m, args: seen.append(args[2])) for layer in encoder.layers
     ]
     with torch.no_grad():
         encoder(**inputs)

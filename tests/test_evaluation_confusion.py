@@ -11,7 +11,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-import salience_detr  # noqa: F401  (before detectron2 and pycocotools users)
+import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 from salience_detr.evaluation import box_iou_xywh, confusion_from_coco, confusion_matrix, match_detections
 from salience_detr.evaluation.plots import precision_recall_curves, write_evaluation_plots
 from salience_detr.tools import evaluate_json

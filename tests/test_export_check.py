@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import salience_detr  # noqa: F401  (before detectron2)
+import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 from salience_detr.tools import export_onnx
 from salience_detr.tools.onnx_check import (
     Detections,

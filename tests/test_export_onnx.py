@@ -10,11 +10,11 @@ import onnx
 import onnxruntime
 import pytest
 import torch
-from torch import nn
-
-import salience_detr  # noqa: F401  (before detectron2)
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig
+from torch import nn
+
+import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 from salience_detr.layers import MultiScaleDeformableAttention
 from salience_detr.tools import export_onnx
 from salience_detr.utils.inference import load_model_for_inference
@@ -61,8 +61,22 @@ def test_export_matches_pytorch_in_onnxruntime(photo, tmp_path, capsys):
     DetectionCheckpointer(model, save_dir=str(tmp_path)).save("random_weights")
     image = export_onnx.normalized_input(model, cv2.imread(str(photo)), cfg, (64, 96))
     fixed = tmp_path / "fixed.onnx"
-    export_onnx.main(["--config-file", TINY_CONFIG, "--output", str(fixed), "--image", str(photo), "--height", "64",
-                      "--width", "96", "--opts", f"train.init_checkpoint={tmp_path / 'random_weights.pth'}"])
+    export_onnx.main(
+        [
+            "--config-file",
+            TINY_CONFIG,
+            "--output",
+            str(fixed),
+            "--image",
+            str(photo),
+            "--height",
+            "64",
+            "--width",
+            "96",
+            "--opts",
+            f"train.init_checkpoint={tmp_path / 'random_weights.pth'}",
+        ]
+    )
     session = onnxruntime.InferenceSession(str(fixed), providers=["CPUExecutionProvider"])
     boxes, scores, labels = session.run(None, {"image": image.numpy()})
     raw = (image[0] * model.pixel_std + model.pixel_mean).round().clamp(0, 255).to(torch.uint8)
@@ -96,8 +110,14 @@ def test_searchsorted_symbolic_matches_torch(right, tmp_path):
     values = torch.tensor([[0, 5, 24, 29], [30, 35, 36, 40]])
     path = str(tmp_path / "searchsorted.onnx")
     torch.onnx.register_custom_op_symbolic("aten::searchsorted", export_onnx.searchsorted_symbolic, 17)
-    torch.onnx.export(SearchSorted(right), (boundaries, values), path, opset_version=17, dynamo=False,
-                      input_names=["boundaries", "values"])
+    torch.onnx.export(
+        SearchSorted(right),
+        (boundaries, values),
+        path,
+        opset_version=17,
+        dynamo=False,
+        input_names=["boundaries", "values"],
+    )
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     (result,) = session.run(None, {"boundaries": boundaries.numpy(), "values": values.numpy()})
     np.testing.assert_array_equal(result, torch.searchsorted(boundaries, values, right=right).numpy())

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import salience_detr  # noqa: F401  (before detectron2)
 from detectron2.config import LazyConfig, instantiate
+
+import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 from salience_detr.engine import AtomicDetectionCheckpointer, CheckpointFileError, CheckpointMismatchError
 from salience_detr.engine.weights import MAX_UNFIT_FRACTION, class_head_keys
 
@@ -178,9 +178,11 @@ def _assert_only_class_heads_reinitialised(config: Path, datasets: list[str], ch
 
 def _demo_with_and_without_the_dataset(config: Path, datasets: list[str], alone: list[str], image: str, out: Path):
     """The demo runs in both situations and labels with the dataset's class names, or the checkpoint's."""
-    from demo import demo as demo_cli
-    from demo.predictor import dataset_metadata
+    from demo_loading import load_demo_cli
     from own_dataset import THREE_CLASSES
+
+    demo_cli = load_demo_cli("salience_detr_finetune_demo_cli")
+    from predictor import dataset_metadata
 
     from salience_detr.config import load_config
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from detectron2.data.detection_utils import SizeMismatchError
 from PIL import Image
 
-import salience_detr  # noqa: F401  (before detectron2)
-from detectron2.data.detection_utils import SizeMismatchError
+import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 from salience_detr.data import DetrDatasetMapper, UnreadableImageError
 from salience_detr.data.image_io import UnsupportedImageModeError, read_image
 

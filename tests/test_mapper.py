@@ -3,14 +3,16 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-import salience_detr  # noqa: F401  (before detectron2)
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
+from PIL import Image
+
+import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 from salience_detr.data import DetrDatasetMapper, UnreadableImageError
 
-SMALL = dict(min_sizes=[64, 80], max_size=100, crop_pre_sizes=[60, 70], crop_size=[40, 56], test_min_size=64, test_max_size=100)
+SMALL = dict(
+    min_sizes=[64, 80], max_size=100, crop_pre_sizes=[60, 70], crop_size=[40, 56], test_min_size=64, test_max_size=100
+)
 
 
 def _write_marked_image(path, height=60, width=90, box=(10, 20, 40, 50)):

@@ -1,8 +1,7 @@
-import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
-
 import pytest
 import torch
 
+import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 from salience_detr.modeling.matcher import HungarianMatcher
 
 

@@ -2,14 +2,13 @@ import math
 
 import pytest
 import torch
-
-import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 from detectron2.config import LazyCall as L
 from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.backbone import ResNet
 from detectron2.structures import Boxes, Instances
 
+import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 from salience_detr.modeling.meta_arch import SalienceDETR
 
 R50_CONFIG = "configs/models/salience_detr_r50.py"

@@ -2,10 +2,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 from detectron2.config import LazyConfig, instantiate
 from detectron2.structures import Boxes, Instances
+
+import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 
 OFFICIAL_KEYS = Path(__file__).parent / "data" / "official_r50_state_dict_keys.tsv"
 # docs/model.md#parameter-count: 56 080 495 unique parameters with 91-way heads; the 80-class model drops 11 rows of
@@ -19,8 +19,10 @@ EXPERIMENTS = ["salience_detr_r50_4scale_12ep", "salience_detr_r50_4scale_24ep",
 
 def official_rows():
     lines = open(OFFICIAL_KEYS).read().splitlines()[1:]
-    return {key: tuple(int(v) for v in shape.strip("()").split(",") if v.strip())
-            for key, shape, *_ in (line.split("\t") for line in lines)}
+    return {
+        key: tuple(int(v) for v in shape.strip("()").split(",") if v.strip())
+        for key, shape, *_ in (line.split("\t") for line in lines)
+    }
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +62,10 @@ def test_r50_state_dict_matches_official_layout(r50_model):
     backbone = [k for k in state if k.startswith("backbone.")]
     assert len(backbone) == sum(k.startswith("backbone.") for k in official)
     assert "backbone.stem.conv1.weight" in state and "backbone.res5.2.conv3.norm.running_var" in state
-    assert state["transformer.encoder.enhance_mcsp.weight"].data_ptr() == \
-        state["transformer.encoder_class_head.weight"].data_ptr()
+    assert (
+        state["transformer.encoder.enhance_mcsp.weight"].data_ptr()
+        == state["transformer.encoder_class_head.weight"].data_ptr()
+    )
 
 
 def test_r50_frozen_stem_and_res2(r50_model):

@@ -7,8 +7,8 @@ from salience_detr.modeling.neck import (
     ChannelMapper,
     CSPRepPluXLayer,
     GlobalContextGate,
-    RepVGGPluXNetwork,
     RepVggPluXBlock,
+    RepVGGPluXNetwork,
 )
 
 ODD_SHAPES = [(13, 17), (7, 9), (4, 5), (2, 3)]

@@ -4,14 +4,13 @@ official model's outputs for seeded random weights and images (``python -m salie
 converted into our model, and every stage must agree within ``TOLERANCE`` of the stage's largest official value.
 """
 
-import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
-
 from pathlib import Path
 
 import pytest
 import torch
 from detectron2.config import instantiate
 
+import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 from salience_detr.checkpoint.official import convert_into_model
 from salience_detr.checkpoint.parity import (
     detections_like_ours,
@@ -88,7 +87,9 @@ def stage_failures(ours: dict, reference: dict, image_sizes: list) -> list[str]:
             error = (values - official).abs().max().item()
             mean_error = 0.0 if record["full"] else abs(mine.abs().mean().item() - record["mean_abs"])
             if max(error, mean_error) > TOLERANCE * scale:
-                failures.append(f"{name}: max abs difference {error:.3e} (mean |x| {mean_error:.3e}), scale {scale:.3e}")
+                failures.append(
+                    f"{name}: max abs difference {error:.3e} (mean |x| {mean_error:.3e}), scale {scale:.3e}"
+                )
     for index, size in enumerate(image_sizes):
         raw = [reference[f"raw_detections.{index}.{field}"]["values"] for field in ("scores", "labels", "boxes")]
         official = detections_like_ours(raw[0], raw[1].long(), raw[2], tuple(size))

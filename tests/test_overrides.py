@@ -4,7 +4,7 @@ import pytest
 from detectron2.config import LazyCall as L
 from omegaconf import OmegaConf
 
-import salience_detr  # noqa: F401  (before detectron2)
+import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 from salience_detr.config import ConfigOverrideError, apply_overrides
 
 

@@ -34,8 +34,16 @@ def test_sine_value_at_known_point_y_first_offset():
     y = (2 - 0.5) / (3 + 1e-6) * 2 * math.pi
     x = (3 - 0.5) / (4 + 1e-6) * 2 * math.pi
     rate = 10000 ** (2 / 4)
-    expected = [math.sin(y), math.cos(y), math.sin(y / rate), math.cos(y / rate),
-                math.sin(x), math.cos(x), math.sin(x / rate), math.cos(x / rate)]
+    expected = [
+        math.sin(y),
+        math.cos(y),
+        math.sin(y / rate),
+        math.cos(y / rate),
+        math.sin(x),
+        math.cos(x),
+        math.sin(x / rate),
+        math.cos(x / rate),
+    ]
     torch.testing.assert_close(pos[0, :, i, j], torch.tensor(expected, dtype=torch.float64))
 
 

@@ -8,9 +8,9 @@ import logging
 
 import pytest
 from conftest import TINY_SPEC
-
-import salience_detr  # noqa: F401  (before detectron2)
 from detectron2.data import DatasetCatalog
+
+import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 from salience_detr.data import register_synthetic_datasets
 from salience_detr.data.results_check import ResultsMismatchError, check_results_match
 from salience_detr.tools import evaluate_json, visualize_json_results

@@ -22,7 +22,10 @@ def test_table_lists_every_run_and_the_mean_over_seeds():
 
 def test_table_gives_the_paired_difference_to_the_head_off_run_of_each_seed():
     rows = [{"variant": "roi: head off", "seed": seed, **{m: 10.0 for m in METRICS}} for seed in (0, 1)]
-    rows += [{"variant": "roi: head on", "seed": seed, **{m: 10.0 + delta for m in METRICS}} for seed, delta in ((0, 1), (1, -0.5))]
+    rows += [
+        {"variant": "roi: head on", "seed": seed, **{m: 10.0 + delta for m in METRICS}}
+        for seed, delta in ((0, 1), (1, -0.5))
+    ]
     last = table(rows).splitlines()[-1]
     assert last.startswith("| **roi: head on minus head off**, mean (range) | 2 seeds | +0.2 (-0.5 to +1.0) |")
 

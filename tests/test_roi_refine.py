@@ -3,14 +3,14 @@ import types
 
 import pytest
 import torch
-
-import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 from detectron2.config import LazyCall as L
 from detectron2.config import LazyConfig, instantiate
 from detectron2.utils.events import EventStorage
+from test_meta_arch import make_input, tiny_model_config
 from torch import nn
 from torchvision.ops import box_convert
 
+import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 from salience_detr.engine import ModelIterationHook
 from salience_detr.modeling.roi_refine import (
     RoIInputs,
@@ -20,7 +20,6 @@ from salience_detr.modeling.roi_refine import (
     positive_targets,
     warmup_factor,
 )
-from test_meta_arch import make_input, tiny_model_config
 
 EMBED_DIM = 32
 NUM_CLASSES = 3

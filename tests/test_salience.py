@@ -72,13 +72,21 @@ def test_salience_maps_top_down_fusion_by_hand():
 def test_salience_maps_rejects_wrong_alpha():
     shapes = [(2, 2), (1, 1)]
     with pytest.raises(ValueError, match="alpha"):
-        salience_maps(torch.randn(1, 5, 8), torch.tensor(shapes), _start_index(shapes), MaskPredictor(8, 8), torch.ones(3))
+        salience_maps(
+            torch.randn(1, 5, 8), torch.tensor(shapes), _start_index(shapes), MaskPredictor(8, 8), torch.ones(3)
+        )
 
 
 @pytest.mark.parametrize(
     "image_hw, padded_hw, shapes, focus, per_layer",
     [
-        ((800, 1066), (800, 1088), [(100, 136), (50, 68), (25, 34), (13, 17)], 9111, [9111, 7288, 5466, 5466, 3644, 1822]),
+        (
+            (800, 1066),
+            (800, 1088),
+            [(100, 136), (50, 68), (25, 34), (13, 17)],
+            9111,
+            [9111, 7288, 5466, 5466, 3644, 1822],
+        ),
         ((512, 512), (512, 512), [(64, 64), (32, 32), (16, 16), (8, 8)], 2777, [2777, 2221, 1666, 1666, 1110, 555]),
     ],
 )

@@ -6,12 +6,17 @@ import os
 import numpy as np
 import pytest
 from conftest import TINY_SPEC
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
-import salience_detr  # noqa: F401  (before detectron2)
-from detectron2.data import DatasetCatalog, MetadataCatalog
-from salience_detr.data import SHAPE_CLASSES, SyntheticSpec, ensure_synthetic_dataset, register_synthetic_datasets
-from salience_detr.data import synthetic
+import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
+from salience_detr.data import (
+    SHAPE_CLASSES,
+    SyntheticSpec,
+    ensure_synthetic_dataset,
+    register_synthetic_datasets,
+    synthetic,
+)
 
 
 def test_files_are_valid_coco_with_boxes_inside_images(tiny_synthetic_cache):

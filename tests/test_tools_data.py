@@ -6,7 +6,7 @@ import pytest
 from conftest import TINY_SPEC
 from PIL import Image
 
-import salience_detr  # noqa: F401  (before detectron2)
+import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 from salience_detr.data import SyntheticSpec, register_synthetic_datasets
 from salience_detr.tools import evaluate_json, visualize_data, visualize_json_results
 
@@ -33,7 +33,9 @@ def _results_from_ground_truth(json_file, shift=0.0, score=0.9):
 def test_evaluate_json_scores_ground_truth_100_and_shifted_boxes_lower(val_set, tmp_path):
     perfect = tmp_path / "perfect.json"
     perfect.write_text(json.dumps(_results_from_ground_truth(val_set["json_file"])))
-    metrics = evaluate_json.main(["--dataset", val_set["name"], "--json", str(perfect), "--output", str(tmp_path / "m.json")])
+    metrics = evaluate_json.main(
+        ["--dataset", val_set["name"], "--json", str(perfect), "--output", str(tmp_path / "m.json")]
+    )
     assert metrics["AP"] == pytest.approx(100.0)
     assert json.loads((tmp_path / "m.json").read_text())["AP50"] == pytest.approx(100.0)
     shifted = tmp_path / "shifted.json"

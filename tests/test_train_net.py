@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-
-import salience_detr  # noqa: F401  (before detectron2)
 from conftest import TINY_SPEC
 from detectron2.config import LazyConfig, instantiate
 from detectron2.structures import Boxes, Instances
+from torch import nn
+
+import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 from salience_detr.engine import AtomicDetectionCheckpointer, DetrTrainer, ModelEMA, NonFiniteLossError, resolve_amp
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,7 +147,10 @@ def read_metrics(output_dir):
 @pytest.mark.slow
 def test_cpu_run_trains_checkpoints_and_evaluates(standin_config, tiny_synthetic_cache, tmp_path):
     out = tmp_path / "run"
-    overrides = standin_overrides(tiny_synthetic_cache, out, max_iter=4) + ["train.eval_period=4", "train.ema.enabled=True"]
+    overrides = standin_overrides(tiny_synthetic_cache, out, max_iter=4) + [
+        "train.eval_period=4",
+        "train.ema.enabled=True",
+    ]
     log = run_train_net(standin_config, overrides)
     assert (out / "model_final.pth").is_file()
     assert "ema" in torch.load(out / "model_final.pth", weights_only=False)

@@ -52,9 +52,21 @@ def make_inputs(batch=2, base=(16, 20)):
 def test_state_dict_has_official_top_level_keys_and_tied_class_head():
     transformer = make_transformer()
     state = transformer.state_dict()
-    expected_prefixes = ["level_embeds", "alpha", "level_filter_ratio", "layer_filter_ratio", "enc_output.",
-                         "enc_output_norm.", "encoder.", "neck.", "decoder.", "tgt_embed.", "encoder_class_head.",
-                         "encoder_bbox_head.", "enc_mask_predictor."]
+    expected_prefixes = [
+        "level_embeds",
+        "alpha",
+        "level_filter_ratio",
+        "layer_filter_ratio",
+        "enc_output.",
+        "enc_output_norm.",
+        "encoder.",
+        "neck.",
+        "decoder.",
+        "tgt_embed.",
+        "encoder_class_head.",
+        "encoder_bbox_head.",
+        "enc_mask_predictor.",
+    ]
     first_seen = [next(i for i, k in enumerate(state) if k.startswith(p)) for p in expected_prefixes]
     assert first_seen == sorted(first_seen), "state-dict order should follow the official module order"
     assert {k.split(".")[0] for k in state} == {p.rstrip(".") for p in expected_prefixes}
@@ -128,7 +140,8 @@ def test_rejects_position_embedding_of_wrong_width():
 
 def test_rejects_mismatched_filter_ratios():
     with pytest.raises(ValueError, match="layer_filter_ratio"):
-        encoder = SalienceEncoder(SalienceEncoderLayer(embed_dim=D_MODEL, ffn_dim=64, num_heads=4), num_layers=1,
-                                  embed_dim=D_MODEL)
+        encoder = SalienceEncoder(
+            SalienceEncoderLayer(embed_dim=D_MODEL, ffn_dim=64, num_heads=4), num_layers=1, embed_dim=D_MODEL
+        )
         decoder = SalienceDecoder(SalienceDecoderLayer(embed_dim=D_MODEL, ffn_dim=64, num_heads=4), 1, NUM_CLASSES)
         SalienceTransformer(encoder, None, decoder, num_classes=NUM_CLASSES, embed_dim=D_MODEL)

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from test_transformer import D_MODEL, NUM_CLASSES, make_inputs, make_transformer
 
 from salience_detr.modeling.denoising import GenerateCDNQueries
-from test_transformer import D_MODEL, NUM_CLASSES, make_inputs, make_transformer
 
 
 def test_flatten_inputs_lays_out_tokens_level_by_level_with_level_embeddings():

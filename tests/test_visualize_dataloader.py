@@ -10,7 +10,7 @@ from detectron2.data import Metadata
 from detectron2.structures import Boxes, Instances
 from PIL import Image
 
-import salience_detr  # noqa: F401  (before detectron2)
+import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 from salience_detr.tools import visualize_data
 from salience_detr.tools._dataloader_view import draw_model_input
 

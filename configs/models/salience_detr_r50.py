@@ -21,9 +21,7 @@ model = L(SalienceDETR)(
         freeze_at=2,
     ),
     neck=L(ChannelMapper)(in_channels=[512, 1024, 2048], out_channels="${..embed_dim}", num_outs=4),
-    position_embedding=L(PositionEmbeddingSine)(
-        num_pos_feats=128, temperature=10000, normalize=True, offset=-0.5
-    ),
+    position_embedding=L(PositionEmbeddingSine)(num_pos_feats=128, temperature=10000, normalize=True, offset=-0.5),
     transformer=L(SalienceTransformer)(
         encoder=L(SalienceEncoder)(
             layer=L(SalienceEncoderLayer)(

@@ -1,4 +1,7 @@
-"""Salience DETR ConvNeXt-L 4-scale, 12 epochs, with the RoI refinement head: the recipe of salience_detr_convnext_l_4scale_12ep.py."""
+"""Salience DETR ConvNeXt-L 4-scale, 12 epochs, with the RoI refinement head.
+
+The recipe of salience_detr_convnext_l_4scale_12ep.py.
+"""
 
 from ..models.salience_detr_r50_roi import roi_refine_head
 from .salience_detr_convnext_l_4scale_12ep import dataloader, lr_multiplier, model, optimizer, train

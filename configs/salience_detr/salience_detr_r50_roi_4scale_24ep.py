@@ -1,4 +1,7 @@
-"""Salience DETR R50 4-scale, 24 epochs, with the RoI refinement head: the recipe of salience_detr_r50_4scale_24ep.py."""
+"""Salience DETR R50 4-scale, 24 epochs, with the RoI refinement head.
+
+The recipe of salience_detr_r50_4scale_24ep.py.
+"""
 
 from ..models.salience_detr_r50_roi import roi_refine_head
 from .salience_detr_r50_4scale_24ep import dataloader, lr_multiplier, model, optimizer, train

@@ -92,7 +92,9 @@ def coco_category_ids() -> list[int]:
 
 
 def unwrap_checkpoint(checkpoint: Mapping[str, Any]) -> tuple[dict[str, Tensor], str | None]:
-    """Return ``(state_dict, wrapper)``: a plain state dict (wrapper None) or the one under "model"/"state_dict"/"ema"."""
+    """Return ``(state_dict, wrapper)``: a plain state dict (wrapper None) or the one under a wrapper key.
+
+    The wrapper keys are "model", "state_dict" and "ema"."""
     if not isinstance(checkpoint, Mapping):
         raise ConversionError(f"expected a state dict or a dict holding one, got {type(checkpoint).__name__}")
     if checkpoint and all(isinstance(value, Tensor) for value in checkpoint.values()):

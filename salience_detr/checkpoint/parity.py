@@ -151,8 +151,10 @@ def our_stages(model: nn.Module, images: Sequence[Tensor], query_index: Tensor |
     model.pixel_mean.zero_()
     model.pixel_std.fill_(1.0)
     try:
-        with torch.no_grad(), record_outputs(model, RECORDED_MODULES) as records, forced_query_order(
-            model.transformer, query_index
+        with (
+            torch.no_grad(),
+            record_outputs(model, RECORDED_MODULES) as records,
+            forced_query_order(model.transformer, query_index),
         ):
             results = model([{"image": image} for image in images])
     finally:
@@ -171,7 +173,9 @@ def our_stages(model: nn.Module, images: Sequence[Tensor], query_index: Tensor |
     return stages
 
 
-def detections_like_ours(scores: Tensor, labels: Tensor, boxes: Tensor, image_size: tuple[int, int]) -> dict[str, Tensor]:
+def detections_like_ours(
+    scores: Tensor, labels: Tensor, boxes: Tensor, image_size: tuple[int, int]
+) -> dict[str, Tensor]:
     """The official unclipped detections of one image after this project's ``detector_postprocess``.
 
     That is the one deliberate difference of the final outputs: boxes are clipped to the image and boxes left

@@ -117,5 +117,3 @@ def random_official_state_dict(
         if entry.tied_to is not None:
             state_dict[entry.key] = state_dict[entry.tied_to]
     return state_dict
-
-

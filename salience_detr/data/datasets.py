@@ -162,9 +162,7 @@ def load_detection_dicts(
     if filter_empty:
         before = len(dataset_dicts)
         dataset_dicts = [r for r in dataset_dicts if r.get("annotations")]
-        logger.info(
-            "Removed %d of %d images without a valid box from %s.", before - len(dataset_dicts), before, names
-        )
+        logger.info("Removed %d of %d images without a valid box from %s.", before - len(dataset_dicts), before, names)
         if not dataset_dicts:
             raise ValueError(f"No image of {names} has a valid (non-crowd, >= {min_box_side}px) box.")
     return dataset_dicts if max_images is None else dataset_dicts[:max_images]

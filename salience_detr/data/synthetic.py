@@ -192,7 +192,9 @@ def ensure_synthetic_dataset(spec: SyntheticSpec, cache_dir: str | os.PathLike |
     if target.is_dir():
         return target
     root.mkdir(parents=True, exist_ok=True)
-    logger.info("Generating the synthetic dataset (%d train, %d val images) in %s", spec.num_train, spec.num_val, target)
+    logger.info(
+        "Generating the synthetic dataset (%d train, %d val images) in %s", spec.num_train, spec.num_val, target
+    )
     staging = Path(tempfile.mkdtemp(prefix=".partial_", dir=root))
     try:
         for split in SPLITS:
@@ -208,7 +210,9 @@ def ensure_synthetic_dataset(spec: SyntheticSpec, cache_dir: str | os.PathLike |
     return target
 
 
-def synthetic_split_paths(spec: SyntheticSpec, split: str, cache_dir: str | os.PathLike | None = None) -> tuple[str, str]:
+def synthetic_split_paths(
+    spec: SyntheticSpec, split: str, cache_dir: str | os.PathLike | None = None
+) -> tuple[str, str]:
     folder = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / spec.folder_name()
     return str(folder / f"{split}.json"), str(folder / split)
 
@@ -219,7 +223,9 @@ def _load_split(spec: SyntheticSpec, split: str, cache_dir: str | None, name: st
     return load_coco_json(json_file, image_root, name)
 
 
-def register_synthetic_datasets(prefix: str = "synthetic", cache_dir: str | None = None, **spec_fields: Any) -> dict[str, Any]:
+def register_synthetic_datasets(
+    prefix: str = "synthetic", cache_dir: str | None = None, **spec_fields: Any
+) -> dict[str, Any]:
     """Register ``{prefix}_train`` and ``{prefix}_val``; the images are generated on first use.
 
     ``spec_fields`` are :class:`SyntheticSpec` fields (tests pass tiny sizes). Registering the same names
@@ -242,5 +248,10 @@ def register_synthetic_datasets(prefix: str = "synthetic", cache_dir: str | None
             thing_classes=list(SHAPE_CLASSES),
             thing_dataset_id_to_contiguous_id={i + 1: i for i in range(len(SHAPE_CLASSES))},
         )
-        infos[split] = {"name": name, "json_file": json_file, "image_root": image_root, "num_classes": len(SHAPE_CLASSES)}
+        infos[split] = {
+            "name": name,
+            "json_file": json_file,
+            "image_root": image_root,
+            "num_classes": len(SHAPE_CLASSES),
+        }
     return infos

@@ -5,8 +5,8 @@ from .best_checkpoint import BestCheckpointer
 from .checkpoint import AtomicDetectionCheckpointer, CheckpointFileError
 from .ema import EMAHook, ModelEMA, unwrap_model
 from .freeze import freeze_all_but
-from .model_iteration import ModelIterationHook
 from .launch import launch
+from .model_iteration import ModelIterationHook
 from .param_groups import detr_param_groups
 from .trainer import DetrTrainer, NonFiniteLossError, resolve_amp
 from .weights import CheckpointMismatchError

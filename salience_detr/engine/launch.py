@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist

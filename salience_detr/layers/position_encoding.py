@@ -58,7 +58,9 @@ class PositionEmbeddingSine(nn.Module):
 
     def forward(self, mask: Tensor) -> Tensor:
         if mask.dim() != 3 or mask.dtype != torch.bool:
-            raise ValueError(f"mask must be a (B, H, W) bool tensor (True = padding), got {mask.dtype} {tuple(mask.shape)}")
+            raise ValueError(
+                f"mask must be a (B, H, W) bool tensor (True = padding), got {mask.dtype} {tuple(mask.shape)}"
+            )
         not_mask = (~mask).to(self.dim_tx.dtype)
         y_embed = not_mask.cumsum(1)
         x_embed = not_mask.cumsum(2)
@@ -117,7 +119,5 @@ class PositionEmbeddingLearned(nn.Module):
         last = self.num_embeddings - 1
         x_emb = self.col_embed(torch.arange(width, device=device).clamp_(max=last))
         y_emb = self.row_embed(torch.arange(height, device=device).clamp_(max=last))
-        grid = torch.cat(
-            (x_emb.unsqueeze(0).expand(height, -1, -1), y_emb.unsqueeze(1).expand(-1, width, -1)), dim=-1
-        )
+        grid = torch.cat((x_emb.unsqueeze(0).expand(height, -1, -1), y_emb.unsqueeze(1).expand(-1, width, -1)), dim=-1)
         return grid.permute(2, 0, 1)

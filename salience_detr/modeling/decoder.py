@@ -70,9 +70,9 @@ class SalienceDecoderLayer(PostNormLayer):
     ) -> Tensor:
         """query, query_pos (B,Q,C); reference_points (B,Q,L,4); value (B,N,C); self_attn_mask (Q,Q) True=blocked."""
         query_with_pos = query + query_pos
-        attended = self.self_attn(
-            query_with_pos, query_with_pos, query, attn_mask=self_attn_mask, need_weights=False
-        )[0]
+        attended = self.self_attn(query_with_pos, query_with_pos, query, attn_mask=self_attn_mask, need_weights=False)[
+            0
+        ]
         query = self.residual("self_attn", query, attended)
 
         sampled = self.cross_attn(

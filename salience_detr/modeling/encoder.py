@@ -16,8 +16,8 @@ from torch import Tensor, nn
 
 from salience_detr.layers.levels import host_shapes
 from salience_detr.layers.ms_deform_attn import MultiScaleDeformableAttention
-from salience_detr.layers.post_norm import PostNormLayer
 from salience_detr.layers.position_encoding import PositionEmbeddingLearned
+from salience_detr.layers.post_norm import PostNormLayer
 
 __all__ = ["SalienceEncoder", "SalienceEncoderLayer", "encoder_reference_points"]
 

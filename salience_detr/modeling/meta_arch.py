@@ -254,9 +254,7 @@ class SalienceDETR(nn.Module):
             instances.pred_boxes = Boxes(boxes_xyxy[index])
             instances.scores = scores[index]
             instances.pred_classes = labels[index]
-            result = {
-                "instances": detector_postprocess(instances, x.get("height", height), x.get("width", width))
-            }
+            result = {"instances": detector_postprocess(instances, x.get("height", height), x.get("width", width))}
             if self.return_salience:
                 result["salience"] = [level[index, 0] for level in output.salience]
                 result["selected_indices"] = [layer[index] for layer in output.layer_indices]

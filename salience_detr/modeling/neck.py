@@ -159,7 +159,9 @@ class RepVGGPluXNetwork(nn.Module):
         self.pan_blocks = nn.ModuleList()
         for level in range(self.num_levels - 1):
             self.downsample_blocks.append(_conv_norm_act(outs[level], outs[level + 1], 3, norm, stride=2))
-            self.pan_blocks.append(CSPRepPluXLayer(outs[level + 1] + outs[level], outs[level + 1], num_blocks, groups, norm))
+            self.pan_blocks.append(
+                CSPRepPluXLayer(outs[level + 1] + outs[level], outs[level + 1], num_blocks, groups, norm)
+            )
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_uniform_(module.weight, a=1)

@@ -5,11 +5,10 @@
 
 The model runs in eval mode on one random image of exactly the given size (the size after the test resize), with
 random weights unless ``--weights`` names a checkpoint: cost does not depend on the weights except through how many
-proposals survive NMS (``train.init_checkpoint``, often ImageNet backbone weights, is ignored). FLOPs come from fvcore (one multiply-add = one flop) with a handle
-for multi-scale deformable attention, which fvcore would otherwise skip: it counts the compiled operator and the
-pure-PyTorch path (``grid_sample``) alike. When the config has an RoI refinement head, both the head on and off
-(``model.roi_refine=None``) are measured in the same run.
-"""
+proposals survive NMS (``train.init_checkpoint``, often ImageNet backbone weights, is ignored). FLOPs come from
+fvcore (one multiply-add = one flop) with a handle for multi-scale deformable attention, which fvcore would
+otherwise skip: it counts the compiled operator and the pure-PyTorch path (``grid_sample``) alike. When the config
+has an RoI refinement head, both the head on and off (``model.roi_refine=None``) are measured in the same run. """
 
 from __future__ import annotations
 
@@ -28,18 +27,18 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-
-import salience_detr  # noqa: F401  (makes detectron2 importable and registers the model)
 from detectron2.config import instantiate
 from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
+from tabulate import tabulate
+from torch import Tensor, nn
+
+import salience_detr  # noqa: F401  (makes detectron2 importable and registers the model)
 from salience_detr.config import load_config
 from salience_detr.engine import AtomicDetectionCheckpointer
 from salience_detr.layers.ms_deform_attn import BACKEND_ENV, BACKENDS, resolve_backend
 from salience_detr.modeling.fuse import fuse_conv_bn
 from salience_detr.utils.inference import DetectionsAsTensors
-from tabulate import tabulate
 
 logger = logging.getLogger(__name__)
 

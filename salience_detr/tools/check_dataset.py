@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-import salience_detr  # noqa: F401  (before detectron2; registers the built-in datasets)
+import salience_detr  # noqa: F401  (registers the built-in datasets)
 from salience_detr.config.loading import config_dataset_names, load_config
 from salience_detr.data.image_check import ImageCheckReport, check_images
 

@@ -1,6 +1,6 @@
 """Print the environment for bug reports: detectron2's table plus the state of this project's operator.
 
-    python -m salience_detr.tools.collect_env
+python -m salience_detr.tools.collect_env
 """
 
 from __future__ import annotations

@@ -12,9 +12,9 @@ import argparse
 import sys
 from pathlib import Path
 
-import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 from detectron2.config import instantiate
 
+import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 from salience_detr.checkpoint.official import (
     BACKBONE_RULES,
     CLASS_ROW_KEYS,

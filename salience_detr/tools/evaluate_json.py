@@ -19,17 +19,16 @@ import json
 import logging
 from pathlib import Path
 
-import salience_detr  # noqa: F401  (before detectron2; registers the built-in datasets)
 from detectron2.data import MetadataCatalog
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tabulate import tabulate
 
+import salience_detr  # noqa: F401  (registers the built-in datasets)
 from salience_detr.data import resolve_dataset
 from salience_detr.data.results_check import check_results_match
 from salience_detr.evaluation import write_evaluation_plots
 from salience_detr.tools._cli import add_dataset_arguments, load_results
-
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -47,7 +46,9 @@ def evaluate_results(
         coco_gt = COCO(json_file)
     unknown = {r["image_id"] for r in results} - set(coco_gt.getImgIds())
     if unknown:
-        raise ValueError(f"{len(unknown)} image ids of the results are not in {json_file!r}, e.g. {sorted(unknown)[:5]}")
+        raise ValueError(
+            f"{len(unknown)} image ids of the results are not in {json_file!r}, e.g. {sorted(unknown)[:5]}"
+        )
     if not results:
         if plots_dir:
             logging.getLogger(__name__).warning("The results file is empty: nothing to plot in %s.", plots_dir)

@@ -4,11 +4,12 @@
         --output model.onnx [--image photo.jpg] [--height H --width W] [--opts train.init_checkpoint=model.pth]
 
 The exported graph takes one normalized image, ``image`` (1, 3, H, W) float32 = (RGB pixels - pixel_mean) /
-pixel_std of the model, resized (e.g. with the config's test resize) to the export size, and returns
-``boxes`` (K, 4) XYXY in that image's pixels (clipped to it), ``scores`` (K,) and ``labels`` (K,) (contiguous class
-ids): the model's top-K without a threshold, exactly as its detectron2 eval path returns them. Deformable attention goes through the pure-PyTorch path (``grid_sample``),
-which every ONNX runtime has. The token budgets of the salience filter depend on the map sizes and are fixed
-when the graph is traced, so the image size is fixed too: export once per size you deploy.
+pixel_std of the model, resized (e.g. with the config's test resize) to the export size, and returns ``boxes`` (K,
+4) XYXY in that image's pixels (clipped to it), ``scores`` (K,) and ``labels`` (K,) (contiguous class ids): the
+model's top-K without a threshold, exactly as its detectron2 eval path returns them. Deformable attention goes
+through the pure-PyTorch path (``grid_sample``), which every ONNX runtime has. The token budgets of the salience
+filter depend on the map sizes and are fixed when the graph is traced, so the image size is fixed too: export once
+per size you deploy.
 
 After export the tool runs the file in onnxruntime and the wrapper in PyTorch on a real image (``--image``,
 or the first image of the config's test dataset) and matches the two sets of detections (same label, box and
@@ -30,11 +31,11 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
+from detectron2.data import DatasetCatalog
 from torch import Tensor, nn
 from torch.onnx import symbolic_helper
 
 import salience_detr  # noqa: F401  (makes detectron2 importable and registers the model and datasets)
-from detectron2.data import DatasetCatalog
 from salience_detr.config import load_config
 from salience_detr.data.image_io import read_image
 from salience_detr.layers import MultiScaleDeformableAttention
@@ -94,8 +95,9 @@ def searchsorted_symbolic(g, sorted_sequence, values, out_int32=False, right=Fal
     )
     expanded = symbolic_helper._unsqueeze_helper(g, values, [-1])
     below = g.op("LessOrEqual" if use_right else "Less", sorted_sequence, expanded)
-    counts = g.op("ReduceSum", g.op("Cast", below, to_i=ONNX_INT64), g.op("Constant", value_t=torch.tensor([-1])),
-                  keepdims_i=0)
+    counts = g.op(
+        "ReduceSum", g.op("Cast", below, to_i=ONNX_INT64), g.op("Constant", value_t=torch.tensor([-1])), keepdims_i=0
+    )
     return g.op("Cast", counts, to_i=ONNX_INT32) if symbolic_helper._maybe_get_const(out_int32, "b") else counts
 
 

@@ -23,11 +23,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 import torch
 from detectron2.config import instantiate
 from torch import Tensor, nn
 
+import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 from salience_detr.checkpoint.official import coco_category_ids, convert_into_model
 from salience_detr.checkpoint.parity import (
     RECORDED_MODULES,
@@ -149,7 +149,9 @@ def compare(ours: Tensor, official: Tensor, selection: bool) -> str:
     return f"max abs {diff:9.3e}  rel {diff / max(scale, 1e-30):9.3e}"
 
 
-def detection_rows(ours: dict[str, Tensor], official: dict[str, Tensor], image_sizes: list[tuple[int, int]]) -> list[str]:
+def detection_rows(
+    ours: dict[str, Tensor], official: dict[str, Tensor], image_sizes: list[tuple[int, int]]
+) -> list[str]:
     """Per image: final detections matched by content, and what clipping to the image changed."""
     rows = []
     for index, size in enumerate(image_sizes):
@@ -157,9 +159,11 @@ def detection_rows(ours: dict[str, Tensor], official: dict[str, Tensor], image_s
         reference = detections_like_ours(raw["scores"], raw["labels"], raw["boxes"], size)
         mine = {field: ours[f"detections.{index}.{field}"] for field in ("scores", "labels", "boxes")}
         unmatched = unmatched_detections(mine, reference, DETECTION_SCORE_TOL, DETECTION_BOX_TOL)
-        score_diff = (mine["scores"] - reference["scores"]).abs().max().item() if len(mine["scores"]) == len(
-            reference["scores"]
-        ) else float("nan")
+        score_diff = (
+            (mine["scores"] - reference["scores"]).abs().max().item()
+            if len(mine["scores"]) == len(reference["scores"])
+            else float("nan")
+        )
         clipped = raw["boxes"][reference["clipped"]]
         overshoot = torch.cat([-clipped, clipped - clipped.new_tensor([size[1], size[0]] * 2)]).clamp(min=0)
         rows.append(
@@ -186,7 +190,9 @@ def parity_table(ours: dict[str, Tensor], official: dict[str, Tensor], image_siz
         if name == "query_index" and ours[name].shape == reference.shape and not torch.equal(ours[name], reference):
             scores = official["enc_logits_all"].max(-1).values
             tie = (scores.gather(1, ours[name]) - scores.gather(1, reference)).abs().max().item()
-            rows.append(f"{'':<24} {'':<18} where they differ, the official scores of both choices differ by <= {tie:.3e}")
+            rows.append(
+                f"{'':<24} {'':<18} where they differ, the official scores of both choices differ by <= {tie:.3e}"
+            )
     return rows + detection_rows(ours, official, image_sizes)
 
 

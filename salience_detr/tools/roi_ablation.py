@@ -29,12 +29,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 import torch
 from detectron2.config import instantiate
 from detectron2.evaluation import inference_on_dataset
 from torch import nn
 
+import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 from salience_detr.config import load_config
 from salience_detr.engine import AtomicDetectionCheckpointer
 from salience_detr.tools._cli import checkout_root, run_step
@@ -76,7 +76,9 @@ def roi_twin(config_file: str) -> str:
     path = Path(config_file)
     twin = path.with_name(f"{path.stem}_roi{path.suffix}")
     if not twin.is_file():
-        raise FileNotFoundError(f"{config_file} has no RoI twin {twin}; every Salience DETR config needs a *_roi* twin.")
+        raise FileNotFoundError(
+            f"{config_file} has no RoI twin {twin}; every Salience DETR config needs a *_roi* twin."
+        )
     return str(twin)
 
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import functools
 
-import salience_detr  # noqa: F401  (before detectron2; registers the built-in datasets)
 from detectron2.data import MetadataCatalog
 
+import salience_detr  # noqa: F401  (registers the built-in datasets)
 from salience_detr.data import resolve_dataset
 from salience_detr.tools._cli import add_dataset_arguments
-from salience_detr.tools._drawing import draw_ground_truth, write_drawings
 from salience_detr.tools._dataloader_view import add_dataloader_arguments, draw_dataloader
+from salience_detr.tools._drawing import draw_ground_truth, write_drawings
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -13,11 +13,11 @@ import argparse
 from collections import defaultdict
 
 import numpy as np
-import salience_detr  # noqa: F401  (before detectron2; registers the built-in datasets)
 from detectron2.data import MetadataCatalog
 from detectron2.structures import Boxes, BoxMode, Instances
 from detectron2.utils.visualizer import Visualizer
 
+import salience_detr  # noqa: F401  (registers the built-in datasets)
 from salience_detr.data import resolve_dataset
 from salience_detr.data.image_io import read_image
 from salience_detr.data.results_check import check_results_match
