@@ -8,7 +8,7 @@ import logging
 
 import pytest
 from conftest import TINY_SPEC
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 
 import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 from salience_detr.data import register_synthetic_datasets
@@ -71,6 +71,27 @@ def test_unknown_category_ids_are_refused_not_ignored(val_set, tmp_path):
         assert error is not None
         assert "1 results use category ids that are not in the dataset (id: count 77: 1)" in str(error)
         assert "the dataset has 1, 2, 3, 4, 5" in str(error)
+
+
+def test_named_results_of_another_dataset_with_the_same_ids_are_refused(val_set):
+    """The demo's --output-json names each image's file and each category: a file of another dataset whose image ids,
+    sizes and category ids all overlap is told apart by those names."""
+    records = {r["image_id"]: r for r in DatasetCatalog.get(val_set["name"])}
+    named = [
+        {**r, "file_name": records[r["image_id"]]["file_name"], "category_name": "anything"}
+        for r in _ground_truth_results(val_set["json_file"])
+    ]
+    with pytest.raises(ResultsMismatchError, match="category names the dataset does not use") as error:
+        check_results_match(named, val_set["name"])
+    assert "name another file" not in str(error.value)
+    named[0]["file_name"] = "/elsewhere/street_0001.jpg"
+    with pytest.raises(ResultsMismatchError, match="1 results name another file") as error:
+        check_results_match(named, val_set["name"])
+    assert "'street_0001.jpg'" in str(error.value)
+    metadata = MetadataCatalog.get(val_set["name"])
+    classes = {k: metadata.thing_classes[v] for k, v in metadata.thing_dataset_id_to_contiguous_id.items()}
+    right = [{**r, "category_name": classes[r["category_id"]]} for r in named[1:]]
+    check_results_match(right, val_set["name"])
 
 
 def test_contiguous_class_indices_get_the_mapping_hint(val_set):

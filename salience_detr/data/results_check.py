@@ -4,12 +4,15 @@ COCOeval ignores results of unknown categories and pycocotools accepts any resul
 results file of another dataset, or of another category numbering, would be scored (badly) without a word. Image
 ids and category ids the dataset lacks are errors. Boxes reaching beyond their image by more than rounding are
 warned about: detectron2 clips every predicted box to its image, so many such boxes mean results computed on other
-images with overlapping ids, but other detectors may not clip, so they do not stop the tool.
+images with overlapping ids, but other detectors may not clip, so they do not stop the tool. Results that carry the
+image's ``file_name`` and the ``category_name`` (the demo's ``--output-json`` writes both) are checked by name as
+well, which catches another dataset whose ids and image sizes all overlap; plain COCO results carry ids only.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -68,6 +71,41 @@ def results_problems(
     return problems
 
 
+def named_mismatches(
+    results: Sequence[dict[str, Any]], image_files: dict[Any, str], category_names: dict[Any, str]
+) -> list[str]:
+    """One sentence per name that disagrees with the dataset: results whose ``file_name`` (compared by base name)
+    is not their image id's file, or whose ``category_name`` is not their category id's name."""
+    problems = []
+    wrong_files = [
+        r
+        for r in results
+        if "file_name" in r
+        and r["image_id"] in image_files
+        and os.path.basename(r["file_name"]) != image_files[r["image_id"]]
+    ]
+    if wrong_files:
+        examples = (f"image {r['image_id']}: {os.path.basename(r['file_name'])!r}" for r in wrong_files)
+        problems.append(
+            f"{len(wrong_files)} results name another file than the dataset's image of their image id, "
+            f"e.g. {_examples(examples)} (the dataset has {image_files[wrong_files[0]['image_id']]!r} there)"
+        )
+    wrong_names = Counter(
+        (r["category_id"], r["category_name"])
+        for r in results
+        if "category_name" in r
+        and r["category_id"] in category_names
+        and r["category_name"] != category_names[r["category_id"]]
+    )
+    if wrong_names:
+        examples = (f"{k} is {category_names[k]!r} here, {name!r} there" for k, name in wrong_names)
+        problems.append(
+            f"{sum(wrong_names.values())} results give category names the dataset does not use for their ids: "
+            f"{_examples(examples)}"
+        )
+    return problems
+
+
 def boxes_beyond_images(results: Sequence[dict[str, Any]], image_sizes: dict[Any, tuple[int, int]]) -> str | None:
     """A sentence counting the results whose XYWH box passes its image's edge by more than rounding, or None."""
     beyond = [
@@ -101,6 +139,10 @@ def check_results_match(
             "cannot be checked; register it as a COCO-format dataset (--coco-json and --image-root)."
         )
     problems = results_problems(results, image_sizes, id_map)
+    image_files = {r["image_id"]: os.path.basename(r["file_name"]) for r in records if r.get("file_name")}
+    thing_classes = MetadataCatalog.get(dataset).get("thing_classes", None) or []
+    category_names = {k: thing_classes[v] for k, v in id_map.items() if v < len(thing_classes)}
+    problems += named_mismatches(results, image_files, category_names)
     beyond = boxes_beyond_images(results, image_sizes)
     if beyond and not problems:
         logger.warning(
