@@ -32,6 +32,7 @@ ENTRY_POINTS = [
     "salience_detr/tools/convert_official.py",
     "salience_detr/tools/_dataloader_view.py",
     "salience_detr/tools/check_dataset.py",
+    "salience_detr/tools/gpu_check.py",
 ]
 
 

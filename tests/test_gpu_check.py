@@ -270,6 +270,15 @@ def test_train_steps_start_from_an_empty_output_folder(tmp_path):
     assert f"train.output_dir={ctx.work_dir / 'train_fp32'}" in command.argv
 
 
+def test_dry_run_loads_the_training_overrides_as_train_net_does(tmp_path, monkeypatch):
+    ctx = make_context(tmp_path)
+    assert gpu_check.dry_train("train_amp_fp16")(ctx)["overrides"] == gpu_check.train_overrides(ctx, "train_amp_fp16")
+    typo = [*gpu_check.train_overrides(ctx, "train_fp32"), "train.max_itr=2"]
+    monkeypatch.setattr(gpu_check, "train_overrides", lambda ctx, name: typo)
+    with pytest.raises(gpu_check.StepFailed, match=r"max_itr.*update the overrides of train_fp32"):
+        gpu_check.dry_train("train_fp32")(ctx)
+
+
 def test_latency_needs_finite_detections_in_both_precisions():
     good = {"latency_ms_median": 40.0, "peak_memory_mb": 900, "detections": 100, "finite": True}
     numbers = gpu_check.check_latency({"precisions": {"float32": good, "bfloat16": dict(good, latency_ms_median=25.0)}})

@@ -1,4 +1,5 @@
-"""Helpers the command-line tools share: dataset arguments, reading a COCO results file, running steps.
+"""Helpers the command-line tools share: dataset arguments, reading a COCO results file, running steps, the
+GPU bundle's names.
 
 Private to ``salience_detr.tools``: each tool imports them from here rather than from another tool, so a tool can
 change its own interface without breaking the others.
@@ -15,6 +16,9 @@ import time
 from pathlib import Path
 
 RESULT_FIELDS = frozenset({"image_id", "category_id", "bbox", "score"})
+# the offline wheel bundle of the GPU check: written by prepare_gpu_bundle, verified and installed by gpu_check
+BUNDLE_DIR = ".gpu_bundle"
+MANIFEST = "manifest.json"
 
 
 def add_dataset_arguments(parser: argparse.ArgumentParser, example: str) -> None:

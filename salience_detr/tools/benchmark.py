@@ -17,13 +17,10 @@ import copy
 import json
 import logging
 import os
-import platform
-import resource
 import statistics
 import sys
-import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -38,6 +35,7 @@ from salience_detr.config import load_config
 from salience_detr.engine import AtomicDetectionCheckpointer
 from salience_detr.layers.ms_deform_attn import BACKEND_ENV, BACKENDS, resolve_backend
 from salience_detr.modeling.fuse import fuse_conv_bn
+from salience_detr.tools._timing import peak_memory_mb, random_image, time_forward
 from salience_detr.utils.inference import DetectionsAsTensors
 
 logger = logging.getLogger(__name__)
@@ -91,39 +89,6 @@ def count_flops(model: nn.Module, image: Tensor) -> dict[str, Any]:
         "gflops_by_component": {name: value for name, value in components.items() if value > 0},
         "uncounted_ops": dict(sorted(analysis.unsupported_ops().items())),
     }
-
-
-def time_forward(run: Callable[[], Any], device: torch.device, warmup: int, num_iter: int) -> list[float]:
-    """Seconds per call, after ``warmup`` untimed calls; CUDA events on GPU, a wall clock on CPU."""
-    for _ in range(warmup):
-        run()
-    seconds = []
-    for _ in range(num_iter):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            run()
-            end.record()
-            torch.cuda.synchronize(device)
-            seconds.append(start.elapsed_time(end) / 1000.0)
-        else:
-            begin = time.perf_counter()
-            run()
-            seconds.append(time.perf_counter() - begin)
-    return seconds
-
-
-def peak_memory_mb(device: torch.device) -> tuple[float, str]:
-    """Peak memory since the last reset: CUDA allocator peak on GPU, the process's peak RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "torch.cuda.max_memory_allocated"
-    scale = 2**20 if platform.system() == "Darwin" else 2**10  # ru_maxrss: bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale, "process peak RSS (includes Python itself)"
-
-
-def random_image(height: int, width: int, device: torch.device, seed: int = 0) -> Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (3, height, width), generator=generator, dtype=torch.uint8).to(device)
 
 
 def benchmark_model(

@@ -46,11 +46,11 @@ from typing import Any, TextIO
 
 import torch
 
+from salience_detr.tools._cli import BUNDLE_DIR, MANIFEST
+
 TINY_CONFIG = "configs/salience_detr/salience_detr_tiny_synthetic.py"
 R50_CONFIG = "configs/salience_detr/salience_detr_r50_4scale_12ep.py"
 OP_TESTS = ("tests/test_ms_deform_attn.py", "tests/test_ms_deform_attn_cuda.py")
-BUNDLE_DIR = ".gpu_bundle"
-MANIFEST = "manifest.json"
 REPORT_NAME = "gpu_check"
 DEFAULT_BUDGET_S = 420.0
 TRAIN_ITERS = 50
@@ -584,33 +584,24 @@ def check_training(numbers: dict[str, Any]) -> None:
 
 
 def dry_train(name: str) -> Callable[[Context], dict[str, Any]]:
-    """Load the tiny config and apply the step's overrides: each overridden key must exist in the config."""
+    """Load the tiny config with the step's overrides as train_net will (``load_config``: every overridden key must
+    exist, with a value of its type; the datasets registered and checked)."""
 
     def dry(ctx: Context) -> dict[str, Any]:
         import importlib.util
 
         if importlib.util.find_spec("detectron2") is None:
             raise StepSkipped("no GPU (dry run); detectron2 is not installed here, so its config was not checked", {})
-        from detectron2.config import LazyConfig
+        from salience_detr.config import ConfigOverrideError, load_config
 
         overrides = train_overrides(ctx, name)
-        cfg = LazyConfig.load(str(ctx.root / TINY_CONFIG))
-        missing = [item.split("=")[0] for item in overrides if not _has_key(cfg, item.split("=")[0])]
-        if missing:
-            raise StepFailed(f"{TINY_CONFIG} has no {missing}: update the overrides of {name}")
-        LazyConfig.apply_overrides(cfg, overrides)
+        try:
+            load_config(str(ctx.root / TINY_CONFIG), overrides)
+        except ConfigOverrideError as error:
+            raise StepFailed(f"{TINY_CONFIG}: {error}; update the overrides of {name}") from error
         return {"config": TINY_CONFIG, "overrides": overrides}
 
     return dry
-
-
-def _has_key(cfg: Any, dotted: str) -> bool:
-    node = cfg
-    for part in dotted.split("."):
-        if not hasattr(node, "keys") or part not in node:
-            return False
-        node = node[part]
-    return True
 
 
 # ---- model latency (the worker runs in its own process: python -m salience_detr.tools.gpu_check --time-model)
@@ -620,12 +611,16 @@ LATENCY_PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
 
 def time_model(config_file: str, height: int, width: int, device: str, num_iter: int, warmup: int) -> dict:
     """Eval-mode forward of one random image in fp32 and under bf16 autocast: latency, images/s, peak memory."""
-    from detectron2.config import LazyConfig, instantiate
+    from detectron2.config import instantiate
 
-    from salience_detr.tools.benchmark import peak_memory_mb, random_image, time_forward
+    from salience_detr.config import load_config
+    from salience_detr.tools._timing import peak_memory_mb, random_image, time_forward
 
     target = torch.device(device)
-    model = instantiate(LazyConfig.load(config_file).model).to(target).eval()
+    # inference=True: the GPU machine has no COCO, so the class count comes from the config (checkpoint="": no
+    # ImageNet download from train.init_checkpoint, the timing uses random weights)
+    cfg = load_config(config_file, inference=True, checkpoint="")
+    model = instantiate(cfg.model).to(target).eval()
     inputs = [{"image": random_image(height, width, target)}]
     results = {}
     last: dict[str, Any] = {}  # the latest forward's outputs

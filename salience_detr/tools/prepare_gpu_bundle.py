@@ -26,7 +26,7 @@ import zipfile
 from pathlib import Path
 
 from salience_detr.tools import install_detectron2
-from salience_detr.tools.gpu_check import BUNDLE_DIR, MANIFEST
+from salience_detr.tools._cli import BUNDLE_DIR, MANIFEST
 
 # Imported by the tiny training + COCOEvaluator path (measured: the distributions in sys.modules after a
 # fast_dev_run of train_net.py) and missing from the GPU machine's image.
