@@ -25,7 +25,8 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
-from salience_detr.config.loading import load_config, training_metadata
+from salience_detr.config.loading import config_dataset_names, load_config, training_metadata
+from salience_detr.data.image_check import check_images_on_each_machine
 from salience_detr.engine import (
     AtomicDetectionCheckpointer,
     BestCheckpointer,
@@ -39,7 +40,6 @@ from salience_detr.engine import (
 )
 from salience_detr.engine.preflight import check_device, claim_output_dir, eval_weights, resume_has_work
 from salience_detr.engine.run_lock import trim_metrics
-from salience_detr.tools.check_dataset import check_config_images
 from salience_detr.utils.held_logs import held_records, replay
 
 logger = logging.getLogger("salience_detr.train_net")
@@ -176,7 +176,8 @@ def main(args) -> None:
         check_device(cfg.train.device)
         weights = eval_weights(cfg.train.init_checkpoint) if args.eval_only else None
         claim_output_dir(cfg, resume=args.resume, eval_only=args.eval_only, is_main=comm.is_main_process())
-        check_config_images(cfg)  # every bad image file named now, not hours into a run
+        names = config_dataset_names(cfg, "train") + config_dataset_names(cfg, "test")
+        check_images_on_each_machine(cfg.train.get("check_images", 0), names)  # bad files named now, not hours in
     apply_fast_dev_run(cfg)
     default_setup(cfg, args)
     share_cpu_threads(cfg)
@@ -196,6 +197,14 @@ def parse_args(argv: list[str] | None = None):
     return default_argument_parser().parse_args(argv)
 
 
+def launch_device(args) -> str | None:
+    """``train.device``, read before the processes start so that they join with its backend (GLOO for the CPU even
+    where CUDA is present); None for a single process, which needs no process group."""
+    if args.num_gpus * args.num_machines <= 1:
+        return None
+    return load_config(args.config_file, args.opts).train.device
+
+
 if __name__ == "__main__":
     args = parse_args()
     launch(
@@ -205,4 +214,5 @@ if __name__ == "__main__":
         machine_rank=args.machine_rank,
         dist_url=args.dist_url,
         args=(args,),
+        device=launch_device(args),
     )

@@ -13,8 +13,16 @@ from PIL import Image
 
 import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 import train_net
-from salience_detr.data import register_coco_dataset
-from salience_detr.data.image_check import ImageCheckError, check_images, check_record
+from salience_detr.data import image_check, register_coco_dataset
+from salience_detr.data.image_check import (
+    ImageCheckError,
+    PeerImageCheckError,
+    check_images,
+    check_images_option,
+    check_record,
+    checks_images_here,
+    peer_failure,
+)
 from salience_detr.tools import check_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,14 +159,37 @@ def test_train_net_stops_before_the_model_is_built(broken_dataset, tmp_path, mon
 
 
 def test_check_images_option_is_validated_and_can_be_turned_off(broken_dataset):
-    cfg = {"train": {"check_images": "all"}, "dataloader": {"train": {"dataset": {"names": broken_dataset[0]}}}}
     with pytest.raises(ValueError, match="train.check_images must be a number of images per dataset"):
-        check_dataset.check_config_images(cfg)
-    cfg["train"]["check_images"] = 0
-    assert check_dataset.check_config_images(cfg) is None
-    cfg["train"]["check_images"] = 2
-    with pytest.raises(ImageCheckError, match="a random sample of 2 of 7"):
-        check_dataset.check_config_images(cfg)
+        check_images_option("all", [broken_dataset[0]])
+    assert check_images_option(0, [broken_dataset[0]]) is None
+    with pytest.raises(ImageCheckError, match="a random sample of 2 of 7") as error:
+        check_images_option(2, [broken_dataset[0], broken_dataset[0]])  # train and test: checked once
+    assert error.value.report.datasets == [broken_dataset[0]]
+
+
+def test_each_machine_checks_once_and_a_failure_stops_every_process(broken_dataset, monkeypatch):
+    """Two machines of two processes: only local rank 0 checks; the others learn the failure and stop too."""
+    assert [checks_images_here(rank) for rank in range(3)] == [True, False, False]
+    failures = ["missing: 1", None, None, "corrupt: 2"]
+    message = peer_failure(failures, processes_per_machine=2)
+    assert message.startswith("The image check failed on machine 0 (rank 0): missing: 1")
+    assert "machine 1 (rank 3): corrupt: 2" in message
+    assert peer_failure([None, None], 1) is None
+    for name, value in (("get_world_size", 4), ("get_local_size", 2)):
+        monkeypatch.setattr(image_check.comm, name, lambda value=value: value)
+    gathered = []
+    monkeypatch.setattr(image_check.comm, "all_gather", lambda data: gathered.append(data) or [data, None, None, None])
+    monkeypatch.setattr(image_check.comm, "get_local_rank", lambda: 0)
+    with pytest.raises(ImageCheckError, match="missing: 1"):
+        image_check.check_images_on_each_machine(10, [broken_dataset[0]])
+    assert "missing: 1" in gathered[0]  # the failure reached the other processes before this one stopped
+    monkeypatch.setattr(image_check.comm, "all_gather", lambda data: ["missing: 1", None, data, None])
+    monkeypatch.setattr(image_check.comm, "get_local_rank", lambda: 1)
+    monkeypatch.setattr(image_check, "check_images", lambda *a, **k: pytest.fail("only local rank 0 checks"))
+    with pytest.raises(PeerImageCheckError, match=r"machine 0 \(rank 0\): missing: 1"):
+        image_check.check_images_on_each_machine(10, [broken_dataset[0]])
+    monkeypatch.setattr(image_check.comm, "all_gather", lambda data: [None, None, data, None])
+    assert image_check.check_images_on_each_machine(10, [broken_dataset[0]]) is None
 
 
 def test_non_json_annotation_file_names_the_path_and_the_fix(tmp_path):

@@ -5,7 +5,37 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from test_train_net import REPO, STANDIN_CONFIG, read_metrics, standin_overrides, subprocess_env, train_net_command
+
+import train_net
+from salience_detr.engine.launch import process_group_backend
+
+
+def test_the_backend_follows_the_configured_device_not_the_hardware(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert [process_group_backend(device) for device in ("cpu", "cuda", "cuda:1", None)] == [
+        "GLOO",
+        "NCCL",
+        "NCCL",
+        "NCCL",
+    ]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert process_group_backend(None) == process_group_backend("cpu") == "GLOO"
+    with pytest.raises(
+        ValueError, match="train.device=cuda but PyTorch sees no CUDA device here; add train.device=cpu"
+    ):
+        process_group_backend("cuda")
+
+
+def test_train_net_reads_the_device_before_starting_processes(monkeypatch):
+    config = str(REPO / "configs" / "salience_detr" / "salience_detr_tiny_synthetic.py")
+    args = train_net.parse_args(["--config-file", config, "train.device=cpu"])
+    monkeypatch.setattr(train_net, "load_config", lambda *a: pytest.fail("one process loads its config once"))
+    assert train_net.launch_device(args) is None
+    monkeypatch.undo()
+    args = train_net.parse_args(["--num-machines", "2", "--config-file", config, "train.device=meta"])
+    assert train_net.launch_device(args) == "meta"  # the override, not the config's cpu
 
 
 @pytest.fixture

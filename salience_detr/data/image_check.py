@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from detectron2.data import DatasetCatalog
+from detectron2.utils import comm
 from PIL import Image
 from tqdm import tqdm
 
@@ -75,6 +76,10 @@ class ImageCheckError(ValueError):
         hint = "Set train.check_images=0 to skip this check (the loader will then stop at the first bad file)."
         super().__init__(f"{report.summary()}\n{hint}")
         self.report = report
+
+
+class PeerImageCheckError(ValueError):
+    """The image check of another machine of a distributed run failed; this process stops with its message."""
 
 
 def check_record(record: dict[str, Any]) -> tuple[str, str] | None:
@@ -145,4 +150,54 @@ def check_images(
     logger.info("%s", report.summary())
     if raise_on_problems and not report.ok:
         raise ImageCheckError(report)
+    return report
+
+
+def check_images_option(limit: Any, dataset_names: Sequence[str]) -> ImageCheckReport | None:
+    """Run the check ``train.check_images`` asks for: per dataset all images up to ``limit``, a seeded random sample
+    of ``limit`` beyond; 0 turns it off. A dataset named twice (train and test) is checked once."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise ValueError(
+            f"train.check_images must be a number of images per dataset (0 turns the check off), got {limit!r}; "
+            "e.g. train.check_images=1000"
+        )
+    if limit == 0:
+        logger.info("train.check_images=0: the image files are not checked before training")
+        return None
+    return check_images(list(dict.fromkeys(dataset_names)), max_images=limit)
+
+
+def checks_images_here(local_rank: int) -> bool:
+    """Each machine's first process checks: machines of a cluster may each hold their own copy of the data, so
+    one machine's files say nothing about another's; the other processes of a machine share its files."""
+    return local_rank == 0
+
+
+def peer_failure(failures: Sequence[str | None], processes_per_machine: int) -> str | None:
+    """One message naming the machines whose check failed and what they found, or None when none failed."""
+    found = [
+        f"machine {rank // processes_per_machine} (rank {rank}): {failure}"
+        for rank, failure in enumerate(failures)
+        if failure is not None
+    ]
+    return "The image check failed on " + "\n".join(found) if found else None
+
+
+def check_images_on_each_machine(limit: Any, dataset_names: Sequence[str]) -> ImageCheckReport | None:
+    """:func:`check_images_option` once per machine (see :func:`checks_images_here`); every process of the run
+    learns whether any check failed, and stops then: the failing ones with their own error, the others with
+    :class:`PeerImageCheckError`, so no process is left waiting for the ones that stopped."""
+    if comm.get_world_size() == 1:
+        return check_images_option(limit, dataset_names)
+    report, error = None, None
+    if checks_images_here(comm.get_local_rank()):
+        try:
+            report = check_images_option(limit, dataset_names)
+        except Exception as raised:  # re-raised below, once every process knows
+            error = raised
+    message = peer_failure(comm.all_gather(None if error is None else str(error)), comm.get_local_size())
+    if error is not None:
+        raise error
+    if message is not None:
+        raise PeerImageCheckError(message)
     return report

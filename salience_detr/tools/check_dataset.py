@@ -6,7 +6,8 @@
 
 Missing, corrupt, truncated and wrong-size files are counted with examples and the fix, and a wrong size caused by
 EXIF orientation is named as such. Exit status 0 when every checked file is fine, 1 otherwise. ``train_net.py``
-runs the same check (``train.check_images``) right after loading the config.
+runs the same check (``train.check_images``, ``salience_detr.data.image_check.check_images_on_each_machine``) right
+after loading the config.
 """
 
 from __future__ import annotations
@@ -19,9 +20,7 @@ from typing import Any
 
 import salience_detr  # noqa: F401  (registers the built-in datasets)
 from salience_detr.config.loading import config_dataset_names, load_config
-from salience_detr.data.image_check import ImageCheckReport, check_images
-
-logger = logging.getLogger(__name__)
+from salience_detr.data.image_check import check_images
 
 SPLITS = ("train", "test")
 
@@ -32,21 +31,6 @@ def datasets_of(cfg: Any, splits: Sequence[str] = SPLITS) -> list[str]:
     for split in splits:
         names += [name for name in config_dataset_names(cfg, split) if name not in names]
     return names
-
-
-def check_config_images(cfg: Any) -> ImageCheckReport | None:
-    """Run the image check that ``train.check_images`` asks for (per dataset: all images up to that many, a seeded
-    random sample of that many beyond; 0 turns it off). Raises ``ImageCheckError`` naming every problem found."""
-    limit = cfg.get("train", {}).get("check_images", 0)
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-        raise ValueError(
-            f"train.check_images must be a number of images per dataset (0 turns the check off), got {limit!r}; "
-            "e.g. train.check_images=1000"
-        )
-    if limit == 0:
-        logger.info("train.check_images=0: the image files are not checked before training")
-        return None
-    return check_images(datasets_of(cfg), max_images=limit)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
