@@ -2,6 +2,8 @@ import math
 
 import pytest
 import torch
+from torch.nn import functional as F
+from torchvision.ops import box_convert, box_iou, generalized_box_iou
 
 import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 from salience_detr.modeling.criterion import HybridSetCriterion, denoising_indices
@@ -151,3 +153,59 @@ def test_out_of_range_labels_are_refused():
     targets[1]["labels"] = torch.tensor([NUM_CLASSES])
     with pytest.raises(ValueError, match="contiguous class ids"):
         make_criterion()(full_outputs(num_layers=1), targets)
+
+
+def reference_set_losses(outputs, targets, indices, num_boxes, alpha=0.25, gamma=2.0):
+    """The per-set loop the stacked criterion replaces: one set, its own IoU matrices (diagonals taken)."""
+    logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+    batch_idx = torch.cat([torch.full_like(query, i) for i, (query, _) in enumerate(indices)])
+    query_idx = torch.cat([query for query, _ in indices])
+    matched = boxes[batch_idx, query_idx]
+    target_boxes = torch.cat([t["boxes"][gt] for t, (_, gt) in zip(targets, indices)])
+    labels = torch.cat([t["labels"][gt] for t, (_, gt) in zip(targets, indices)])
+    matched_xyxy, target_xyxy = box_convert(matched, "cxcywh", "xyxy"), box_convert(target_boxes, "cxcywh", "xyxy")
+    iou = torch.zeros(logits.shape[:2])
+    iou[batch_idx, query_idx] = torch.diag(box_iou(matched_xyxy, target_xyxy)).detach()
+    onehot = torch.zeros_like(logits)
+    onehot[batch_idx, query_idx, labels] = 1.0
+    target = onehot * iou.unsqueeze(-1)
+    weight = (1 - alpha) * logits.sigmoid().detach().pow(gamma) * (1 - onehot) + target
+    bce = F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="none")
+    return {
+        "loss_class": bce.sum() / num_boxes,
+        "loss_bbox": F.l1_loss(matched, target_boxes, reduction="sum") / num_boxes,
+        "loss_giou": (1 - torch.diag(generalized_box_iou(matched_xyxy, target_xyxy))).sum() / num_boxes,
+    }
+
+
+def test_every_set_scored_at_once_equals_the_per_set_loop():
+    targets, criterion = make_targets(), make_criterion()
+    outputs = full_outputs(num_layers=3)
+    losses = criterion(outputs, targets)
+    sum(losses.values()).backward()
+    stacked_grads = [t.grad.clone() for t in _leaves(outputs)]
+    for leaf in _leaves(outputs):
+        leaf.grad = None
+
+    matched_sets = [outputs, *outputs["aux_outputs"], outputs["enc_outputs"]]
+    all_indices = criterion.matcher.match_sets([(o["pred_logits"], o["pred_boxes"]) for o in matched_sets], targets)
+    dn_indices = denoising_indices(targets, num_groups=3, group_size=4, device="cpu")
+    scored = [(s, i, 3.0, x) for s, i, x in zip(matched_sets, all_indices, ["", "_0", "_1", "_enc"])]
+    dn_sets = [outputs["dn_outputs"], *outputs["dn_outputs"]["aux_outputs"]]
+    scored += [(s, dn_indices, 9.0, x) for s, x in zip(dn_sets, ["_dn", "_dn_0", "_dn_1"])]
+    expected = {}
+    for output_set, indices, num_boxes, suffix in scored:
+        for name, value in reference_set_losses(output_set, targets, indices, num_boxes).items():
+            expected[f"{name}{suffix}"] = value * criterion.loss_weights[f"{name}{suffix}"]
+    assert list(losses) == list(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(losses[name], value, rtol=1e-6, atol=1e-7, msg=name)
+    sum(expected.values()).backward()
+    for stacked, looped in zip(stacked_grads, [t.grad for t in _leaves(outputs)]):
+        assert torch.equal(stacked, looped)  # the class term runs per set, so the gradients are bit for bit
+
+
+def _leaves(outputs):
+    sets = [outputs, outputs["enc_outputs"], outputs["dn_outputs"], *outputs["aux_outputs"]]
+    sets += outputs["dn_outputs"]["aux_outputs"]
+    return [s[key] for s in sets for key in ("pred_logits", "pred_boxes")]

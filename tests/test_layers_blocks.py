@@ -7,12 +7,13 @@ import sys
 import pytest
 import torch
 from torch import nn
-from torchvision.ops import box_convert
+from torchvision.ops import box_convert, box_iou, generalized_box_iou
 
 from salience_detr.layers.box_ops import (
     box_cxcywh_to_xyxy,
     box_xyxy_to_cxcywh,
     inverse_sigmoid,
+    paired_iou_giou,
     to_absolute_xyxy,
     to_normalized_cxcywh,
     whwh_scale,
@@ -181,3 +182,14 @@ def test_post_norm_xavier_init_redraws_attention_and_ffn_weights_only():
     layer.xavier_init(layer.self_attn)
     changed = {name for name, value in layer.state_dict().items() if not torch.equal(value, before[name])}
     assert changed == {"self_attn.in_proj_weight", "self_attn.out_proj.weight", "linear1.weight", "linear2.weight"}
+
+
+def test_paired_iou_giou_is_the_diagonal_of_torchvisions_matrices():
+    generator = torch.Generator().manual_seed(0)
+    boxes1 = box_convert(torch.rand(37, 4, generator=generator) * 0.5 + 0.1, "cxcywh", "xyxy")
+    boxes2 = box_convert(torch.rand(37, 4, generator=generator) * 0.5 + 0.1, "cxcywh", "xyxy")
+    boxes2[0] = boxes1[0]  # identical boxes: IoU and GIoU 1
+    iou, giou = paired_iou_giou(boxes1, boxes2)
+    assert torch.equal(iou, torch.diag(box_iou(boxes1, boxes2)))
+    assert torch.equal(giou, torch.diag(generalized_box_iou(boxes1, boxes2)))
+    assert iou[0] == 1 and giou[0] == 1 and (giou < iou).any()

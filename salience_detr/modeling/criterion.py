@@ -8,14 +8,17 @@ official key names (``loss_class``, ``loss_bbox_3``, ``loss_giou_enc``, ``loss_c
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from detectron2.utils import comm
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torchvision.ops import box_convert, box_iou, generalized_box_iou
+
+from salience_detr.layers.box_ops import box_cxcywh_to_xyxy, paired_iou_giou
 
 from .matcher import HungarianMatcher
 
@@ -36,16 +39,13 @@ def average_num_boxes(targets: Sequence[dict], device: torch.device) -> float:
     return torch.clamp(total / world_size, min=1).item()
 
 
-def varifocal_loss(logits: Tensor, onehot: Tensor, iou: Tensor, num_boxes: float, alpha: float, gamma: float) -> Tensor:
-    """IoU-aware BCE (RT-DETR style): target IoU on the matched class, weight (1-α)·p̂^γ on negatives, p̂ detached.
-
-    ``logits``/``onehot``: (B, Q, K); ``iou``: (B, Q), zero for unmatched queries. Summed, divided by ``num_boxes``.
-    """
+def varifocal_loss(logits: Tensor, onehot: Tensor, iou: Tensor, alpha: float, gamma: float) -> Tensor:
+    """Element-wise IoU-aware BCE (RT-DETR style): target IoU on the matched class, weight (1-α)·p̂^γ on negatives,
+    p̂ detached. ``logits``/``onehot``: (B, Q, K); ``iou``: (B, Q), zero for unmatched queries."""
     prob = logits.sigmoid().detach()
     target = onehot * iou.unsqueeze(-1)
     weight = (1 - alpha) * prob.pow(gamma) * (1 - onehot) + target
-    loss = F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="none")
-    return loss.sum() / num_boxes
+    return F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="none")
 
 
 def soft_focal_loss(logits: Tensor, target: Tensor, alpha: float, gamma: float) -> Tensor:
@@ -79,6 +79,37 @@ def denoising_indices(targets: Sequence[dict], num_groups: int, group_size: int,
     return indices
 
 
+@dataclasses.dataclass
+class OutputSet:
+    """One set of predictions to score: (B, Q, K) logits, (B, Q, 4) cxcywh boxes, its assignment and normaliser."""
+
+    logits: Tensor
+    boxes: Tensor
+    indices: MatchIndices
+    num_boxes: float
+
+
+def matched_pairs(output_sets: Sequence[OutputSet], targets: Sequence[dict], device) -> tuple[Tensor, ...]:
+    """(set, image, query, target) of every matched pair of every set, flat int64 tensors, set-major order.
+
+    ``query`` indexes the sets concatenated along the query axis, ``target`` the images' boxes concatenated; the
+    offsets and pair counts are host values (query counts are index lengths), so building them reads no tensor.
+    """
+    query_offsets = np.cumsum([0] + [s.logits.shape[1] for s in output_sets])
+    target_offsets = np.cumsum([0] + [len(t["labels"]) for t in targets])
+    host = [
+        (set_index, image, query_offsets[set_index], target_offsets[image], len(query))
+        for set_index, output_set in enumerate(output_sets)
+        for image, (query, _) in enumerate(output_set.indices)
+    ]
+    counts = [row[-1] for row in host]
+    ids = torch.as_tensor(np.repeat(np.array([row[:4] for row in host], dtype=np.int64), counts, axis=0), device=device)
+    set_index, image, query_offset, target_offset = ids.reshape(-1, 4).unbind(1)
+    query = torch.cat([query for s in output_sets for query, _ in s.indices]).to(device) + query_offset
+    target = torch.cat([gt for s in output_sets for _, gt in s.indices]).to(device) + target_offset
+    return set_index, image, query, target
+
+
 class HybridSetCriterion(nn.Module):
     """Varifocal classification + L1 + GIoU on every decoder layer, the encoder proposals and the dn groups.
 
@@ -109,30 +140,46 @@ class HybridSetCriterion(nn.Module):
         self.alpha = alpha
         self.gamma = gamma
 
-    def set_losses(self, outputs: dict, targets: Sequence[dict], indices: MatchIndices, num_boxes: float) -> dict:
-        """Unweighted ``loss_class``, ``loss_bbox``, ``loss_giou`` of one output set under a given assignment."""
-        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
-        batch_idx = torch.cat([torch.full_like(query, i) for i, (query, _) in enumerate(indices)])
-        query_idx = torch.cat([query for query, _ in indices])
-        matched_boxes = boxes[batch_idx, query_idx]
-        target_boxes = torch.cat([t["boxes"][gt] for t, (_, gt) in zip(targets, indices)]).to(matched_boxes)
-        target_labels = torch.cat([t["labels"][gt] for t, (_, gt) in zip(targets, indices)]).to(logits.device)
+    def stacked_set_losses(self, output_sets: Sequence[OutputSet], targets: Sequence[dict]) -> dict[str, Tensor]:
+        """The unweighted terms of every set at once, (S,) per term: one call per loss term instead of one per set.
 
-        matched_xyxy = box_convert(matched_boxes, "cxcywh", "xyxy")
-        target_xyxy = box_convert(target_boxes, "cxcywh", "xyxy")
-        iou = torch.zeros(logits.shape[:2], dtype=logits.dtype, device=logits.device)
-        iou[batch_idx, query_idx] = torch.diag(box_iou(matched_xyxy, target_xyxy)).detach().to(logits.dtype)
-        onehot = torch.zeros_like(logits)
-        onehot[batch_idx, query_idx, target_labels] = 1.0
+        The sets' boxes are concatenated along the query axis and their matched pairs flattened: the box terms and
+        the class targets are computed once over all of them, then summed per set (docs/model.md#set-criterion).
+        """
+        first = output_sets[0].logits
+        offsets = np.cumsum([0] + [s.logits.shape[1] for s in output_sets])
+        boxes = torch.cat([s.boxes for s in output_sets], dim=1)  # (B, sum of Q_s, 4)
+        set_index, image, query, target = matched_pairs(output_sets, targets, first.device)
+        matched_boxes = boxes[image, query]
+        target_boxes = torch.cat([t["boxes"] for t in targets]).to(matched_boxes)[target]
+        target_labels = torch.cat([t["labels"] for t in targets]).to(first.device)[target]
+        iou, giou = paired_iou_giou(box_cxcywh_to_xyxy(matched_boxes), box_cxcywh_to_xyxy(target_boxes))
 
+        iou_map = first.new_zeros(boxes.shape[:2]).index_put((image, query), iou.detach().to(first.dtype))
+        onehot = first.new_zeros(*boxes.shape[:2], first.shape[-1]).index_put(
+            (image, query, target_labels), first.new_ones(())
+        )
+        # the class term runs per set on the set's own tensor: the CPU's vectorised sigmoid rounds the tail of a
+        # buffer differently, so on a concatenation the gradients would move by an ulp and the loss curve drift
+        class_sums = torch.stack(
+            [
+                varifocal_loss(s.logits, onehot[:, a:b], iou_map[:, a:b], self.alpha, self.gamma).sum()
+                for s, a, b in zip(output_sets, offsets[:-1], offsets[1:])
+            ]
+        )
+        per_pair = torch.stack([(matched_boxes - target_boxes).abs().sum(-1), 1 - giou])
+        box_sums = per_pair.new_zeros(2, len(output_sets)).index_add(1, set_index, per_pair)
+        normalisers = torch.as_tensor([s.num_boxes for s in output_sets], dtype=first.dtype, device=first.device)
         return {
-            "loss_class": varifocal_loss(logits, onehot, iou, num_boxes, self.alpha, self.gamma),
-            "loss_bbox": F.l1_loss(matched_boxes, target_boxes, reduction="sum") / num_boxes,
-            "loss_giou": (1 - torch.diag(generalized_box_iou(matched_xyxy, target_xyxy))).sum() / num_boxes,
+            "loss_class": class_sums / normalisers,
+            "loss_bbox": box_sums[0] / normalisers,
+            "loss_giou": box_sums[1] / normalisers,
         }
 
-    def denoising_losses(self, dn_outputs: dict, targets: Sequence[dict], num_boxes: float) -> dict:
-        """``_dn`` (last layer) and ``_dn_{i}`` (earlier layers) losses under the fixed assignment, / (num_boxes·G)."""
+    def denoising_sets(
+        self, dn_outputs: dict, targets: Sequence[dict], num_boxes: float
+    ) -> list[tuple[str, OutputSet]]:
+        """``_dn`` (last layer) and ``_dn_{i}`` (earlier layers) sets under the fixed assignment, / (num_boxes·G)."""
         num_groups = int(dn_outputs["denoising_groups"])
         max_gt = int(dn_outputs["max_gt_num_per_image"])
         num_dn = dn_outputs["pred_logits"].shape[1]
@@ -142,13 +189,10 @@ class HybridSetCriterion(nn.Module):
                 f"imply 2*{max_gt}*{num_groups}={2 * max_gt * num_groups}; pass DenoisingQueries.max_gt_per_image "
                 "(n_max, not 2*n_max) and the dn part of the decoder outputs only"
             )
-        device = dn_outputs["pred_logits"].device
-        indices = denoising_indices(targets, num_groups, 2 * max_gt, device)
+        indices = denoising_indices(targets, num_groups, 2 * max_gt, dn_outputs["pred_logits"].device)
+        layers = [("_dn", dn_outputs), *((f"_dn_{i}", aux) for i, aux in enumerate(dn_outputs.get("aux_outputs", [])))]
         normaliser = num_boxes * num_groups
-        losses = {f"{k}_dn": v for k, v in self.set_losses(dn_outputs, targets, indices, normaliser).items()}
-        for i, aux in enumerate(dn_outputs.get("aux_outputs", [])):
-            losses.update({f"{k}_dn_{i}": v for k, v in self.set_losses(aux, targets, indices, normaliser).items()})
-        return losses
+        return [(name, OutputSet(o["pred_logits"], o["pred_boxes"], indices, normaliser)) for name, o in layers]
 
     def check_targets(self, targets: Sequence[dict], batch_size: int) -> None:
         if len(targets) != batch_size:
@@ -160,16 +204,17 @@ class HybridSetCriterion(nn.Module):
                 f"[{int(labels.min())}, {int(labels.max())}]"
             )
 
-    def weighted(self, losses: dict) -> dict:
-        """Scale each term by its weight in ``loss_weights``."""
-        unweighted = sorted(set(losses) - set(self.loss_weights))
+    def weighted(self, names: Sequence[str], values: Tensor) -> dict[str, Tensor]:
+        """``{name: value * weight}`` for the flat ``values`` of ``names``, scaled in one multiplication."""
+        unweighted = sorted(set(names) - set(self.loss_weights))
         if unweighted:
             raise ValueError(
                 f"losses {unweighted[:4]} have no weight: the outputs have more decoder layers than "
                 f"num_decoder_layers={self.num_decoder_layers}; set criterion.num_decoder_layers to the decoder's "
                 "num_layers."
             )
-        return {name: value * self.loss_weights[name] for name, value in losses.items()}
+        weights = torch.as_tensor([self.loss_weights[name] for name in names], dtype=values.dtype, device=values.device)
+        return dict(zip(names, (values * weights).unbind()))
 
     def forward(
         self, outputs: dict, targets: Sequence[dict], return_indices: bool = False
@@ -182,15 +227,16 @@ class HybridSetCriterion(nn.Module):
             named_sets.append(("_enc", outputs["enc_outputs"]))
         # the matching costs of every set reach the host in one transfer
         all_indices = self.matcher.match_sets([(o["pred_logits"], o["pred_boxes"]) for _, o in named_sets], targets)
-        losses, last_indices = {}, all_indices[0]
-        for (suffix, output_set), indices in zip(named_sets, all_indices):
-            set_losses = self.set_losses(output_set, targets, indices, num_boxes)
-            losses.update({f"{k}{suffix}": v for k, v in set_losses.items()})
+        scored = [
+            (suffix, OutputSet(o["pred_logits"], o["pred_boxes"], indices, num_boxes))
+            for (suffix, o), indices in zip(named_sets, all_indices)
+        ]
         if "dn_outputs" in outputs:
-            losses.update(self.denoising_losses(outputs["dn_outputs"], targets, num_boxes))
-
-        losses = self.weighted(losses)
-        return (losses, last_indices) if return_indices else losses
+            scored += self.denoising_sets(outputs["dn_outputs"], targets, num_boxes)
+        terms = self.stacked_set_losses([output_set for _, output_set in scored], targets)
+        names = [f"{term}{suffix}" for suffix, _ in scored for term in terms]
+        losses = self.weighted(names, torch.stack(list(terms.values()), dim=1).flatten())
+        return (losses, all_indices[0]) if return_indices else losses
 
 
 def salience_targets(
