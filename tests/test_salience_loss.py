@@ -118,3 +118,38 @@ def test_no_positive_cells_normalises_by_one():
     loss = SalienceCriterion(weight=1.0)(salience, [torch.zeros(0, 4)], (32, 32))["loss_salience"]
     # every cell: BCE(0, 0) = log 2, weight 0.75 * 0.5^2
     assert loss.item() == pytest.approx(16 * math.log(2) * 0.75 * 0.25, rel=1e-5)
+
+
+def per_image_targets(boxes_per_image, shapes, padded_size, limit_range=DEFAULT_LIMIT_RANGE):
+    """The per-level, per-image loop the batched targets replace (each image's boxes on their own)."""
+    targets = []
+    for (height, width), (low, high) in zip(shapes, limit_range):
+        ys = (torch.arange(height, dtype=torch.float32) + 0.5) * (padded_size[0] / height)
+        xs = (torch.arange(width, dtype=torch.float32) + 0.5) * (padded_size[1] / width)
+        ys, xs = torch.meshgrid(ys, xs, indexing="ij")
+        level = []
+        for boxes in boxes_per_image:
+            if not len(boxes):
+                level.append(torch.zeros_like(xs))
+                continue
+            left, top = xs[..., None] - boxes[:, 0], ys[..., None] - boxes[:, 1]
+            right, bottom = boxes[:, 2] - xs[..., None], boxes[:, 3] - ys[..., None]
+            distances = torch.stack([left, top, right, bottom], dim=-1)
+            inside = distances.amin(dim=-1) > 0
+            match = inside & (distances.amax(dim=-1) > low) & (distances.amax(dim=-1) <= high)
+            delta = torch.sqrt(((left - right) / (left + right)) ** 2 + ((top - bottom) / (top + bottom)) ** 2)
+            centreness = torch.where(inside, 1 - delta / 2, torch.zeros_like(left))
+            level.append(torch.where(match.any(dim=-1), centreness.amax(dim=-1), torch.zeros_like(xs)))
+        targets.append(torch.stack(level))
+    return targets
+
+
+def test_batched_targets_equal_the_per_image_loop_bit_for_bit():
+    gen = torch.Generator().manual_seed(3)
+    corners = torch.rand(3, 7, 2, 2, generator=gen).sort(dim=2).values * torch.tensor([100.0, 70.0])
+    boxes = [corners[0].flatten(1), torch.zeros(0, 4), corners[2, :3].flatten(1)]  # 7 boxes, none, 3 boxes
+    shapes, padded = [(9, 13), (5, 7), (3, 4), (2, 2)], (70, 100)  # odd strides, not powers of two
+    batched = salience_targets(boxes, shapes, padded, ((-1, 20), (20, 40), (40, 60), (60, 99999)))
+    looped = per_image_targets(boxes, shapes, padded, ((-1, 20), (20, 40), (40, 60), (60, 99999)))
+    assert all(torch.equal(b, l) for b, l in zip(batched, looped))
+    assert sum(bool((level > 0).any()) for level in batched) >= 3 and not any((level[1] > 0).any() for level in batched)

@@ -20,7 +20,7 @@ from salience_detr.utils.dispatch_count import count_dispatch
 # what the training step still reads: the batch's gt-class check (host copies), the token budgets of the levels and
 # encoder layers (one read), the grid-NMS survivor count, the denoising and criterion class checks
 TRAIN_SYNCS = 5
-TRAIN_CALLS = 5800  # forward + backward; every output set scored at once by the criterion
+TRAIN_CALLS = 5500  # forward + backward; the criterion scores every output set at once, salience targets in one pass
 # token budgets, grid-NMS survivors, detectron2's finiteness assert and empty-box filter (detector_postprocess)
 EVAL_SYNCS = 6
 EVAL_CALLS = 2100

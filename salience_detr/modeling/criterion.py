@@ -252,36 +252,61 @@ def salience_targets(
     containing box also matches the level (FCOS range of max(l, t, r, b)); everything else is 0.
     Strides are padded size / feature size per axis.
     """
+    flat = flat_salience_targets(gt_boxes_xyxy, feature_shapes, padded_size, limit_range)
+    levels = flat.split([h * w for h, w in feature_shapes], dim=1)
+    return [level.view(-1, h, w) for level, (h, w) in zip(levels, feature_shapes)]
+
+
+def cell_centres(
+    feature_shapes: Sequence[tuple[int, int]],
+    padded_size: tuple[int, int],
+    limit_range: Sequence[tuple[float, float]],
+) -> np.ndarray:
+    """(4, N) float32 host rows x, y, low, high of every cell of every level, flattened level by level.
+
+    Computed on the host from host shapes, in float32 as ``(arange + 0.5) * stride`` on the device would be.
+    """
     if len(limit_range) < len(feature_shapes):
         raise ValueError(f"limit_range has {len(limit_range)} ranges for {len(feature_shapes)} feature levels")
     pad_h, pad_w = padded_size
-    targets = []
+    columns = []
     for (height, width), (low, high) in zip(feature_shapes, limit_range):
-        device = gt_boxes_xyxy[0].device if gt_boxes_xyxy else None
-        ys = (torch.arange(height, dtype=torch.float32, device=device) + 0.5) * (pad_h / height)
-        xs = (torch.arange(width, dtype=torch.float32, device=device) + 0.5) * (pad_w / width)
-        ys, xs = torch.meshgrid(ys, xs, indexing="ij")
-        level = [_centreness_single_image(xs, ys, boxes.float(), low, high) for boxes in gt_boxes_xyxy]
-        targets.append(torch.stack(level) if level else xs.new_zeros(0, height, width))
-    return targets
+        ys = (np.arange(height, dtype=np.float32) + np.float32(0.5)) * np.float32(pad_h / height)
+        xs = (np.arange(width, dtype=np.float32) + np.float32(0.5)) * np.float32(pad_w / width)
+        ys, xs = np.meshgrid(ys, xs, indexing="ij")
+        ranges = np.broadcast_to(np.array([[low], [high]], dtype=np.float32), (2, height * width))
+        columns.append(np.concatenate([xs.reshape(1, -1), ys.reshape(1, -1), ranges]))
+    return np.concatenate(columns, axis=1) if columns else np.zeros((4, 0), dtype=np.float32)
 
 
-def _centreness_single_image(xs: Tensor, ys: Tensor, boxes: Tensor, low: float, high: float) -> Tensor:
-    """(H, W) cell centres x (n, 4) boxes -> (H, W) target map, all boxes at once."""
-    if boxes.numel() == 0:
-        return torch.zeros_like(xs)
-    left = xs[..., None] - boxes[:, 0]
-    top = ys[..., None] - boxes[:, 1]
-    right = boxes[:, 2] - xs[..., None]
-    bottom = boxes[:, 3] - ys[..., None]
-    distances = torch.stack([left, top, right, bottom], dim=-1)  # (H, W, n, 4)
-    inside = distances.amin(dim=-1) > 0
+def flat_salience_targets(
+    gt_boxes_xyxy: Sequence[Tensor],
+    feature_shapes: Sequence[tuple[int, int]],
+    padded_size: tuple[int, int],
+    limit_range: Sequence[tuple[float, float]] = DEFAULT_LIMIT_RANGE,
+) -> Tensor:
+    """(B, N) targets of ``salience_targets``, levels flattened: every image, level and box in one pass.
+
+    The boxes are padded to the batch's largest count (host lengths, no sync); padded slots contain no cell.
+    """
+    device = gt_boxes_xyxy[0].device if gt_boxes_xyxy else None
+    cells = torch.as_tensor(cell_centres(feature_shapes, padded_size, limit_range), device=device)
+    counts = [len(boxes) for boxes in gt_boxes_xyxy]
+    if max(counts, default=0) == 0:
+        return cells.new_zeros(len(counts), cells.shape[1])
+    boxes = torch.nn.utils.rnn.pad_sequence([b.float() for b in gt_boxes_xyxy], batch_first=True)[:, None]
+    real = torch.as_tensor(np.arange(max(counts))[None] < np.array(counts)[:, None], device=device)[:, None]
+    xs, ys, low, high = (row[None, :, None] for row in cells)  # (1, N, 1) against boxes (B, 1, n)
+    left, top = xs - boxes[..., 0], ys - boxes[..., 1]
+    right, bottom = boxes[..., 2] - xs, boxes[..., 3] - ys
+    distances = torch.stack([left, top, right, bottom], dim=-1)  # (B, N, n, 4)
+    inside = (distances.amin(dim=-1) > 0) & real
     largest = distances.amax(dim=-1)
     level_match = inside & (largest > low) & (largest <= high)
     delta_x = (left - right) / (left + right)
     delta_y = (top - bottom) / (top + bottom)
     centreness = torch.where(inside, 1 - torch.sqrt(delta_x**2 + delta_y**2) / 2, torch.zeros_like(left))
-    return torch.where(level_match.any(dim=-1), centreness.amax(dim=-1), torch.zeros_like(xs))
+    return torch.where(level_match.any(dim=-1), centreness.amax(dim=-1), torch.zeros_like(xs[..., 0]))
 
 
 class SalienceCriterion(nn.Module):
@@ -316,8 +341,7 @@ class SalienceCriterion(nn.Module):
             )
         shapes = [tuple(s.shape[-2:]) for s in salience]
         boxes = [b.to(salience[0].device) for b in gt_boxes_xyxy]
-        level_targets = salience_targets(boxes, shapes, padded_size, self.limit_range)
-        targets = torch.cat([t.flatten(1) for t in level_targets], dim=1)
+        targets = flat_salience_targets(boxes, shapes, padded_size, self.limit_range)
         if self.noise_scale > 0:
             targets = (1 - self.noise_scale) * targets + self.noise_scale * torch.rand_like(targets)
         logits = torch.cat([s.flatten(1) for s in salience], dim=1)
