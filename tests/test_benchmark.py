@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_SPEC
 from detectron2.config import LazyConfig, instantiate
 from omegaconf import OmegaConf
 
@@ -31,6 +32,9 @@ RESULT_FIELDS = {
     "images_per_s": float,
     "peak_memory_mb": float,
     "memory_kind": str,
+    "aten_calls": int,
+    "host_syncs": int,
+    "host_syncs_by_kind": dict,
 }
 
 
@@ -54,8 +58,70 @@ def test_benchmark_reports_every_field(tmp_path, capsys):
     assert result["latency_ms_min"] <= result["latency_ms_median"] <= result["latency_ms_max"]
     assert result["images_per_s"] == pytest.approx(1000.0 / result["latency_ms_median"])
     assert result["peak_memory_mb"] > 0
+    assert result["aten_calls"] > 1000 and 0 < result["host_syncs"] == sum(result["host_syncs_by_kind"].values())
     table = capsys.readouterr().out
-    assert name in table and "GFLOPs" in table and "images/s" in table
+    assert name in table and "GFLOPs" in table and "images/s" in table and "host syncs" in table
+
+
+def tiny_data_overrides(cache_dir) -> list[str]:
+    """The session's tiny generated dataset, two small images per batch, no loader workers."""
+    spec = [f"datasets.synthetic.{key}={value}" for key, value in TINY_SPEC.items()]
+    return spec + [
+        f"datasets.synthetic.cache_dir={cache_dir}",
+        "dataloader.train.total_batch_size=2",
+        "dataloader.train.num_workers=0",
+        "dataloader.train.mapper.min_sizes=[64,80]",
+        "dataloader.train.mapper.max_size=96",
+        "dataloader.train.mapper.crop_pre_sizes=[64]",
+        "dataloader.train.mapper.crop_size=[48,64]",
+    ]
+
+
+@pytest.mark.parametrize("train_data", ["random", "loader"])
+def test_train_task_times_training_steps_and_counts_one(train_data, tiny_synthetic_cache, tmp_path, capsys):
+    argv = ["--config-file", TINY_CONFIG, "--task", "train", "--train-data", train_data, "--device", "cpu"]
+    argv += ["--height", "64", "--width", "96", "--batch-size", "2", "--num-iter", "2", "--warmup", "0"]
+    argv += ["--output", str(tmp_path / "train.json"), "--opts", *tiny_data_overrides(tiny_synthetic_cache)]
+    report = benchmark.main(argv)
+    assert report["task"] == "train" and train_data[:4] in report["train_data"]
+    (result,) = report["results"].values()
+    assert result["images_per_step"] == 2 and result["images_per_s"] > 0
+    assert result["latency_ms_min"] <= result["latency_ms_median"] <= result["latency_ms_max"]
+    # a training step does far more than an eval forward: backward, matching, the optimizer
+    assert result["aten_calls"] > 3000 and result["host_syncs"] > 0
+    assert set(result["host_syncs_by_kind"]) and "ATen calls" in capsys.readouterr().out
+    assert 0 < result["optimizer_aten_calls"] < result["aten_calls"]
+    assert result["optimizer_host_syncs"] <= result["host_syncs"] >= sum(result["host_sync_sites"].values()) > 0
+    assert any("modeling" in site for site in result["host_sync_sites"])  # the model's own syncs are named
+
+
+def test_data_task_times_the_train_loader_alone(tiny_synthetic_cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(benchmark, "instantiate", _no_model(benchmark.instantiate))
+    argv = ["--config-file", TINY_CONFIG, "--task", "data", "--num-iter", "3", "--warmup", "1", "--device", "cpu"]
+    report = benchmark.main(
+        [*argv, "--output", str(tmp_path / "d.json"), "--opts", *tiny_data_overrides(tiny_synthetic_cache)]
+    )
+    result = report["results"]["dataloader.train"]
+    assert (report["task"], report["num_workers"], result["batches"], result["images"]) == ("data", 0, 3, 6)
+    assert result["images_per_s"] > 0 and result["batch_ms_median"] <= result["batch_ms_max"]
+
+
+def _no_model(instantiate):
+    """``instantiate`` that fails the test when asked for the model: the data task must not build one."""
+
+    def guarded(cfg, *args, **kwargs):
+        if "backbone" in cfg:
+            pytest.fail("--task data built the model")
+        return instantiate(cfg, *args, **kwargs)
+
+    return guarded
+
+
+def test_unknown_task_is_an_argparse_error_naming_the_choices(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(["--config-file", TINY_CONFIG, "--task", "trian"])
+    assert exit_info.value.code == 2
+    assert "argument --task: invalid choice: 'trian' (choose from 'eval', 'train', 'data')" in capsys.readouterr().err
 
 
 def test_roi_config_is_traced_and_measured_with_the_head_on_and_off(tmp_path):
@@ -134,3 +200,5 @@ def test_bad_arguments_are_refused_with_the_reason(tmp_path):
         benchmark.main(["--config-file", TINY_CONFIG, "--num-iter", "0"])
     with pytest.raises(SystemExit, match="does not exist"):
         benchmark.main(["--config-file", str(tmp_path / "missing.py")])
+    with pytest.raises(SystemExit, match="--fuse-bn folds batch norms for inference; it applies to --task eval"):
+        benchmark.main(["--config-file", TINY_CONFIG, "--task", "train", "--fuse-bn"])

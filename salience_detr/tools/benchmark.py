@@ -1,30 +1,46 @@
-"""Cost of a Salience DETR config: parameters, FLOPs, latency, images/s and peak memory.
+"""Cost of a Salience DETR config: parameters, FLOPs, latency, images/s, peak memory, ATen calls and host syncs.
 
     python -m salience_detr.tools.benchmark --config-file configs/salience_detr/salience_detr_r50_4scale_12ep.py \
-        [--height 800 --width 1333] [--device cpu|cuda] [--num-iter 50] [--output benchmark.json]
+        [--task eval|train|data] [--height 800 --width 1333] [--device cpu|cuda] [--num-iter 50] \
+        [--train-data loader|random] [--output benchmark.json]
 
-The model runs in eval mode on one random image of exactly the given size (the size after the test resize), with
-random weights unless ``--weights`` names a checkpoint: cost does not depend on the weights except through how many
-proposals survive NMS (``train.init_checkpoint``, often ImageNet backbone weights, is ignored). FLOPs come from
-fvcore (one multiply-add = one flop) with a handle for multi-scale deformable attention, which fvcore would
-otherwise skip: it counts the compiled operator and the pure-PyTorch path (``grid_sample``) alike. When the config
-has an RoI refinement head, both the head on and off (``model.roi_refine=None``) are measured in the same run. """
+``--task eval`` (the default): the model runs in eval mode on random images of exactly the given size (the size
+after the test resize), with random weights unless ``--weights`` names a checkpoint: cost does not depend on the
+weights except through how many proposals survive NMS (``train.init_checkpoint``, often ImageNet backbone weights,
+is ignored). FLOPs come from fvcore (one multiply-add = one flop) with a handle for multi-scale deformable attention,
+which fvcore would otherwise skip: it counts the compiled operator and the pure-PyTorch path (``grid_sample``)
+alike. When the config has an RoI refinement head, both the head on and off (``model.roi_refine=None``) are measured
+in the same run.
+
+``--task train`` times training steps (the trainer's step: forward, backward, clipping, optimizer) of the config's
+model and optimizer, on batches of its train dataloader fetched before the timing (``--train-data loader``, so the
+loader's speed is not part of it) or on random batches of ``--batch-size`` images of the given size with a few boxes
+each (``--train-data random``, which needs no dataset). ``--task data`` times the train dataloader alone.
+
+Every model task also counts the ATen calls and the data-dependent host syncs of one step (one eval forward, one
+training step): on a GPU each sync stalls the stream and thousands of small calls make a step launch-bound.
+"""
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
+import itertools
 import json
 import logging
 import os
 import statistics
 import sys
+import time
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from detectron2.config import instantiate
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
 from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
 from tabulate import tabulate
@@ -32,14 +48,18 @@ from torch import Tensor, nn
 
 import salience_detr  # noqa: F401  (makes detectron2 importable and registers the model)
 from salience_detr.config import load_config
-from salience_detr.engine import AtomicDetectionCheckpointer
+from salience_detr.engine import AtomicDetectionCheckpointer, DetrTrainer, resolve_amp
 from salience_detr.layers.ms_deform_attn import BACKEND_ENV, BACKENDS, resolve_backend
 from salience_detr.modeling.fuse import fuse_conv_bn
 from salience_detr.tools._timing import peak_memory_mb, random_image, time_forward
+from salience_detr.utils.dispatch_count import DispatchCounts, count_dispatch
 from salience_detr.utils.inference import DetectionsAsTensors
 
 logger = logging.getLogger(__name__)
 
+TASKS = ("eval", "train", "data")
+SYNC_SITES_REPORTED = 12  # the lines of code with the most syncs in a training step
+TRAIN_DATA = ("loader", "random")
 DEFORMABLE_ATTENTION = "deformable_attention"
 # Bilinear interpolation reads 4 neighbours per channel (4 multiply-adds); the attention weight adds one more.
 MACS_PER_SAMPLED_CHANNEL = 5
@@ -109,15 +129,135 @@ def benchmark_model(
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         seconds = time_forward(lambda: model(inputs), device, warmup, num_iter)
-    median = statistics.median(seconds)
-    result.update(
-        latency_ms_median=median * 1000.0,
-        latency_ms_min=min(seconds) * 1000.0,
-        latency_ms_max=max(seconds) * 1000.0,
-        images_per_s=batch_size / median,
-    )
+        with count_dispatch() as counts:
+            model(inputs)
+    result.update(timing_numbers(seconds, batch_size))
     result["peak_memory_mb"], result["memory_kind"] = peak_memory_mb(device)
+    result.update(dispatch_numbers(counts))
     return result
+
+
+def timing_numbers(seconds: Sequence[float], images_per_call: int) -> dict[str, float]:
+    """Median, min and max milliseconds per call, and images/s at the median."""
+    median = statistics.median(seconds)
+    return {
+        "latency_ms_median": median * 1000.0,
+        "latency_ms_min": min(seconds) * 1000.0,
+        "latency_ms_max": max(seconds) * 1000.0,
+        "images_per_s": images_per_call / median,
+    }
+
+
+def dispatch_numbers(counts: DispatchCounts) -> dict[str, Any]:
+    """The counts of one step for the report (see salience_detr.utils.dispatch_count for what is a sync)."""
+    return {
+        "aten_calls": counts.total_calls,
+        "host_syncs": counts.total_syncs,
+        "host_syncs_by_kind": dict(counts.syncs.most_common()),
+    }
+
+
+def random_training_batch(height: int, width: int, batch_size: int, num_classes: int, seed: int) -> list[dict]:
+    """``batch_size`` random images with 1 to 4 random boxes each, in the train mapper's format (CPU tensors)."""
+    generator = torch.Generator().manual_seed(seed)
+    batch = []
+    for index in range(batch_size):
+        count = int(torch.randint(1, 5, (), generator=generator))
+        corners = torch.rand(count, 2, 2, generator=generator) * torch.tensor([width, height])
+        boxes = torch.cat([corners.min(dim=1).values, corners.max(dim=1).values + 4.0], dim=1)
+        boxes = boxes.clamp(max=torch.tensor([width, height, width, height], dtype=boxes.dtype))
+        instances = Instances((height, width))
+        instances.gt_boxes = Boxes(boxes)
+        instances.gt_classes = torch.randint(0, num_classes, (count,), generator=generator)
+        image = random_image(height, width, torch.device("cpu"), seed * batch_size + index)
+        batch.append({"image": image, "instances": instances, "height": height, "width": width})
+    return batch
+
+
+def build_trainer(cfg: Any, model: nn.Module, batches: list[list[dict]]) -> DetrTrainer:
+    """The trainer train_net builds (optimizer, accumulation, clipping, AMP of the config), cycling ``batches``."""
+    cfg.optimizer.params.model = model
+    clip = cfg.train.clip_grad
+    return DetrTrainer(
+        model,
+        itertools.cycle(batches),
+        instantiate(cfg.optimizer),
+        accumulate_steps=cfg.train.accumulate_steps,
+        clip_grad_max_norm=clip.max_norm if clip.enabled else None,
+        clip_grad_norm_type=clip.norm_type,
+        clip_grad_separate=clip.get("separate", ()),
+        amp_dtype=resolve_amp(cfg.train.amp.enabled, cfg.train.amp.get("dtype", "float16"), cfg.train.device),
+    )
+
+
+def benchmark_train(
+    cfg: Any, model: nn.Module, batches: list[list[dict]], device: torch.device, warmup: int, num_iter: int
+) -> dict[str, Any]:
+    """Seconds per training step and the counts of one step (the first, counted before the timed ones)."""
+    model = model.to(device).train()
+    trainer = build_trainer(cfg, model, batches)
+    images_per_step = len(batches[0]) * trainer.accumulate_steps
+    with EventStorage(0) as storage:
+        trainer.storage, trainer.iter = storage, 0
+        counts, optimizer_counts = count_training_step(trainer)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds = time_forward(trainer.run_step, device, warmup, num_iter)
+    result: dict[str, Any] = {
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "trainable_params_m": sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
+        "images_per_step": images_per_step,
+        **timing_numbers(seconds, images_per_step),
+    }
+    result["peak_memory_mb"], result["memory_kind"] = peak_memory_mb(device)
+    result.update(dispatch_numbers(counts))
+    result["host_sync_sites"] = dict(counts.sync_sites.most_common(SYNC_SITES_REPORTED))
+    result["optimizer_aten_calls"] = optimizer_counts.total_calls
+    result["optimizer_host_syncs"] = optimizer_counts.total_syncs
+    return result
+
+
+def count_training_step(trainer: DetrTrainer) -> tuple[DispatchCounts, DispatchCounts]:
+    """The counts of one ``run_step``, and of its ``optimizer.step`` alone: torch's optimizers keep their step
+    counters in CPU tensors and read each with ``.item()`` (one per parameter for AdamW), which counts as a sync
+    here but waits for no device, on a GPU neither; the other syncs are the model's and the trainer's."""
+    optimizer_counts = DispatchCounts()
+    step = trainer.optimizer.step
+
+    def counted_step(*args: Any, **kwargs: Any) -> Any:
+        with count_dispatch() as inner:
+            output = step(*args, **kwargs)
+        optimizer_counts.calls.update(inner.calls)
+        optimizer_counts.syncs.update(inner.syncs)
+        return output
+
+    trainer.optimizer.step = counted_step
+    try:
+        with count_dispatch(sync_sites=True) as counts:
+            trainer.run_step()
+    finally:
+        del trainer.optimizer.step  # the class's step again
+    return counts, optimizer_counts
+
+
+def benchmark_data(loader: Any, warmup: int, num_iter: int) -> dict[str, Any]:
+    """Seconds per batch of a dataloader after ``warmup`` untimed batches (workers starting, first files read)."""
+    batches = iter(loader)
+    for _ in range(warmup):
+        next(batches)
+    seconds, images = [], 0
+    for _ in range(num_iter):
+        start = time.perf_counter()
+        images += len(next(batches))
+        seconds.append(time.perf_counter() - start)
+    median = statistics.median(seconds)
+    return {
+        "batches": num_iter,
+        "images": images,
+        "batch_ms_median": median * 1000.0,
+        "batch_ms_max": max(seconds) * 1000.0,
+        "images_per_s": images / sum(seconds),
+    }
 
 
 def roi_variants(cfg: Any) -> dict[str, Any]:
@@ -131,36 +271,63 @@ def roi_variants(cfg: Any) -> dict[str, Any]:
     return {"roi_refine on": cfg, "roi_refine off": head_off}
 
 
-def format_table(results: dict[str, dict[str, Any]]) -> str:
-    headers = ["variant", "params (M)", "GFLOPs", "of which MSDA", "latency ms (median)", "images/s", "peak mem (MB)"]
-    rows = [
-        [
-            name,
-            f"{r['params_m']:.2f}",
-            f"{r['gflops']:.2f}",
-            f"{r['gflops_deformable_attention']:.2f}",
-            f"{r['latency_ms_median']:.1f}",
-            f"{r['images_per_s']:.2f}",
-            f"{r['peak_memory_mb']:.0f}",
-        ]
-        for name, r in results.items()
-    ]
-    return tabulate(rows, headers=headers, tablefmt="pipe")
+TABLE_COLUMNS = {  # per task: (header, result key, format)
+    "eval": [
+        ("params (M)", "params_m", ".2f"),
+        ("GFLOPs", "gflops", ".2f"),
+        ("of which MSDA", "gflops_deformable_attention", ".2f"),
+        ("latency ms (median)", "latency_ms_median", ".1f"),
+        ("images/s", "images_per_s", ".2f"),
+        ("peak mem (MB)", "peak_memory_mb", ".0f"),
+        ("ATen calls", "aten_calls", "d"),
+        ("host syncs", "host_syncs", "d"),
+    ],
+    "train": [
+        ("params (M)", "params_m", ".2f"),
+        ("images/step", "images_per_step", "d"),
+        ("step ms (median)", "latency_ms_median", ".1f"),
+        ("images/s", "images_per_s", ".2f"),
+        ("peak mem (MB)", "peak_memory_mb", ".0f"),
+        ("ATen calls", "aten_calls", "d"),
+        ("host syncs", "host_syncs", "d"),
+        ("of which optimizer", "optimizer_host_syncs", "d"),
+    ],
+    "data": [
+        ("batches", "batches", "d"),
+        ("images", "images", "d"),
+        ("batch ms (median)", "batch_ms_median", ".1f"),
+        ("batch ms (max)", "batch_ms_max", ".1f"),
+        ("images/s", "images_per_s", ".2f"),
+    ],
+}
+
+
+def format_table(results: dict[str, dict[str, Any]], task: str = "eval") -> str:
+    columns = TABLE_COLUMNS[task]
+    rows = [[name, *(format(r[key], spec) for _, key, spec in columns)] for name, r in results.items()]
+    return tabulate(rows, headers=["variant", *(header for header, _, _ in columns)], tablefmt="pipe")
 
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config-file", required=True, metavar="FILE", help="LazyConfig .py file")
+    parser.add_argument("--task", choices=TASKS, default="eval", help="eval forward, training step or dataloader")
     parser.add_argument("--height", type=int, default=800, help="input height after the test resize")
     parser.add_argument("--width", type=int, default=1333, help="input width after the test resize")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--num-iter", type=int, default=50, help="timed forward passes (the median is reported)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed forward passes first")
+    parser.add_argument("--batch-size", type=int, default=1, help="images per eval forward or random train batch")
+    parser.add_argument("--num-iter", type=int, default=50, help="timed steps (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    parser.add_argument(
+        "--train-data",
+        choices=TRAIN_DATA,
+        default="loader",
+        help="--task train: batches of the config's train dataloader, or random ones of --height x --width",
+    )
     parser.add_argument("--backend", choices=BACKENDS, help=f"deformable attention backend (sets {BACKEND_ENV})")
     parser.add_argument("--weights", help="checkpoint to load (default: random weights)")
     parser.add_argument(
-        "--fuse-bn", action="store_true", help="fold batch norms into the preceding convolutions (inference only)"
+        "--fuse-bn", action="store_true", help="fold batch norms into the preceding convolutions (--task eval only)"
     )
     parser.add_argument("--output", default="output/benchmark.json", help="where to write the JSON results")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides, key=value")
@@ -173,6 +340,8 @@ def check_args(args: argparse.Namespace) -> torch.device:
             raise SystemExit(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     if args.warmup < 0:
         raise SystemExit(f"--warmup must be >= 0, got {args.warmup}")
+    if args.fuse_bn and args.task != "eval":
+        raise SystemExit(f"--fuse-bn folds batch norms for inference; it applies to --task eval, not {args.task}")
     if not os.path.isfile(args.config_file):
         raise SystemExit(f"config file {args.config_file!r} does not exist; pass a LazyConfig .py file")
     if args.weights and not os.path.isfile(args.weights):
@@ -183,28 +352,64 @@ def check_args(args: argparse.Namespace) -> torch.device:
     return device
 
 
+def build_model(cfg: Any, args: argparse.Namespace) -> nn.Module:
+    """The config's model with ``--weights`` loaded (random weights without), batch norms folded with --fuse-bn."""
+    model = instantiate(cfg.model)
+    if args.weights:
+        AtomicDetectionCheckpointer(model).load(args.weights)
+    if args.fuse_bn:
+        logger.info("Folded %d batch norms into convolutions", fuse_conv_bn(model.eval()))
+    return model
+
+
+def training_batches(cfg: Any, args: argparse.Namespace) -> tuple[list[list[dict]], str]:
+    """The batches a train benchmark cycles through, fetched before any timing, and what they are."""
+    steps = (args.warmup + args.num_iter + 1) * cfg.train.accumulate_steps
+    if args.train_data == "random":
+        seeds = range(min(steps, 4))
+        batches = [
+            random_training_batch(args.height, args.width, args.batch_size, cfg.model.num_classes, s) for s in seeds
+        ]
+        return batches, f"random batches of {args.batch_size} images of {args.height}x{args.width}, 1-4 boxes each"
+    batches = list(itertools.islice(instantiate(cfg.dataloader.train), steps))
+    return batches, f"{len(batches)} batches of dataloader.train, fetched before the timing"
+
+
+def run_task(cfg: Any, args: argparse.Namespace, device: torch.device) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The results per measured variant, and what the report says about the input."""
+    warmup, num_iter = args.warmup, args.num_iter
+    if args.task == "data":
+        loader = cfg.dataloader.train
+        result = benchmark_data(instantiate(loader), warmup, num_iter)
+        return {"dataloader.train": result}, {"num_workers": loader.get("num_workers")}
+    if args.task == "train":
+        batches, source = training_batches(cfg, args)
+        info: dict[str, Any] = {"train_data": source}
+        run = functools.partial(benchmark_train, cfg, batches=batches, device=device, warmup=warmup, num_iter=num_iter)
+    else:
+        info = {"input_size": [args.height, args.width], "batch_size": args.batch_size, "fuse_bn": args.fuse_bn}
+        size = {"height": args.height, "width": args.width, "batch_size": args.batch_size}
+        run = functools.partial(benchmark_model, **size, device=device, warmup=warmup, num_iter=num_iter)
+    results = {}
+    for name, variant_cfg in roi_variants(cfg).items():
+        logger.info("Benchmarking %s (%s)", name, args.task)
+        results[name] = run(build_model(variant_cfg, args))
+    return results, info
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = get_parser().parse_args(argv)
     device = check_args(args)
     if args.backend:
         os.environ[BACKEND_ENV] = args.backend
-    cfg = load_config(args.config_file, args.opts, inference=True, checkpoint=args.weights or "")
-    results = {}
-    for name, variant_cfg in roi_variants(cfg).items():
-        logger.info("Benchmarking %s", name)
-        model = instantiate(variant_cfg.model)
-        if args.weights:
-            AtomicDetectionCheckpointer(model).load(args.weights)
-        if args.fuse_bn:
-            logger.info("Folded %d batch norms into convolutions", fuse_conv_bn(model.eval()))
-        results[name] = benchmark_model(
-            model, args.height, args.width, device, args.batch_size, args.warmup, args.num_iter
-        )
+    # the data of the train and data tasks must be there; eval and random batches need only the classes
+    inference = args.task == "eval" or (args.task == "train" and args.train_data == "random")
+    cfg = load_config(args.config_file, args.opts, inference=inference, checkpoint=args.weights or "")
+    results, info = run_task(cfg, args, device)
     report = {
+        "task": args.task,
         "config_file": args.config_file,
-        "input_size": [args.height, args.width],
-        "batch_size": args.batch_size,
-        "fuse_bn": args.fuse_bn,
+        **info,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "cpu_threads": torch.get_num_threads(),
         "num_iter": args.num_iter,
@@ -213,7 +418,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "deformable_attention_backend": resolve_backend(device, torch.float32),
         "results": results,
     }
-    print(format_table(results))
+    print(format_table(results, args.task))
     output_dir = os.path.dirname(os.path.abspath(args.output))
     os.makedirs(output_dir, exist_ok=True)
     with open(args.output, "w") as file:
