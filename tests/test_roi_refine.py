@@ -5,10 +5,12 @@ import pytest
 import torch
 from detectron2.config import LazyCall as L
 from detectron2.config import LazyConfig, instantiate
+from detectron2.modeling.poolers import assign_boxes_to_levels
+from detectron2.structures import Boxes
 from detectron2.utils.events import EventStorage
 from test_meta_arch import make_input, tiny_model_config
 from torch import nn
-from torchvision.ops import box_convert
+from torchvision.ops import box_convert, box_iou
 
 import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 from salience_detr.engine import ModelIterationHook
@@ -20,6 +22,7 @@ from salience_detr.modeling.roi_refine import (
     positive_targets,
     warmup_factor,
 )
+from salience_detr.modeling.roi_refine.layers import pool_selected, roi_pooler
 
 EMBED_DIM = 32
 NUM_CLASSES = 3
@@ -90,11 +93,11 @@ def test_crops_from_a_padded_batch_equal_those_of_the_image_alone():
     logits, boxes, inputs = head_inputs(image_sizes, padded, num_queries=5)
     boxes = random_boxes(2, 5, low=0.3, high=0.7)  # small boxes: finest level, away from the image border
     selected = torch.ones(2, 5, dtype=torch.bool)
-    batch_cells = head.crop(inputs, boxes.flatten(0, 1), selected)
+    batch_cells = head.crop(inputs, boxes, selected)[0]
 
     alone_features = [f[1:, :, : -(-64 // s), : -(-64 // s)] for f, s in zip(inputs.features, STRIDES)]
     alone = RoIInputs(inputs.query_features[1:], alone_features, image_sizes[1:], (64, 64))
-    alone_cells = head.crop(alone, boxes[1], selected[1:])
+    alone_cells = head.crop(alone, boxes[1:], selected[1:])[0]
     assert torch.allclose(batch_cells[5:], alone_cells, atol=1e-6)
     assert not torch.allclose(batch_cells[:5], alone_cells, atol=1e-3)
 
@@ -415,3 +418,56 @@ def test_trainable_paths_are_checked_and_may_be_nested():
     frozen = freeze_all_but(model, ["transformer.decoder"])
     assert model.transformer.encoder in frozen and model.transformer not in frozen and model.backbone in frozen
     assert all(p.requires_grad == n.startswith("transformer.decoder.") for n, p in model.named_parameters())
+
+
+def test_pooling_the_selected_boxes_equals_detectrons_pooler_on_per_image_lists():
+    generator = torch.Generator().manual_seed(5)
+    features = [torch.randn(3, 4, 256 // s, 320 // s, generator=generator) for s in (8, 16, 32, 64)]
+    sizes = torch.rand(3, 40, 2, generator=generator) * torch.tensor([300.0, 240.0]) + 2
+    corners = torch.rand(3, 40, 2, generator=generator) * (torch.tensor([320.0, 256.0]) - sizes)
+    rois = torch.cat([corners, corners + sizes], dim=-1)
+    selected = torch.rand(3, 40, generator=generator) < 0.4
+    selected[1] = False  # an image with no selected box
+    pooler = roi_pooler((8, 16, 32, 64), 7, 0, 112, 4)  # canonical size 112: every level gets boxes
+    pooled, batch_index, query_index = pool_selected(pooler, features, rois, selected)
+    expected_batch, expected_query = selected.nonzero(as_tuple=True)
+    assert torch.equal(batch_index, expected_batch) and torch.equal(query_index, expected_query)
+    expected = pooler(features, [Boxes(image_rois[mask]) for image_rois, mask in zip(rois, selected)])
+    assert torch.equal(pooled, expected)
+    levels = assign_boxes_to_levels([Boxes(rois[selected])], 2, 5, 112, 4)
+    assert len(levels.unique()) == 4
+
+
+def per_image_positives(refinement, targets, rows, positive_iou):
+    """The per-image loop the batched positive search replaces."""
+    unmatched = torch.ones(len(refinement.batch_index), dtype=torch.bool)
+    unmatched[rows] = False
+    found, found_boxes = [], []
+    for image, target in enumerate(targets):
+        if not len(target["boxes"]):
+            continue
+        candidates = (unmatched & (refinement.batch_index == image)).nonzero(as_tuple=True)[0]
+        candidate_xyxy = box_convert(refinement.input_boxes[candidates], "cxcywh", "xyxy")
+        best_iou, best_gt = box_iou(candidate_xyxy, box_convert(target["boxes"], "cxcywh", "xyxy")).max(1)
+        found.append(candidates[best_iou >= positive_iou])
+        found_boxes.append(target["boxes"][best_gt[best_iou >= positive_iou]])
+    return torch.cat(found), torch.cat(found_boxes)
+
+
+def test_batched_positive_search_equals_the_per_image_loop():
+    head = small_head(num_rois=12, positive_iou=0.3)
+    logits, _, inputs = head_inputs([(96, 128), (64, 80), (96, 96)], (96, 128), num_queries=16)
+    generator = torch.Generator().manual_seed(2)
+    gt = [random_boxes(1, n)[0] for n in (5, 0, 2)]
+    jitter = torch.randn(3, 16, 4, generator=generator) * 0.03
+    boxes = torch.stack([gt[0][torch.arange(16) % 5], random_boxes(1, 16)[0], gt[2][torch.arange(16) % 2]]) + jitter
+    targets = [{"labels": torch.zeros(len(b), dtype=torch.long), "boxes": b} for b in gt]
+    indices = [(torch.tensor([3, 7]), torch.tensor([1, 0])), (torch.zeros(0, dtype=torch.long),) * 2]
+    indices.append((torch.tensor([0]), torch.tensor([1])))
+    refinement = head(logits, boxes.clamp(0.05, 0.95), inputs, matched_mask(indices, (3, 16), boxes.device))
+    rows, target_boxes = positive_targets(refinement, targets, indices, head.positive_iou)
+    matched, matched_boxes = positive_targets(refinement, targets, indices, None)
+    looped_rows, looped_boxes = per_image_positives(refinement, targets, matched, head.positive_iou)
+    assert len(looped_rows) > 3 and set(refinement.batch_index[looped_rows].tolist()) == {0, 2}
+    assert torch.equal(rows, torch.cat([matched, looped_rows]))
+    assert torch.equal(target_boxes, torch.cat([matched_boxes, looped_boxes]))

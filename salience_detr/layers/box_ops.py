@@ -52,17 +52,18 @@ def to_normalized_cxcywh(boxes_xyxy: Tensor, scale: Tensor) -> Tensor:
 
 
 def paired_iou_giou(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
-    """IoU and generalized IoU of row i of (N, 4) xyxy ``boxes1`` with row i of ``boxes2``.
+    """IoU and generalized IoU of each xyxy box of ``boxes1`` with the one of ``boxes2`` at its place (..., 4),
+    broadcast like any elementwise op.
 
     The diagonals of torchvision's ``box_iou`` / ``generalized_box_iou`` with the same arithmetic, without their
     N x N matrices: the set losses score thousands of matched pairs at once.
     """
-    area1 = (boxes1[:, 2] - boxes1[:, 0]) * (boxes1[:, 3] - boxes1[:, 1])
-    area2 = (boxes2[:, 2] - boxes2[:, 0]) * (boxes2[:, 3] - boxes2[:, 1])
-    overlap = (torch.min(boxes1[:, 2:], boxes2[:, 2:]) - torch.max(boxes1[:, :2], boxes2[:, :2])).clamp(min=0)
-    inter = overlap[:, 0] * overlap[:, 1]
+    area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
+    area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])
+    overlap = (torch.min(boxes1[..., 2:], boxes2[..., 2:]) - torch.max(boxes1[..., :2], boxes2[..., :2])).clamp(min=0)
+    inter = overlap[..., 0] * overlap[..., 1]
     union = area1 + area2 - inter
     iou = inter / union
-    hull = (torch.max(boxes1[:, 2:], boxes2[:, 2:]) - torch.min(boxes1[:, :2], boxes2[:, :2])).clamp(min=0)
-    enclosing = hull[:, 0] * hull[:, 1]
+    hull = (torch.max(boxes1[..., 2:], boxes2[..., 2:]) - torch.min(boxes1[..., :2], boxes2[..., :2])).clamp(min=0)
+    enclosing = hull[..., 0] * hull[..., 1]
     return iou, iou - (enclosing - union) / enclosing

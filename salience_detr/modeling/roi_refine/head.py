@@ -8,7 +8,6 @@ from collections.abc import Sequence
 import torch
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.poolers import ROIPooler
-from detectron2.structures import Boxes
 from torch import Tensor, nn
 from torchvision.ops import box_convert
 
@@ -18,7 +17,7 @@ from salience_detr.layers.position_encoding import get_sine_pos_embed
 
 from ..criterion import MatchIndices, average_num_boxes
 from ..transformer import TransformerOutput
-from .layers import RoIRefineLayer, level_strides, roi_pooler
+from .layers import RoIRefineLayer, level_strides, pool_selected, roi_pooler
 from .losses import DEFAULT_ROI_WEIGHTS, roi_box_losses, warmup_factor, weighted_losses
 from .sampling import matched_mask, positive_targets, select_queries
 from .structures import RoIInputs, RoIRefinement
@@ -108,14 +107,14 @@ class RoIRefineHead(nn.Module):
             )
         return self._poolers[key]
 
-    def crop(self, inputs: RoIInputs, boxes: Tensor, selected: Tensor) -> Tensor:
-        """(R, S, C) RoI cells of the selected boxes, all images and levels in one pooler call."""
-        batch_index = selected.nonzero(as_tuple=True)[0]
-        rois = to_absolute_xyxy(boxes, whwh_scale(inputs.image_sizes, boxes)[batch_index]).float()
-        per_image = rois.split(selected.sum(1).tolist())
+    def crop(self, inputs: RoIInputs, boxes: Tensor, selected: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(R, S, C) RoI cells of the ``selected`` (B, Q) ones of ``boxes`` (B, Q, 4), all images and levels at
+        once, with their batch and query indices (image-major)."""
+        rois = to_absolute_xyxy(boxes, whwh_scale(inputs.image_sizes, boxes)[:, None]).float()
         features = [(f.detach() if self.detach_features else f).float() for f in inputs.features]
-        pooled = self.pooler(level_strides(features, inputs.padded_size))(features, [Boxes(b) for b in per_image])
-        return pooled.flatten(2).transpose(1, 2)
+        pooler = self.pooler(level_strides(features, inputs.padded_size))
+        pooled, batch_index, query_index = pool_selected(pooler, features, rois, selected)
+        return pooled.flatten(2).transpose(1, 2), batch_index, query_index
 
     def forward(
         self, logits: Tensor, boxes: Tensor, inputs: RoIInputs, extra_selected: Tensor | None = None
@@ -127,9 +126,9 @@ class RoIRefineHead(nn.Module):
                 f"embed_dim={self.embed_dim}; pass the last decoder layer's features of the same matching queries."
             )
         selected = select_queries(logits, self.num_rois, extra_selected)
-        batch_index, query_index = selected.nonzero(as_tuple=True)
+        cells, batch_index, query_index = self.crop(inputs, boxes.detach(), selected)
         input_boxes = boxes.detach()[batch_index, query_index]
-        cells = self.crop(inputs, input_boxes, selected).to(input_boxes.dtype)
+        cells = cells.to(input_boxes.dtype)
 
         pos = get_sine_pos_embed(input_boxes, num_pos_feats=self.embed_dim // 2)
         query = (inputs.query_features.detach()[batch_index, query_index] + self.box_embed(pos)).unsqueeze(1)

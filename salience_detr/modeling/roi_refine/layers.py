@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from detectron2.modeling.poolers import ROIPooler
+import torch
+from detectron2.modeling.poolers import ROIPooler, assign_boxes_to_levels
+from detectron2.structures import Boxes
 from torch import Tensor, nn
 
 from salience_detr.layers.post_norm import PostNormLayer
@@ -35,6 +37,35 @@ def roi_pooler(
         canonical_box_size=canonical_box_size,
         canonical_level=canonical_level,
     )
+
+
+def pool_selected(
+    pooler: ROIPooler, features: Sequence[Tensor], rois: Tensor, selected: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """RoIAlign crops (R, C, P, P) of the ``selected`` (B, Q) boxes of ``rois`` (B, Q, 4) absolute xyxy, with
+    their batch and query indices in image-major order (the order of ``selected.nonzero()``).
+
+    The same crops as ``pooler`` on per-image box lists, with one host read (the number of boxes per level) where
+    the pooler and the selection take six (docs/roi_refine.md): the FPN level of every candidate is assigned with
+    detectron2's rule, and the selected boxes are grouped by level with a stable sort.
+    """
+    num_levels, num_queries = len(pooler.level_poolers), selected.shape[1]
+    flat_rois = rois.flatten(0, 1)
+    levels = assign_boxes_to_levels(
+        [Boxes(flat_rois)], pooler.min_level, pooler.max_level, pooler.canonical_box_size, pooler.canonical_level
+    )
+    key = torch.where(selected.flatten(), levels, num_levels)  # not selected: after every level
+    counts = (key[:, None] == torch.arange(num_levels, device=key.device)).sum(0).tolist()
+    by_level = torch.sort(key, stable=True).indices[: sum(counts)]
+    image = torch.div(by_level, num_queries, rounding_mode="floor")
+    formatted = torch.cat([image.to(flat_rois.dtype)[:, None], flat_rois[by_level]], dim=1)
+    pooled = torch.cat(
+        [pool(level, boxes) for pool, level, boxes in zip(pooler.level_poolers, features, formatted.split(counts))]
+    )
+    flat_index = by_level.sort().values
+    position = torch.empty_like(key).index_put((by_level,), torch.arange(len(by_level), device=key.device))
+    batch_index = torch.div(flat_index, num_queries, rounding_mode="floor")
+    return pooled[position[flat_index]], batch_index, flat_index - batch_index * num_queries
 
 
 class RoIRefineLayer(PostNormLayer):

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
-from torchvision.ops import box_convert, box_iou
+from torch.nn.utils.rnn import pad_sequence
+from torchvision.ops import box_convert
+
+from salience_detr.layers.box_ops import paired_iou_giou
 
 from ..criterion import MatchIndices
 from .structures import RoIRefinement
@@ -58,17 +62,17 @@ def positive_targets(
     target_boxes = torch.cat([t["boxes"][gt] for t, (_, gt) in zip(targets, indices)]).to(refinement.refined_boxes)
     if positive_iou is None:
         return rows, target_boxes
+    counts = [len(t["boxes"]) for t in targets]
+    if max(counts, default=0) == 0:
+        return rows, target_boxes
+    # every refined row against every ground truth of its image at once; padded slots and matched rows never win
+    gt_boxes = pad_sequence([t["boxes"].to(target_boxes) for t in targets], batch_first=True)  # (B, n, 4)
+    real = torch.as_tensor(np.arange(max(counts))[None] < np.array(counts)[:, None], device=rows.device)
+    candidate_xyxy = box_convert(refinement.input_boxes, "cxcywh", "xyxy")[:, None]
+    iou = paired_iou_giou(candidate_xyxy, box_convert(gt_boxes, "cxcywh", "xyxy")[refinement.batch_index])[0]
+    best_iou, best_gt = torch.where(real[refinement.batch_index], iou, -1.0).max(1)
     unmatched = torch.ones(len(refinement.batch_index), dtype=torch.bool, device=rows.device)
     unmatched[rows] = False
-    positive_rows, positive_boxes = [rows], [target_boxes]
-    for image, target in enumerate(targets):
-        if not len(target["boxes"]):
-            continue
-        candidates = (unmatched & (refinement.batch_index == image)).nonzero(as_tuple=True)[0]
-        gt_boxes = target["boxes"].to(target_boxes)
-        candidate_xyxy = box_convert(refinement.input_boxes[candidates], "cxcywh", "xyxy")
-        best_iou, best_gt = box_iou(candidate_xyxy, box_convert(gt_boxes, "cxcywh", "xyxy")).max(1)
-        positive = best_iou >= positive_iou
-        positive_rows.append(candidates[positive])
-        positive_boxes.append(gt_boxes[best_gt[positive]])
-    return torch.cat(positive_rows), torch.cat(positive_boxes)
+    positive = (unmatched & (best_iou >= positive_iou)).nonzero(as_tuple=True)[0]  # rows of image 0, 1, ... in order
+    positive_boxes = gt_boxes[refinement.batch_index[positive], best_gt[positive]]
+    return torch.cat([rows, positive]), torch.cat([target_boxes, positive_boxes])
