@@ -24,6 +24,9 @@ TRAIN_CALLS = 5500  # forward + backward; the criterion scores every output set 
 # token budgets, grid-NMS survivors, detectron2's finiteness assert and empty-box filter (detector_postprocess)
 EVAL_SYNCS = 6
 EVAL_CALLS = 2100
+# the RoI head adds the per-level box counts of its crops, the matched-rows check and the positive rows
+ROI_TRAIN_SYNCS = TRAIN_SYNCS + 3
+ROI_TRAIN_CALLS = 6450
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +42,17 @@ def test_training_step_stays_within_its_sync_and_call_budget(tiny_model):
         sum(tiny_model(batch).values()).backward()
     assert counts.total_syncs <= TRAIN_SYNCS, counts.table(0)
     assert counts.total_calls <= TRAIN_CALLS, counts.table(10)
+
+
+def test_training_step_with_the_roi_head_stays_within_its_budget():
+    torch.manual_seed(0)
+    model = instantiate(LazyConfig.load(str(TINY_CONFIG.with_name("salience_detr_tiny_synthetic_roi.py"))).model)
+    model.train()
+    with count_dispatch(sync_sites=True) as counts:
+        sum(model(fixed_batches(2)[1]).values()).backward()
+    assert counts.total_syncs <= ROI_TRAIN_SYNCS, counts.table(0)
+    assert counts.total_calls <= ROI_TRAIN_CALLS, counts.table(10)
+    assert "roi_refine" in " ".join(counts.sync_sites), "the head ran"
 
 
 def test_eval_forward_stays_within_its_sync_and_call_budget(tiny_model):
