@@ -6,10 +6,12 @@ from detectron2.config import LazyCall as L
 from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.backbone import ResNet
+from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
 
 import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
-from salience_detr.modeling.meta_arch import SalienceDETR
+from salience_detr.modeling.meta_arch import SalienceDETR, postprocess_detections
+from salience_detr.utils.dispatch_count import count_dispatch
 
 R50_CONFIG = "configs/models/salience_detr_r50.py"
 NUM_CLASSES = 5
@@ -194,3 +196,42 @@ def test_overfitting_two_images_lowers_the_loss():
         optimizer.step()
         totals.append(float(total.detach()))
     assert sum(totals[-5:]) / 5 < 0.7 * sum(totals[:5]) / 5
+
+
+def detections(boxes):
+    instances = Instances((60, 80))
+    instances.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32))
+    instances.scores = torch.linspace(0.9, 0.1, len(boxes))
+    instances.pred_classes = torch.arange(len(boxes))
+    return instances
+
+
+@pytest.mark.parametrize("output_size", [(120, 100), (60, 80), (45, 200)])
+def test_postprocess_gives_detectrons_instances_with_one_sync(output_size):
+    boxes = [
+        [10.0, 5.0, 30.0, 25.0],  # inside
+        [20.0, 20.0, 20.0, 40.0],  # zero width: dropped
+        [-10.0, -5.0, 30.5, 70.0],  # clipped on three sides
+        [85.0, 10.0, 95.0, 20.0],  # right of the image: empty once clipped
+        [5.0, 50.0, 70.0, 50.5],  # thin but not empty
+        [30.0, 30.0, 10.0, 40.0],  # x2 < x1: dropped
+    ]
+    expected = detector_postprocess(detections(boxes), *output_size)
+    with count_dispatch() as counts:
+        ours = postprocess_detections(detections(boxes), *output_size)
+    assert counts.total_syncs == 1
+    assert ours.image_size == expected.image_size and len(ours) == len(expected) < len(boxes)
+    assert set(ours.get_fields()) == set(expected.get_fields())
+    assert torch.equal(ours.pred_boxes.tensor, expected.pred_boxes.tensor)
+    assert torch.equal(ours.scores, expected.scores) and torch.equal(ours.pred_classes, expected.pred_classes)
+    empty = postprocess_detections(detections([[1.0, 1.0, 1.0, 1.0]]), *output_size)
+    assert len(empty) == 0 and empty.pred_boxes.tensor.shape == (0, 4)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_postprocess_refuses_boxes_that_are_not_finite_as_detectron2_does(bad):
+    boxes = [[10.0, 5.0, 30.0, 25.0], [1.0, 2.0, bad, 4.0]]
+    with pytest.raises(AssertionError, match="infinite or NaN"):
+        detector_postprocess(detections(boxes), 60, 80)
+    with pytest.raises(ValueError, match="infinite or NaN"):
+        postprocess_detections(detections(boxes), 60, 80)

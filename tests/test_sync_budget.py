@@ -21,8 +21,8 @@ from salience_detr.utils.dispatch_count import count_dispatch
 # encoder layers (one read), the grid-NMS survivor count, the denoising and criterion class checks
 TRAIN_SYNCS = 5
 TRAIN_CALLS = 5500  # forward + backward; the criterion scores every output set at once, salience targets in one pass
-# token budgets, grid-NMS survivors, detectron2's finiteness assert and empty-box filter (detector_postprocess)
-EVAL_SYNCS = 6
+# token budgets, grid-NMS survivors, the kept detections (postprocess_detections: finiteness and empty boxes)
+EVAL_SYNCS = 3
 EVAL_CALLS = 2100
 # the RoI head adds the per-level box counts of its crops, the matched-rows check and the positive rows
 ROI_TRAIN_SYNCS = TRAIN_SYNCS + 3

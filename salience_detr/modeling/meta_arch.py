@@ -68,6 +68,40 @@ def layer_outputs(logits: Tensor, boxes: Tensor) -> dict[str, Any]:
     }
 
 
+def postprocess_detections(instances: Instances, height: int, width: int) -> Instances:
+    """detectron2's ``detector_postprocess`` for box predictions, with one host sync instead of four.
+
+    The same rescaling to ``(height, width)``, clipping and filtering of empty boxes (identical Instances, tested
+    against detectron2's), but its finiteness assert and its boolean-mask indexing of every field are one
+    ``nonzero``: when a box is not finite every index is listed once more, so the length alone tells (no read of
+    its own). Under tracing, or with sizes given as tensors, detectron2's own function runs.
+    """
+    if torch.jit.is_tracing() or isinstance(height, Tensor) or isinstance(width, Tensor):
+        return detector_postprocess(instances, height, width)
+    boxes = instances.pred_boxes
+    boxes.scale(width / instances.image_size[1], height / instances.image_size[0])
+    x1, y1, x2, y2 = boxes.tensor.unbind(1)
+    clipped = torch.stack(
+        (
+            x1.clamp(min=0, max=width),
+            y1.clamp(min=0, max=height),
+            x2.clamp(min=0, max=width),
+            y2.clamp(min=0, max=height),
+        ),
+        dim=-1,
+    )
+    keep = (clipped[:, 2] - clipped[:, 0] > 0) & (clipped[:, 3] - clipped[:, 1] > 0)
+    not_finite = ~torch.isfinite(boxes.tensor).all()
+    hits = torch.cat([keep, not_finite.expand(len(keep) + 1)]).nonzero()[:, 0]
+    if len(hits) > len(keep):
+        raise ValueError(
+            "predicted boxes contain infinite or NaN values (detectron2's 'Box tensor contains infinite or NaN!'); "
+            "the weights or the input are broken: check the checkpoint, the AMP settings and the input image"
+        )
+    fields = dict(instances.get_fields(), pred_boxes=Boxes(clipped))
+    return Instances((height, width), **{name: value[hits] for name, value in fields.items()})
+
+
 @META_ARCH_REGISTRY.register()
 class SalienceDETR(nn.Module):
     """Salience DETR (CVPR 2024) with explicit modules, constructible from a LazyConfig.
@@ -237,7 +271,7 @@ class SalienceDETR(nn.Module):
     ) -> list[dict[str, Any]]:
         """Top-k over queries x classes of the last decoder layer, no NMS, rescaled to the requested size.
 
-        Described in docs/model.md#post-processing.
+        Described in docs/model.md#post-processing; ``postprocess_detections`` rescales as detectron2 does.
         """
         logits, boxes = output.pred_logits[-1], output.pred_boxes[-1]
         num_queries, num_classes = logits.shape[1:]
@@ -254,7 +288,7 @@ class SalienceDETR(nn.Module):
             instances.pred_boxes = Boxes(boxes_xyxy[index])
             instances.scores = scores[index]
             instances.pred_classes = labels[index]
-            result = {"instances": detector_postprocess(instances, x.get("height", height), x.get("width", width))}
+            result = {"instances": postprocess_detections(instances, x.get("height", height), x.get("width", width))}
             if self.return_salience:
                 result["salience"] = [level[index, 0] for level in output.salience]
                 result["selected_indices"] = [layer[index] for layer in output.layer_indices]
