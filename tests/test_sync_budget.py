@@ -23,7 +23,7 @@ TRAIN_SYNCS = 5
 TRAIN_CALLS = 5500  # forward + backward; the criterion scores every output set at once, salience targets in one pass
 # token budgets, grid-NMS survivors, the kept detections (postprocess_detections: finiteness and empty boxes)
 EVAL_SYNCS = 3
-EVAL_CALLS = 2100
+EVAL_CALLS = 2070
 # the RoI head adds the per-level box counts of its crops, the matched-rows check and the positive rows
 ROI_TRAIN_SYNCS = TRAIN_SYNCS + 3
 ROI_TRAIN_CALLS = 6450

@@ -141,10 +141,11 @@ class HybridSetCriterion(nn.Module):
         self.gamma = gamma
 
     def stacked_set_losses(self, output_sets: Sequence[OutputSet], targets: Sequence[dict]) -> dict[str, Tensor]:
-        """The unweighted terms of every set at once, (S,) per term: one call per loss term instead of one per set.
+        """The unweighted terms of every set, (S,) per term, with a few hundred calls fewer than set by set.
 
         The sets' boxes are concatenated along the query axis and their matched pairs flattened: the box terms and
-        the class targets are computed once over all of them, then summed per set (docs/model.md#set-criterion).
+        the class targets are computed once over all of them and summed per set; only the class BCE runs per set
+        (docs/model.md#set-criterion).
         """
         first = output_sets[0].logits
         offsets = np.cumsum([0] + [s.logits.shape[1] for s in output_sets])
