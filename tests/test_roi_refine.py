@@ -23,6 +23,7 @@ from salience_detr.modeling.roi_refine import (
     warmup_factor,
 )
 from salience_detr.modeling.roi_refine.layers import pool_selected, roi_pooler
+from salience_detr.utils.dispatch_count import count_dispatch
 
 EMBED_DIM = 32
 NUM_CLASSES = 3
@@ -471,3 +472,18 @@ def test_batched_positive_search_equals_the_per_image_loop():
     assert len(looped_rows) > 3 and set(refinement.batch_index[looped_rows].tolist()) == {0, 2}
     assert torch.equal(rows, torch.cat([matched, looped_rows]))
     assert torch.equal(target_boxes, torch.cat([matched_boxes, looped_boxes]))
+
+
+@pytest.mark.parametrize("positive_iou", [None, 0.5])
+def test_a_match_that_was_not_refined_is_refused_with_or_without_positive_search(positive_iou):
+    head = small_head(num_rois=1, positive_iou=positive_iou)
+    logits, boxes, inputs = head_inputs([(96, 128)], (96, 128))
+    refinement = head(logits, boxes, inputs)
+    missing = next(q for q in range(6) if q not in refinement.query_index.tolist())
+    target = [{"labels": torch.tensor([0]), "boxes": random_boxes(1, 1)[0]}]
+    with pytest.raises(ValueError, match="extra_selected"):
+        positive_targets(refinement, target, [(torch.tensor([missing]), torch.tensor([0]))], positive_iou)
+    refined = refinement.query_index[:1]
+    with count_dispatch() as counts:
+        rows, _ = positive_targets(refinement, target, [(refined, torch.tensor([0]))], positive_iou)
+    assert rows[0] == 0 and counts.total_syncs == 1  # the check shares the read of the positive search

@@ -24,8 +24,8 @@ TRAIN_CALLS = 5500  # forward + backward; the criterion scores every output set 
 # token budgets, grid-NMS survivors, the kept detections (postprocess_detections: finiteness and empty boxes)
 EVAL_SYNCS = 3
 EVAL_CALLS = 2070
-# the RoI head adds the per-level box counts of its crops, the matched-rows check and the positive rows
-ROI_TRAIN_SYNCS = TRAIN_SYNCS + 3
+# the RoI head adds the per-level box counts of its crops and the positive rows (with the matched-rows check)
+ROI_TRAIN_SYNCS = TRAIN_SYNCS + 2
 ROI_TRAIN_CALLS = 6450
 
 

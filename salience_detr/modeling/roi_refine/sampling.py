@@ -36,16 +36,20 @@ def matched_mask(indices: MatchIndices, shape: tuple[int, int], device: torch.de
     return mask
 
 
-def matched_rows(refinement: RoIRefinement, indices: MatchIndices) -> Tensor:
-    """The refined row of every matched query, in the matching's order; refused if one was not refined."""
+MISSING_MATCH = "a matched query was not refined; pass the matched queries as extra_selected in forward."
+
+
+def matched_rows(refinement: RoIRefinement, indices: MatchIndices, check: bool = True) -> Tensor:
+    """The refined row of every matched query, in the matching's order, -1 for one that was not refined: refused
+    with ``check`` (one host read; ``positive_targets`` does it within its own)."""
     device = refinement.refined_boxes.device
     row_of = torch.full((len(indices), refinement.boxes.shape[1]), -1, dtype=torch.long, device=device)
     num_rows = len(refinement.batch_index)
     row_of[refinement.batch_index, refinement.query_index] = torch.arange(num_rows, device=device)
     batch = torch.cat([torch.full_like(query, i) for i, (query, _) in enumerate(indices)]).to(device)
     rows = row_of[batch, torch.cat([query for query, _ in indices]).to(device)]
-    if (rows < 0).any():
-        raise ValueError("a matched query was not refined; pass the matched queries as extra_selected in forward.")
+    if check and len(rows) and bool((rows < 0).any()):
+        raise ValueError(MISSING_MATCH)
     return rows
 
 
@@ -58,12 +62,10 @@ def positive_targets(
     """(rows, target boxes) the box losses train on: every matched query with its ground truth, and with
     ``positive_iou`` also every other refined query whose input box overlaps a ground truth by that much (its
     best-overlapping one), as R-CNN heads train on all proposals near an object."""
-    rows = matched_rows(refinement, indices)
-    target_boxes = torch.cat([t["boxes"][gt] for t, (_, gt) in zip(targets, indices)]).to(refinement.refined_boxes)
-    if positive_iou is None:
-        return rows, target_boxes
     counts = [len(t["boxes"]) for t in targets]
-    if max(counts, default=0) == 0:
+    rows = matched_rows(refinement, indices, check=positive_iou is None or max(counts, default=0) == 0)
+    target_boxes = torch.cat([t["boxes"][gt] for t, (_, gt) in zip(targets, indices)]).to(refinement.refined_boxes)
+    if positive_iou is None or max(counts, default=0) == 0:
         return rows, target_boxes
     # every refined row against every ground truth of its image at once; padded slots and matched rows never win
     gt_boxes = pad_sequence([t["boxes"].to(target_boxes) for t in targets], batch_first=True)  # (B, n, 4)
@@ -73,6 +75,12 @@ def positive_targets(
     best_iou, best_gt = torch.where(real[refinement.batch_index], iou, -1.0).max(1)
     unmatched = torch.ones(len(refinement.batch_index), dtype=torch.bool, device=rows.device)
     unmatched[rows] = False
-    positive = (unmatched & (best_iou >= positive_iou)).nonzero(as_tuple=True)[0]  # rows of image 0, 1, ... in order
+    candidates = unmatched & (best_iou >= positive_iou)
+    # one read for the positives (rows of image 0, 1, ... in order) and the missing-match check: a missing match
+    # lists every row once more, so the length tells
+    missing = (rows < 0).any().expand(len(candidates) + 1)
+    positive = torch.cat([candidates, missing]).nonzero(as_tuple=True)[0]
+    if len(positive) > len(candidates):
+        raise ValueError(MISSING_MATCH)
     positive_boxes = gt_boxes[refinement.batch_index[positive], best_gt[positive]]
     return torch.cat([rows, positive]), torch.cat([target_boxes, positive_boxes])
