@@ -28,12 +28,16 @@ def select_queries(logits: Tensor, num_rois: int, extra: Tensor | None = None) -
     return selected if extra is None else selected | extra
 
 
+def matched_queries(indices: MatchIndices, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(image, query) of every match, flat in the matching's order; the images from the host lengths."""
+    images = np.repeat(np.arange(len(indices)), [len(query) for query, _ in indices])
+    return torch.as_tensor(images, device=device), torch.cat([query for query, _ in indices]).to(device)
+
+
 def matched_mask(indices: MatchIndices, shape: tuple[int, int], device: torch.device) -> Tensor:
     """(B, Q) bool marking the queries the Hungarian matcher assigned to a ground-truth box."""
     mask = torch.zeros(shape, dtype=torch.bool, device=device)
-    for image, (query, _) in enumerate(indices):
-        mask[image, query.to(device)] = True
-    return mask
+    return mask.index_put(matched_queries(indices, device), torch.ones((), dtype=torch.bool, device=device))
 
 
 MISSING_MATCH = "a matched query was not refined; pass the matched queries as extra_selected in forward."
@@ -46,8 +50,7 @@ def matched_rows(refinement: RoIRefinement, indices: MatchIndices, check: bool =
     row_of = torch.full((len(indices), refinement.boxes.shape[1]), -1, dtype=torch.long, device=device)
     num_rows = len(refinement.batch_index)
     row_of[refinement.batch_index, refinement.query_index] = torch.arange(num_rows, device=device)
-    batch = torch.cat([torch.full_like(query, i) for i, (query, _) in enumerate(indices)]).to(device)
-    rows = row_of[batch, torch.cat([query for query, _ in indices]).to(device)]
+    rows = row_of[matched_queries(indices, device)]
     if check and len(rows) and bool((rows < 0).any()):
         raise ValueError(MISSING_MATCH)
     return rows
