@@ -1,7 +1,7 @@
 """The tiny synthetic-shapes model with the RoI refinement head: the ablation partner of salience_detr_tiny_synthetic.
 
-Same data, schedule and seed; the head is scaled to the model (128 channels, 50 RoIs) and its loss warm-up to the
-600-iteration schedule.
+Same data, schedule and seed; the head is scaled to the model (128 channels, 50 RoIs) and its loss warm-up (150
+iterations) to this short schedule.
 """
 
 from ..models.salience_detr_r50_roi import roi_refine_head
