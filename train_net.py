@@ -13,6 +13,11 @@ Everything after the flags is a ``key=value`` override of the config. One iterat
 
 from __future__ import annotations
 
+# first, in a block of its own: besides registering the model and datasets, the import hides torch's jit.script
+# deprecation warning that detectron2 and fvcore trigger when they are imported (salience_detr.compat)
+import salience_detr  # noqa: F401
+
+# isort: split
 import logging
 import os
 
@@ -24,7 +29,6 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
 from salience_detr.config.loading import config_dataset_names, load_config, training_metadata
 from salience_detr.data.image_check import check_images_on_each_machine
 from salience_detr.engine import (

@@ -12,6 +12,11 @@ Load the config with ``salience_detr.config.load_config(path, overrides, inferen
 
 from __future__ import annotations
 
+# first, in a block of its own: besides registering the model and datasets, the import hides torch's jit.script
+# deprecation warning that detectron2 and fvcore trigger when they are imported (salience_detr.compat)
+import salience_detr  # noqa: F401
+
+# isort: split
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +29,6 @@ from detectron2.structures import Instances
 from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
-import salience_detr  # noqa: F401  (makes detectron2 importable and registers the model and datasets)
 from salience_detr.utils.inference import load_model_for_inference, resize_for_model, test_augmentations
 from salience_detr.utils.visualization import (
     label_panel,

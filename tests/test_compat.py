@@ -74,6 +74,21 @@ def test_salience_detr_import_prints_no_jit_deprecation_warning(tmp_path):
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.parametrize("script", ["train_net.py", "demo/demo.py"])
+def test_entry_scripts_print_no_jit_deprecation_warning(script):
+    """The scripts import salience_detr before detectron2 (an import block of its own, which the import sorter keeps),
+    so a user's every command starts without torch's jit.script warnings."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+        [sys.executable, "-W", "error::FutureWarning", os.path.join(root, script), "--help"],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+
+
 @pure_python_d2
 def test_missing_compiled_op_names_itself_and_the_fix():
     from detectron2 import _C
