@@ -39,6 +39,60 @@ def last_bbox_metrics(output_dir: Path) -> dict[str, float]:
     return found
 
 
+def draw_command(python: str, val: dict, results_file: Path, output_dir: Path) -> list[str]:
+    """visualize_json_results on the evaluation's results: predictions beside ground truth for a few images."""
+    return [
+        python,
+        "-m",
+        "salience_detr.tools.visualize_json_results",
+        "--input",
+        str(results_file),
+        "--dataset",
+        val["name"],
+        "--coco-json",
+        val["json_file"],
+        "--image-root",
+        val["image_root"],
+        "--output",
+        str(output_dir / "detections"),
+        "--num-images",
+        str(NUM_DRAWN_IMAGES),
+        "--conf-threshold",
+        str(DRAW_THRESHOLD),
+    ]
+
+
+def demo_command(python: str, config_file: str, image: Path, output_dir: Path, overrides: list[str]) -> list[str]:
+    """demo/demo.py with salience maps on one image, from the weights training just wrote."""
+    return [
+        python,
+        "demo/demo.py",
+        "--config-file",
+        config_file,
+        "--input",
+        str(image),
+        "--output",
+        str(output_dir / "demo"),
+        "--confidence-threshold",
+        str(DRAW_THRESHOLD),
+        "--show-salience",
+        "--opts",
+        *overrides,
+        f"train.init_checkpoint={output_dir / 'model_final.pth'}",
+    ]
+
+
+def print_summary(timings: dict[str, float], output_dir: Path, results_file: Path) -> None:
+    """Wall time of each step, the AP of the last evaluation, and where the files are."""
+    metrics = last_bbox_metrics(output_dir)
+    print("\n=== quickstart summary")
+    for title, seconds in timings.items():
+        print(f"{title:<28s} {seconds / 60:6.1f} min")
+    if metrics:
+        print("COCO bbox " + "  ".join(f"{key} {metrics[key]:.1f}" for key in ("AP", "AP50", "AP75") if key in metrics))
+    print(f"results: {results_file}\ndrawings: {output_dir / 'detections'}\ndemo: {output_dir / 'demo'}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config-file", default=DEFAULT_CONFIG, help="LazyConfig of the model to train")
@@ -53,68 +107,17 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg = load_config(config_file, overrides)
     val = dataset_info(cfg.dataloader.test.dataset.names)
-
-    timings: dict[str, float] = {}
+    results_file = output_dir / "inference" / "coco_instances_results.json"
     python = sys.executable
+    timings: dict[str, float] = {}
     train_command = [python, "train_net.py", "--config-file", config_file, *overrides]
     run_step("quickstart", "train and evaluate", train_command, root, timings)
-    results_file = output_dir / "inference" / "coco_instances_results.json"
-    run_step(
-        "quickstart",
-        "draw validation detections",
-        [
-            python,
-            "-m",
-            "salience_detr.tools.visualize_json_results",
-            "--input",
-            str(results_file),
-            "--dataset",
-            val["name"],
-            "--coco-json",
-            val["json_file"],
-            "--image-root",
-            val["image_root"],
-            "--output",
-            str(output_dir / "detections"),
-            "--num-images",
-            str(NUM_DRAWN_IMAGES),
-            "--conf-threshold",
-            str(DRAW_THRESHOLD),
-        ],
-        root,
-        timings,
-    )
+    draw = draw_command(python, val, results_file, output_dir)
+    run_step("quickstart", "draw validation detections", draw, root, timings)
     first_image = sorted(Path(val["image_root"]).iterdir())[0]
-    run_step(
-        "quickstart",
-        "demo on one image",
-        [
-            python,
-            "demo/demo.py",
-            "--config-file",
-            config_file,
-            "--input",
-            str(first_image),
-            "--output",
-            str(output_dir / "demo"),
-            "--confidence-threshold",
-            str(DRAW_THRESHOLD),
-            "--show-salience",
-            "--opts",
-            *overrides,
-            f"train.init_checkpoint={output_dir / 'model_final.pth'}",
-        ],
-        root,
-        timings,
-    )
-
-    metrics = last_bbox_metrics(output_dir)
-    print("\n=== quickstart summary")
-    for title, seconds in timings.items():
-        print(f"{title:<28s} {seconds / 60:6.1f} min")
-    if metrics:
-        print("COCO bbox " + "  ".join(f"{key} {metrics[key]:.1f}" for key in ("AP", "AP50", "AP75") if key in metrics))
-    print(f"results: {results_file}\ndrawings: {output_dir / 'detections'}\ndemo: {output_dir / 'demo'}")
+    demo = demo_command(python, config_file, first_image, output_dir, overrides)
+    run_step("quickstart", "demo on one image", demo, root, timings)
+    print_summary(timings, output_dir, results_file)
 
 
 if __name__ == "__main__":
