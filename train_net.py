@@ -34,13 +34,13 @@ from salience_detr.data.image_check import check_images_on_each_machine
 from salience_detr.engine import (
     AtomicDetectionCheckpointer,
     BestCheckpointer,
-    DetrTrainer,
     EMAHook,
     ModelEMA,
     ModelIterationHook,
-    freeze_all_but,
+    freeze_for_config,
     launch,
     resolve_amp,
+    trainer_from_config,
 )
 from salience_detr.engine.preflight import check_device, claim_output_dir, eval_weights, resume_has_work
 from salience_detr.engine.run_lock import trim_metrics
@@ -114,12 +114,7 @@ def do_train(args, cfg) -> None:
     amp_dtype = resolve_amp(cfg.train.amp.enabled, cfg.train.amp.get("dtype", "float16"), cfg.train.device)
     model = prepare_model(cfg)
     logger.info("Model:\n%s", model)
-    frozen = []
-    if cfg.train.get("trainable"):
-        frozen = freeze_all_but(model, list(cfg.train.trainable))
-        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in model.parameters())
-        logger.info("Training only %s: %d of %d parameters", list(cfg.train.trainable), trained, total)
+    frozen = freeze_for_config(model, cfg.train.get("trainable"))
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
     ddp_kwargs = dict(cfg.train.ddp)
@@ -128,18 +123,7 @@ def do_train(args, cfg) -> None:
     model = create_ddp_model(model, **ddp_kwargs)
     ema = ModelEMA(model, cfg.train.ema.decay) if cfg.train.ema.enabled else None
 
-    clip = cfg.train.clip_grad
-    trainer = DetrTrainer(
-        model,
-        instantiate(cfg.dataloader.train),
-        optimizer,
-        accumulate_steps=cfg.train.accumulate_steps,
-        clip_grad_max_norm=clip.max_norm if clip.enabled else None,
-        clip_grad_norm_type=clip.norm_type,
-        clip_grad_separate=clip.get("separate", ()),
-        amp_dtype=amp_dtype,
-        frozen_modules=frozen,
-    )
+    trainer = trainer_from_config(cfg, model, instantiate(cfg.dataloader.train), optimizer, amp_dtype, frozen)
     extra = {"ema": ema} if ema is not None else {}
     checkpointer = AtomicDetectionCheckpointer(
         model,

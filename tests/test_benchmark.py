@@ -95,6 +95,15 @@ def test_train_task_times_training_steps_and_counts_one(train_data, tiny_synthet
     assert any("modeling" in site for site in result["host_sync_sites"])  # the model's own syncs are named
 
 
+def test_train_task_trains_only_train_trainable(tiny_synthetic_cache, tmp_path):
+    """The benchmark times the step train_net runs: with train.trainable the rest of the model is frozen."""
+    argv = ["--config-file", TINY_CONFIG, "--task", "train", "--train-data", "random", "--device", "cpu"]
+    argv += ["--height", "64", "--width", "96", "--batch-size", "2", "--num-iter", "1", "--warmup", "0"]
+    argv += ["--output", str(tmp_path / "train.json"), "--opts", "train.trainable=[transformer.decoder]"]
+    (result,) = benchmark.main(argv)["results"].values()
+    assert 0 < result["trainable_params_m"] < result["params_m"]
+
+
 def test_data_task_times_the_train_loader_alone(tiny_synthetic_cache, tmp_path, monkeypatch):
     monkeypatch.setattr(benchmark, "instantiate", _no_model(benchmark.instantiate))
     argv = ["--config-file", TINY_CONFIG, "--task", "data", "--num-iter", "3", "--warmup", "1", "--device", "cpu"]

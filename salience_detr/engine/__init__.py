@@ -4,11 +4,11 @@ freezing, the hook that hands the iteration to the model."""
 from .best_checkpoint import BestCheckpointer
 from .checkpoint import AtomicDetectionCheckpointer, CheckpointFileError
 from .ema import EMAHook, ModelEMA, unwrap_model
-from .freeze import freeze_all_but
+from .freeze import freeze_all_but, freeze_for_config
 from .launch import launch
 from .model_iteration import ModelIterationHook
 from .param_groups import detr_param_groups
-from .trainer import DetrTrainer, NonFiniteLossError, resolve_amp
+from .trainer import DetrTrainer, NonFiniteLossError, resolve_amp, trainer_from_config
 from .weights import CheckpointMismatchError
 
 __all__ = [
@@ -23,7 +23,9 @@ __all__ = [
     "NonFiniteLossError",
     "detr_param_groups",
     "freeze_all_but",
+    "freeze_for_config",
     "launch",
     "resolve_amp",
+    "trainer_from_config",
     "unwrap_model",
 ]

@@ -7,9 +7,12 @@ gradients and also run in eval mode, so BatchNorm statistics and dropout stay as
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 
 def freeze_all_but(model: nn.Module, trainable: Sequence[str]) -> list[nn.Module]:
@@ -41,4 +44,15 @@ def freeze_all_but(model: nn.Module, trainable: Sequence[str]) -> list[nn.Module
                 frozen.append(child)
 
     visit("", model)
+    return frozen
+
+
+def freeze_for_config(model: nn.Module, trainable: Sequence[str] | None) -> list[nn.Module]:
+    """``freeze_all_but`` for ``train.trainable`` (None or empty: everything trains), with one log line of the count."""
+    if not trainable:
+        return []
+    frozen = freeze_all_but(model, list(trainable))
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("Training only %s: %d of %d parameters", list(trainable), trained, total)
     return frozen

@@ -154,3 +154,27 @@ class DetrTrainer(SimpleTrainer):
         super().load_state_dict(state_dict)
         if self.grad_scaler is not None and "grad_scaler" in state_dict:
             self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
+
+
+def trainer_from_config(
+    cfg: Any,
+    model: torch.nn.Module,
+    data_loader: Any,
+    optimizer: torch.optim.Optimizer,
+    amp_dtype: torch.dtype | None,
+    frozen_modules: Sequence[torch.nn.Module] = (),
+) -> DetrTrainer:
+    """The ``DetrTrainer`` that ``cfg.train`` describes (accumulation, clipping and its separate groups), so that
+    train_net and the training benchmark run the same step."""
+    clip = cfg.train.clip_grad
+    return DetrTrainer(
+        model,
+        data_loader,
+        optimizer,
+        accumulate_steps=cfg.train.accumulate_steps,
+        clip_grad_max_norm=clip.max_norm if clip.enabled else None,
+        clip_grad_norm_type=clip.norm_type,
+        clip_grad_separate=clip.get("separate", ()),
+        amp_dtype=amp_dtype,
+        frozen_modules=frozen_modules,
+    )

@@ -48,7 +48,13 @@ from torch import Tensor, nn
 
 import salience_detr  # noqa: F401  (makes detectron2 importable and registers the model)
 from salience_detr.config import load_config
-from salience_detr.engine import AtomicDetectionCheckpointer, DetrTrainer, resolve_amp
+from salience_detr.engine import (
+    AtomicDetectionCheckpointer,
+    DetrTrainer,
+    freeze_for_config,
+    resolve_amp,
+    trainer_from_config,
+)
 from salience_detr.layers.ms_deform_attn import BACKEND_ENV, BACKENDS, resolve_backend
 from salience_detr.modeling.fuse import fuse_conv_bn
 from salience_detr.tools._timing import peak_memory_mb, random_image, time_forward
@@ -175,19 +181,12 @@ def random_training_batch(height: int, width: int, batch_size: int, num_classes:
 
 
 def build_trainer(cfg: Any, model: nn.Module, batches: list[list[dict]]) -> DetrTrainer:
-    """The trainer train_net builds (optimizer, accumulation, clipping, AMP of the config), cycling ``batches``."""
+    """The trainer train_net builds (``train.trainable``, optimizer, accumulation, clipping, AMP of the config),
+    cycling ``batches``."""
+    frozen = freeze_for_config(model, cfg.train.get("trainable"))
     cfg.optimizer.params.model = model
-    clip = cfg.train.clip_grad
-    return DetrTrainer(
-        model,
-        itertools.cycle(batches),
-        instantiate(cfg.optimizer),
-        accumulate_steps=cfg.train.accumulate_steps,
-        clip_grad_max_norm=clip.max_norm if clip.enabled else None,
-        clip_grad_norm_type=clip.norm_type,
-        clip_grad_separate=clip.get("separate", ()),
-        amp_dtype=resolve_amp(cfg.train.amp.enabled, cfg.train.amp.get("dtype", "float16"), cfg.train.device),
-    )
+    amp_dtype = resolve_amp(cfg.train.amp.enabled, cfg.train.amp.get("dtype", "float16"), cfg.train.device)
+    return trainer_from_config(cfg, model, itertools.cycle(batches), instantiate(cfg.optimizer), amp_dtype, frozen)
 
 
 def benchmark_train(
