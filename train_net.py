@@ -29,7 +29,7 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from salience_detr.config.loading import config_dataset_names, load_config, training_metadata
+from salience_detr.config.loading import config_dataset_names, load_config, load_raw_config, training_metadata
 from salience_detr.data.image_check import check_images_on_each_machine
 from salience_detr.engine import (
     AtomicDetectionCheckpointer,
@@ -190,7 +190,7 @@ def launch_device(args) -> str | None:
     where CUDA is present); None for a single process, which needs no process group."""
     if args.num_gpus * args.num_machines <= 1:
         return None
-    return load_config(args.config_file, args.opts).train.device
+    return load_raw_config(args.config_file, args.opts).train.device
 
 
 if __name__ == "__main__":

@@ -41,6 +41,16 @@ def test_get_config_applies_overrides_outside_the_checkout(tmp_path):
     assert done.stdout.split()[-2:] == ["7", "True"]
 
 
+def test_get_config_overrides_are_strict_and_touch_no_dataset():
+    """A mistyped key stops, as in train_net; a dataset path that does not exist is not looked at (raw config)."""
+    from salience_detr.config.overrides import ConfigOverrideError
+
+    with pytest.raises(ConfigOverrideError, match="Did you mean train.max_iter"):
+        get_config("salience_detr/salience_detr_tiny_synthetic.py", ["train.max_itr=2"])
+    cfg = get_config("salience_detr/salience_detr_r50_4scale_12ep.py", ["train.device=cpu"])
+    assert cfg.train.device == "cpu"
+
+
 def test_wrong_names_say_what_exists():
     with pytest.raises(FileNotFoundError, match="did you mean salience_detr/salience_detr_r50_4scale_12ep.py"):
         get_config_file("salience_detr/salience_detr_r50_4scale_12p.py")

@@ -37,6 +37,7 @@ __all__ = [
     "check_config_datasets",
     "config_dataset_names",
     "load_config",
+    "load_raw_config",
     "prepare_for_inference",
     "register_config_datasets",
     "resolve_num_classes",
@@ -53,11 +54,7 @@ def load_config(
     (default: ``train.init_checkpoint``) for datasets that are not available, and checks that the checkpoint's
     classes fit the config before any model is built.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path!r} does not exist; pass the path of a LazyConfig .py file")
-    with lazy_config_imports():
-        cfg = LazyConfig.load(path)
-    cfg = apply_overrides(cfg, list(overrides))
+    cfg = load_raw_config(path, overrides)
     if not inference:
         register_config_datasets(cfg)
         check_config_datasets(cfg)
@@ -67,6 +64,16 @@ def load_config(
         checkpoint = cfg.get("train", {}).get("init_checkpoint", "")
     prepare_for_inference(cfg, read_checkpoint_metadata(checkpoint) if checkpoint else None, checkpoint)
     return cfg
+
+
+def load_raw_config(path: str, overrides: Sequence[str] = ()) -> Any:
+    """The config at ``path`` with ``overrides`` applied strictly, and nothing else: no dataset is registered or read
+    (for a value wanted before the real load, such as ``train.device`` in the launching process)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist; pass the path of a LazyConfig .py file")
+    with lazy_config_imports():
+        cfg = LazyConfig.load(path)
+    return apply_overrides(cfg, list(overrides))
 
 
 def _config_file_of(name: str) -> str | None:

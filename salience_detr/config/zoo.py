@@ -18,9 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from detectron2.config import LazyConfig
-
-from salience_detr.config.loading import lazy_config_imports
+from salience_detr.config.loading import load_raw_config
 
 CONFIG_PACKAGE = "salience_detr.configs"
 
@@ -65,7 +63,6 @@ def get_config_file(name: str) -> str:
 
 
 def get_config(name: str, overrides: Sequence[str] = ()) -> Any:
-    """The packaged LazyConfig ``name`` with ``key=value`` overrides applied (detectron2's override syntax)."""
-    with lazy_config_imports():
-        cfg = LazyConfig.load(get_config_file(name))
-    return LazyConfig.apply_overrides(cfg, list(overrides))
+    """The packaged LazyConfig ``name`` with ``key=value`` overrides applied as everywhere else: strictly, so a
+    mistyped key is an error (``salience_detr.config.overrides``)."""
+    return load_raw_config(get_config_file(name), overrides)
