@@ -67,3 +67,11 @@ def test_resume_reads_the_recorded_best(tmp_path, resume):
         _evaluate(hook, model, storage, 3 * EVAL_PERIOD - 1, ap=10.0)
     kept = read_best_metric(str(tmp_path / "model_best.pth"))
     assert kept["value"] == (30.0 if resume else 10.0)
+
+
+def test_a_truncated_best_checkpoint_is_named_not_unpickled(tmp_path):
+    from salience_detr.engine import CheckpointFileError
+
+    (tmp_path / "model_best.pth").write_bytes(b"PK\x03\x04 cut short by a full disk")
+    with pytest.raises(CheckpointFileError, match="is not a readable checkpoint"):
+        read_best_metric(str(tmp_path / "model_best.pth"))

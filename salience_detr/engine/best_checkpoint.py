@@ -14,10 +14,9 @@ import os
 from types import SimpleNamespace
 from typing import Any
 
-import torch
 from detectron2.engine import hooks
 
-from .checkpoint import AtomicDetectionCheckpointer
+from .checkpoint import AtomicDetectionCheckpointer, read_checkpoint_field
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +67,6 @@ class BestCheckpointer(hooks.BestCheckpointer):
 
 
 def read_best_metric(path: str) -> dict[str, Any] | None:
-    """The ``best_metric`` record ({name, value, iteration}) of a ``model_best.pth``, or None when it has none."""
-    data = torch.load(path, map_location="cpu", mmap=True)
-    return data.get("best_metric") if isinstance(data, dict) else None
+    """The ``best_metric`` record ({name, value, iteration}) of a ``model_best.pth``, or None when it has none; a
+    truncated file is named as such (``read_checkpoint_field``)."""
+    return read_checkpoint_field(path, "best_metric")

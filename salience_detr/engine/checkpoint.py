@@ -168,11 +168,9 @@ def unreadable_checkpoint(filename: str, error: Exception) -> CheckpointFileErro
     )
 
 
-def read_checkpoint_metadata(path: str) -> dict[str, Any] | None:
-    """The ``metadata`` a training checkpoint carries (class names, dataset, model), or None when it has none.
-
-    Only local ``.pth`` files are read (memory-mapped where possible); other paths load later, in the checkpointer.
-    """
+def read_checkpoint_field(path: str, key: str) -> Any:
+    """The top-level entry ``key`` of a local ``.pth`` checkpoint (memory-mapped where possible), or None when the
+    path is no local ``.pth`` file or the checkpoint has no such entry; an unreadable file is named as such."""
     if not path.endswith(".pth") or not os.path.isfile(path):
         return None
     try:
@@ -184,5 +182,13 @@ def read_checkpoint_metadata(path: str) -> dict[str, Any] | None:
             data = torch.load(path, map_location="cpu")
     except UNREADABLE_ERRORS as error:
         raise unreadable_checkpoint(path, error) from None
-    metadata = data.get("metadata") if isinstance(data, dict) else None
+    return data.get(key) if isinstance(data, dict) else None
+
+
+def read_checkpoint_metadata(path: str) -> dict[str, Any] | None:
+    """The ``metadata`` a training checkpoint carries (class names, dataset, model), or None when it has none.
+
+    Only local ``.pth`` files are read; other paths load later, in the checkpointer.
+    """
+    metadata = read_checkpoint_field(path, "metadata")
     return dict(metadata) if metadata else None
