@@ -164,7 +164,8 @@ def main(args) -> None:
         check_device(cfg.train.device)
         weights = eval_weights(cfg.train.init_checkpoint) if args.eval_only else None
         claim_output_dir(cfg, resume=args.resume, eval_only=args.eval_only, is_main=comm.is_main_process())
-        names = config_dataset_names(cfg, "train") + config_dataset_names(cfg, "test")
+        splits = ("test",) if args.eval_only else ("train", "test")  # evaluation reads no training image
+        names = [name for split in splits for name in config_dataset_names(cfg, split)]
         check_images_on_each_machine(cfg.train.get("check_images", 0), names)  # bad files named now, not hours in
     apply_fast_dev_run(cfg)
     default_setup(cfg, args)

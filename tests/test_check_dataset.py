@@ -158,6 +158,18 @@ def test_train_net_stops_before_the_model_is_built(broken_dataset, tmp_path, mon
         train_net.main(args)
 
 
+def test_eval_only_checks_the_test_images_alone(broken_dataset, tmp_path, monkeypatch):
+    """Evaluation reads no training image, so broken training files do not stop it; the test set is still checked."""
+    monkeypatch.setattr(train_net, "prepare_model", lambda cfg: pytest.fail("the model was built"))
+    broken, base = broken_dataset[0], f"dataloader.train.dataset.names={broken_dataset[0]}"
+    common = ["--config-file", TINY_CONFIG, "--eval-only", base, "train.init_checkpoint=random", "train.device=cpu"]
+    checked = []
+    monkeypatch.setattr(train_net, "check_images_on_each_machine", lambda limit, names: checked.extend(names))
+    with pytest.raises(pytest.fail.Exception, match="the model was built"):
+        train_net.main(train_net.parse_args([*common, f"train.output_dir={tmp_path / 'out'}"]))
+    assert broken not in checked and checked
+
+
 def test_check_images_option_is_validated_and_can_be_turned_off(broken_dataset):
     with pytest.raises(ValueError, match="train.check_images must be a number of images per dataset"):
         check_images_option("all", [broken_dataset[0]])
