@@ -40,6 +40,7 @@ ESCAPE_KEY = 27
 # Preferred codecs per container, best first; the first one this OpenCV build can open is used.
 CODECS = {".mp4": ("avc1", "mp4v"), ".avi": ("MJPG", "XVID", "mp4v"), ".mkv": ("X264", "avc1", "mp4v")}
 DEFAULT_VIDEO_FPS = 30.0
+BATCHES_PER_WINDOW = 8  # images read ahead for grouping by input size: this many batches (run_images)
 
 logger = logging.getLogger("salience_detr.demo")
 
@@ -212,13 +213,18 @@ def deliver_picture(picture: np.ndarray, output: str | None) -> bool:
 def run_images(
     demo: VisualizationDemo, args: argparse.Namespace, files: list[str], outputs: list, results: ResultsFile | None
 ) -> None:
-    """``--batch-size`` images at a time through the model; pictures unless only --output-json was asked for."""
+    """Batches of ``--batch-size`` images through the model; pictures unless only --output-json was asked for.
+
+    The predictor batches only images of one input size, so it is handed a window of several batches at a time to
+    group: with mixed sizes, chunks of exactly ``--batch-size`` files would mostly run as smaller batches."""
     draw = results is None or args.output is not None
+    window = args.batch_size * BATCHES_PER_WINDOW
     with tqdm.tqdm(total=len(files), disable=len(files) == 1, desc="images") as progress:
-        for first in range(0, len(files), args.batch_size):
-            paths = files[first : first + args.batch_size]
+        for first in range(0, len(files), window):
+            paths = files[first : first + window]
             start = time.perf_counter()
-            predicted = demo.run_on_images([read_image(path) for path in paths], draw=draw)
+            images = [read_image(path) for path in paths]
+            predicted = demo.run_on_images(images, draw=draw, batch_size=args.batch_size)
             seconds = (time.perf_counter() - start) / len(paths)
             for path, output, (_, kept, picture) in zip(paths, outputs[first:], predicted):
                 logger.info("%s: %d detections >= %g in %.2fs", path, len(kept), args.confidence_threshold, seconds)

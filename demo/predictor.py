@@ -191,12 +191,12 @@ class VisualizationDemo:
         return self.run_on_images([image_bgr])[0]
 
     def run_on_images(
-        self, images_bgr: Sequence[np.ndarray], draw: bool = True
+        self, images_bgr: Sequence[np.ndarray], draw: bool = True, batch_size: int | None = None
     ) -> list[tuple[Prediction, Instances, np.ndarray | None]]:
-        """``run_on_image`` for several images, predicted in batches (see ``SaliencePredictor``); with
-        ``draw=False`` no picture is made (None), for runs that only want the detections."""
+        """``run_on_image`` for several images, predicted in batches of at most ``batch_size`` images of one input
+        size (see ``SaliencePredictor``); with ``draw=False`` no picture is made (None), for detections only."""
         results = []
-        for image_bgr, prediction in zip(images_bgr, self.predictor(list(images_bgr))):
+        for image_bgr, prediction in zip(images_bgr, self.predictor(list(images_bgr), batch_size)):
             kept = above_threshold(prediction.instances, self.confidence_threshold)
             results.append((prediction, kept, self._draw(image_bgr, prediction, kept) if draw else None))
         return results

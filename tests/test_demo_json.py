@@ -99,6 +99,23 @@ def test_batched_prediction_equals_one_by_one(tiny_synthetic_cache):
         predictor(images, batch_size=0)
 
 
+def test_image_folder_runs_as_full_batches_of_one_size(tiny_synthetic_cache, tmp_path, monkeypatch):
+    """Files of two sizes in alternation, --batch-size 2: two forwards of two images, not four of one."""
+    rng = np.random.default_rng(1)
+    for index, shape in enumerate([(96, 128, 3), (128, 96, 3)] * 2):
+        cv2.imwrite(str(tmp_path / f"{index}.png"), rng.integers(0, 256, shape, dtype=np.uint8))
+    batches = []
+    run = SaliencePredictor._run
+    monkeypatch.setattr(
+        SaliencePredictor, "_run", lambda self, inputs: batches.append(len(inputs)) or run(self, inputs)
+    )
+    argv = ["--config-file", TINY_CONFIG, "--input", str(tmp_path / "*.png"), "--batch-size", "2"]
+    argv += ["--confidence-threshold", "0"]
+    argv += ["--output-json", str(tmp_path / "out.json"), "--opts", *_tiny_overrides(tiny_synthetic_cache)]
+    assert demo_cli.main(argv) == 0
+    assert batches == [2, 2] and len({r["file_name"] for r in json.loads((tmp_path / "out.json").read_text())}) == 4
+
+
 @pytest.mark.slow
 def test_output_json_is_scored_by_evaluate_json(tiny_synthetic_cache, tmp_path):
     val_root = Path(tiny_synthetic_cache).glob("*/val")
