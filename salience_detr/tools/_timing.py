@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import platform
 import resource
+import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -34,6 +35,17 @@ def time_forward(run: Callable[[], Any], device: torch.device, warmup: int, num_
             run()
             seconds.append(time.perf_counter() - begin)
     return seconds
+
+
+def timing_numbers(seconds: Sequence[float], images_per_call: int) -> dict[str, float]:
+    """Median, min and max milliseconds per call, and images/s at the median."""
+    median = statistics.median(seconds)
+    return {
+        "latency_ms_median": median * 1000.0,
+        "latency_ms_min": min(seconds) * 1000.0,
+        "latency_ms_max": max(seconds) * 1000.0,
+        "images_per_s": images_per_call / median,
+    }
 
 
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:

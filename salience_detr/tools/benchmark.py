@@ -57,7 +57,7 @@ from salience_detr.engine import (
 )
 from salience_detr.layers.ms_deform_attn import BACKEND_ENV, BACKENDS, resolve_backend
 from salience_detr.modeling.fuse import fuse_conv_bn
-from salience_detr.tools._timing import peak_memory_mb, random_image, time_forward
+from salience_detr.tools._timing import peak_memory_mb, random_image, time_forward, timing_numbers
 from salience_detr.utils.dispatch_count import DispatchCounts, count_dispatch
 from salience_detr.utils.inference import DetectionsAsTensors
 
@@ -141,17 +141,6 @@ def benchmark_model(
     result["peak_memory_mb"], result["memory_kind"] = peak_memory_mb(device)
     result.update(dispatch_numbers(counts))
     return result
-
-
-def timing_numbers(seconds: Sequence[float], images_per_call: int) -> dict[str, float]:
-    """Median, min and max milliseconds per call, and images/s at the median."""
-    median = statistics.median(seconds)
-    return {
-        "latency_ms_median": median * 1000.0,
-        "latency_ms_min": min(seconds) * 1000.0,
-        "latency_ms_max": max(seconds) * 1000.0,
-        "images_per_s": images_per_call / median,
-    }
 
 
 def dispatch_numbers(counts: DispatchCounts) -> dict[str, Any]:

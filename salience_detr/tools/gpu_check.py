@@ -614,7 +614,7 @@ def time_model(config_file: str, height: int, width: int, device: str, num_iter:
     from detectron2.config import instantiate
 
     from salience_detr.config import load_config
-    from salience_detr.tools._timing import peak_memory_mb, random_image, time_forward
+    from salience_detr.tools._timing import peak_memory_mb, random_image, time_forward, timing_numbers
 
     target = torch.device(device)
     # inference=True: the GPU machine has no COCO, so the class count comes from the config (checkpoint="": no
@@ -628,13 +628,12 @@ def time_model(config_file: str, height: int, width: int, device: str, num_iter:
         if target.type == "cuda":
             torch.cuda.reset_peak_memory_stats(target)
         with torch.no_grad(), torch.autocast(target.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            seconds = sorted(time_forward(lambda: last.update(outputs=model(inputs)), target, warmup, num_iter))
+            seconds = time_forward(lambda: last.update(outputs=model(inputs)), target, warmup, num_iter)
         instances = last["outputs"][0]["instances"]
         finite = bool(torch.isfinite(instances.scores).all() and torch.isfinite(instances.pred_boxes.tensor).all())
+        timing = timing_numbers(seconds, len(inputs))
         results[name] = {
-            "latency_ms_median": round(seconds[len(seconds) // 2] * 1e3, 2),
-            "latency_ms_min": round(seconds[0] * 1e3, 2),
-            "images_per_s": round(1 / seconds[len(seconds) // 2], 2),
+            **{key: round(timing[key], 2) for key in ("latency_ms_median", "latency_ms_min", "images_per_s")},
             "peak_memory_mb": round(peak_memory_mb(target)[0]),
             "detections": len(instances),
             "finite": finite,
