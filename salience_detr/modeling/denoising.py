@@ -127,11 +127,12 @@ class GenerateCDNQueries(nn.Module):
         boxes = torch.cat(gt_boxes_list).to(device=device, dtype=box_query.dtype)
         if boxes.ndim != 2 or boxes.shape[1] != 4:
             raise ValueError(f"gt boxes must be (n, 4) normalized cxcywh per image, got {tuple(boxes.shape)} in total")
-        # checked where the labels lie: the model passes the host copies, so this read is no device sync
-        if bool(((labels < 0) | (labels >= self.num_classes)).any()):
+        # numpy on the host copies the model passes (the mapper's CPU tensors): host work, no device value read
+        host_labels = labels.cpu().numpy()
+        if ((host_labels < 0) | (host_labels >= self.num_classes)).any():
             raise ValueError(
                 f"gt labels must be contiguous class ids in [0, {self.num_classes}), got values in "
-                f"[{int(labels.min())}, {int(labels.max())}]; map dataset ids to contiguous ids first"
+                f"[{int(host_labels.min())}, {int(host_labels.max())}]; map dataset ids to contiguous ids first"
             )
         labels = labels.to(device=device, dtype=torch.long)
         num_gt = sum(host_counts)
