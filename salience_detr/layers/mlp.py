@@ -27,11 +27,14 @@ class MLP(nn.Module):
         self.layers = nn.ModuleList(nn.Linear(d_in, d_out) for d_in, d_out in zip(dims_in, dims_out))
 
     def forward(self, x: Tensor) -> Tensor:
+        """Runs on rows: a (..., C) input is flattened once, so each layer is one addmm without reshapes around it."""
+        leading = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])
         for index, layer in enumerate(self.layers):
             x = layer(x)
             if index < len(self.layers) - 1:
                 x = torch.relu(x)
-        return x
+        return x.view(*leading, x.shape[-1])
 
 
 def init_class_head(head: nn.Linear, prior_probability: float = PRIOR_PROBABILITY) -> None:

@@ -64,8 +64,9 @@ class PostNormLayer(nn.Module):
     def feed_forward(self, query: Tensor) -> Tensor:
         """``norm(query + dropout(linear2(dropout(relu(linear1(query))))))``."""
         inner_dropout, outer_dropout, norm = self._ffn
-        ffn = self.linear2(getattr(self, inner_dropout)(torch.relu(self.linear1(query))))
-        return getattr(self, norm)(query + getattr(self, outer_dropout)(ffn))
+        rows = query.reshape(-1, query.shape[-1])  # one reshape instead of one around each linear
+        ffn = self.linear2(getattr(self, inner_dropout)(torch.relu(self.linear1(rows))))
+        return getattr(self, norm)(rows + getattr(self, outer_dropout)(ffn)).view(query.shape)
 
     def xavier_init(self, attention: nn.MultiheadAttention) -> None:
         """Xavier-uniform projections of ``attention`` and FFN weights (biases keep theirs), as the official layers."""

@@ -12,6 +12,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from salience_detr.layers.attention import additive_mask, multihead_self_attention
 from salience_detr.layers.box_ops import inverse_sigmoid
 from salience_detr.layers.mlp import MLP, init_box_head, init_class_head
 from salience_detr.layers.ms_deform_attn import MultiScaleDeformableAttention
@@ -68,11 +69,11 @@ class SalienceDecoderLayer(PostNormLayer):
         key_padding_mask: Tensor | None = None,
         self_attn_mask: Tensor | None = None,
     ) -> Tensor:
-        """query, query_pos (B,Q,C); reference_points (B,Q,L,4); value (B,N,C); self_attn_mask (Q,Q) True=blocked."""
-        query_with_pos = query + query_pos
-        attended = self.self_attn(query_with_pos, query_with_pos, query, attn_mask=self_attn_mask, need_weights=False)[
-            0
-        ]
+        """query, query_pos (B,Q,C); reference_points (B,Q,L,4); value (B,N,C); self_attn_mask (Q,Q) True=blocked,
+        or already the float mask of :func:`additive_mask` (the decoder converts it once for all its layers)."""
+        if self_attn_mask is not None and self_attn_mask.dtype == torch.bool:
+            self_attn_mask = additive_mask(self_attn_mask, query.dtype)
+        attended = multihead_self_attention(self.self_attn, query + query_pos, query, self_attn_mask)
         query = self.residual("self_attn", query, attended)
 
         sampled = self.cross_attn(
@@ -124,6 +125,8 @@ class SalienceDecoder(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """query (B,Q,C); reference_points (B,Q,4) sigmoid space; value (B,N,C); valid_ratios (B,L,2) as (w,h)."""
         valid_ratio_scale = torch.cat([valid_ratios, valid_ratios], -1)[:, None]
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            attn_mask = additive_mask(attn_mask, query.dtype)
         classes, boxes = [], []
         for index, layer in enumerate(self.layers):
             reference_input = reference_points.detach()[:, :, None] * valid_ratio_scale
