@@ -53,6 +53,30 @@ def level_masks_for(mask: Tensor, features: list[Tensor]) -> list[Tensor]:
     return [F.interpolate(mask[None].float(), size=f.shape[-2:]).to(torch.bool)[0] for f in features]
 
 
+def _nearest_sources(in_size: int, out_sizes: list[int]) -> list[np.ndarray]:
+    """The input row that ``F.interpolate``'s default nearest mode takes for every output row, one array per size:
+    the op itself run on a host ``arange`` (a few values), so its float32 index rule is used, not re-derived."""
+    rows = torch.from_numpy(np.arange(in_size, dtype=np.float32).reshape(1, 1, in_size, 1))
+    return [F.interpolate(rows, size=(out, 1)).numpy().reshape(-1) for out in out_sizes]
+
+
+def level_valid_counts(
+    image_sizes: list[tuple[int, int]], padded_size: tuple[int, int], shapes: list[tuple[int, int]]
+) -> list[list[int]]:
+    """(B, L) unpadded cells of every image's level mask (``level_masks_for``), computed on the host.
+
+    An image's padding mask is the rectangle outside its (h, w); nearest interpolation picks rows and columns
+    independently, so a level keeps (rows with source < h) x (columns with source < w) valid cells. The token
+    budgets come from these counts instead of a read of the device masks (docs/model.md#token-ranking).
+    """
+    rows = _nearest_sources(padded_size[0], [h for h, _ in shapes])
+    cols = _nearest_sources(padded_size[1], [w for _, w in shapes])
+    return [
+        [int(np.count_nonzero(r < h)) * int(np.count_nonzero(c < w)) for r, c in zip(rows, cols)]
+        for h, w in image_sizes
+    ]
+
+
 def split_denoising(logits: Tensor, boxes: Tensor, num_denoising: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """Split the (num_layers, B, D + Q', ...) decoder outputs into denoising and matching parts (dn_post_process)."""
     dn = layer_outputs(logits[:, :, :num_denoising], boxes[:, :, :num_denoising])
@@ -222,8 +246,11 @@ class SalienceDETR(nn.Module):
         position_embeddings = [self.position_embedding(m).to(f.dtype) for m, f in zip(level_masks, features)]
 
         padded_size = tuple(images.tensor.shape[-2:])
+        # the token budgets from the host sizes; an export trace (traced sizes) counts them on the masks instead
+        shapes = [tuple(f.shape[-2:]) for f in features]
+        valid_counts = None if torch.jit.is_tracing() else level_valid_counts(images.image_sizes, padded_size, shapes)
         if not self.training:
-            output = self.transformer(features, level_masks, position_embeddings)
+            output = self.transformer(features, level_masks, position_embeddings, valid_counts=valid_counts)
             if self.roi_refine is not None:
                 roi_inputs = RoIInputs(output.query_features, features, images.image_sizes, padded_size)
                 output = self.roi_refine.refine_output(output, roi_inputs)
@@ -233,7 +260,7 @@ class SalienceDETR(nn.Module):
         self.check_batchnorm_statistics(features, images.tensor.shape[-2:])
         host_labels = [x["instances"].gt_classes for x in batched_inputs]  # the denoising check reads no device value
         make_denoising = functools.partial(self.denoising_generator, host_labels, [t["boxes"] for t in targets])
-        output = self.transformer(features, level_masks, position_embeddings, make_denoising)
+        output = self.transformer(features, level_masks, position_embeddings, make_denoising, valid_counts=valid_counts)
         roi_inputs = None
         if self.roi_refine is not None:
             roi_inputs = RoIInputs(output.query_features, features, images.image_sizes, padded_size)

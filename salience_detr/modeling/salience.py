@@ -8,14 +8,16 @@ nested prefix of tokens to update. Ratios and truncations follow the official co
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from salience_detr.layers.levels import flatten_levels, host_ints, host_shapes
 
-__all__ = ["MaskPredictor", "salience_maps", "select_salient_tokens"]
+__all__ = ["MaskPredictor", "TokenBudgets", "salience_maps", "select_salient_tokens", "token_budgets"]
 
 
 class MaskPredictor(nn.Module):
@@ -91,49 +93,88 @@ def salience_maps(
     return maps[::-1]
 
 
-def _truncate(counts: Tensor, ratios: Tensor) -> Tensor:
+class TokenBudgets(NamedTuple):
+    """How many tokens the encoder updates, as host ints (docs/model.md#token-ranking)."""
+
+    per_image: list[int]  # focus_token_nums: each image's own budget, summed over levels
+    level_k: list[int]  # each level's top-k: the batch maximum of the images' keep counts
+    layer_counts: list[int]  # each encoder layer's prefix of the M = sum(level_k) ranked tokens
+
+
+def _truncate(counts: np.ndarray, ratios: Sequence[float]) -> np.ndarray:
     """``int(count * ratio)`` computed in float32, like the official float32 buffers (even after ``.double()``)."""
-    return (counts.to(torch.float32) * ratios.to(torch.float32)).to(torch.int64)
+    return (counts.astype(np.float32) * np.asarray(ratios, dtype=np.float32)).astype(np.int64)
+
+
+def token_budgets(
+    valid_counts: Sequence[Sequence[int]], level_filter_ratio: Sequence[float], layer_filter_ratio: Sequence[float]
+) -> TokenBudgets:
+    """The keep counts from the (B, L) valid tokens of every image and level, on the host: no value is read back,
+    so the top-k sizes and prefix lengths are known before any device work."""
+    focus = _truncate(np.asarray(valid_counts, dtype=np.int64).reshape(len(valid_counts), -1), level_filter_ratio)
+    level_max = focus.max(0)
+    layer_counts = _truncate(level_max.sum(), layer_filter_ratio)
+    return TokenBudgets(focus.sum(-1).tolist(), level_max.tolist(), layer_counts.tolist())
+
+
+def _host_floats(values: Tensor | Sequence[float]) -> list[float]:
+    """Filter ratios as Python floats: free for the host copies the transformer passes, one read for a tensor."""
+    return [float(value) for value in (values.tolist() if isinstance(values, Tensor) else values)]
+
+
+def _check_levels(
+    salience: Sequence[Tensor],
+    level_masks: Sequence[Tensor],
+    num_starts: int,
+    num_ratios: int,
+    valid_counts: Sequence[Sequence[int]] | None,
+) -> None:
+    if not (len(salience) == len(level_masks) == num_starts == num_ratios):
+        raise ValueError(
+            f"salience ({len(salience)}), level_masks ({len(level_masks)}), level_start_index "
+            f"({num_starts}) and level_filter_ratio ({num_ratios}) must all have one entry per level"
+        )
+    for level, (scores, mask) in enumerate(zip(salience, level_masks)):
+        if scores.shape[0] != mask.shape[0] or scores.shape[-2:] != mask.shape[-2:]:
+            raise ValueError(f"level {level}: salience {tuple(scores.shape)} does not match mask {tuple(mask.shape)}")
+    batch = level_masks[0].shape[0]
+    if valid_counts is not None and (len(valid_counts) != batch or any(len(row) != num_ratios for row in valid_counts)):
+        raise ValueError(
+            f"valid_counts must hold {num_ratios} counts (one per level) for each of the {batch} images, got "
+            f"{[len(row) for row in valid_counts]}; compute them with meta_arch.level_valid_counts"
+        )
 
 
 def select_salient_tokens(
     salience: Sequence[Tensor],
     level_masks: Sequence[Tensor],
     level_start_index: Tensor | Sequence[int],
-    level_filter_ratio: Tensor,
-    layer_filter_ratio: Tensor,
+    level_filter_ratio: Tensor | Sequence[float],
+    layer_filter_ratio: Tensor | Sequence[float],
+    valid_counts: Sequence[Sequence[int]] | None = None,
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
     """Rank tokens by salience and give every encoder layer its prefix of the ranking (docs/model.md#token-ranking).
 
     Per image and level ``int(valid_tokens * level_filter_ratio[l])`` tokens are kept; each level takes the
     batch maximum of that with ``topk`` (padding scored at the level's minimum logit), the picks of all levels
     are sorted by score descending into one ranking of length M, and layer i gets its first
-    ``int(M * layer_filter_ratio[i])`` entries.
+    ``int(M * layer_filter_ratio[i])`` entries. ``valid_counts`` (B, L) host ints, the unpadded tokens of each
+    image and level, make the budgets host work; without them they are counted on the masks and read once.
 
     Returns ``foreground_score`` (B, N): flattened logits with padding set to their global minimum (as the
     official code passes them to the encoder), ``focus_token_nums`` (B,) int64: the per-image budget, and
     ``layer_indices``: one (B, M_i) int64 tensor of flattened token indices per layer.
     """
     starts = host_ints(level_start_index)
-    if not (len(salience) == len(level_masks) == len(starts) == level_filter_ratio.numel()):
-        raise ValueError(
-            f"salience ({len(salience)}), level_masks ({len(level_masks)}), level_start_index "
-            f"({len(starts)}) and level_filter_ratio ({level_filter_ratio.numel()}) must all have one "
-            "entry per level"
-        )
-    for level, (scores, mask) in enumerate(zip(salience, level_masks)):
-        if scores.shape[0] != mask.shape[0] or scores.shape[-2:] != mask.shape[-2:]:
-            raise ValueError(f"level {level}: salience {tuple(scores.shape)} does not match mask {tuple(mask.shape)}")
-    valid_counts = torch.stack([(~mask).sum((1, 2)) for mask in level_masks], dim=-1)  # (B, L)
-    focus = _truncate(valid_counts, level_filter_ratio)
-    level_max = focus.max(0).values
-    # each level's top-k and each encoder layer's prefix length (of the M = sum(level_k) ranked tokens): one read
-    host_counts = torch.cat([level_max, _truncate(level_max.sum(), layer_filter_ratio)]).tolist()
-    level_k, layer_counts = host_counts[: len(starts)], host_counts[len(starts) :]
-    focus_token_nums = focus.sum(-1)
+    level_ratios = _host_floats(level_filter_ratio)
+    _check_levels(salience, level_masks, len(starts), len(level_ratios), valid_counts)
+    if valid_counts is None:
+        valid_counts = torch.stack([(~mask).sum((1, 2)) for mask in level_masks], dim=-1).tolist()
+    budgets = token_budgets(valid_counts, level_ratios, _host_floats(layer_filter_ratio))
+    focus_token_nums = torch.tensor(budgets.per_image, dtype=torch.int64, device=salience[0].device)
 
     picked_scores, picked_indices = [], []
-    for scores, mask, k, start in zip(salience, level_masks, level_k, starts):
+    for scores, mask, k, start in zip(salience, level_masks, budgets.level_k, starts):
         flat = scores.flatten(1)
         ranked = flat.masked_fill(mask.flatten(1), flat.min())
         top_scores, top_indices = ranked.topk(k, dim=1)
@@ -142,7 +183,7 @@ def select_salient_tokens(
     order = torch.sort(torch.cat(picked_scores, 1), dim=1, descending=True)[1]
     ranking = torch.cat(picked_indices, 1).gather(1, order)
 
-    layer_indices = [ranking[:, :count] for count in layer_counts]
+    layer_indices = [ranking[:, :count] for count in budgets.layer_counts]
 
     foreground_score = torch.cat([scores.flatten(1) for scores in salience], 1)
     mask_flatten = flatten_levels(level_masks)

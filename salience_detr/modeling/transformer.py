@@ -61,6 +61,14 @@ class FlatLevels(NamedTuple):
     shapes: tuple[tuple[int, int], ...] = ()  # spatial_shapes on the host: loops over levels read these, no sync
 
 
+def _refresh_host_filter_ratios(module: SalienceTransformer, incompatible_keys: object) -> None:
+    """Loaded filter-ratio buffers (official checkpoints carry them) become the host copies the forward uses."""
+    module.host_filter_ratios = (
+        tuple(module.level_filter_ratio.tolist()),
+        tuple(module.layer_filter_ratio.tolist()),
+    )
+
+
 class SalienceTransformer(nn.Module):
     """The transformer of Salience DETR, with its two-stage heads and query selection."""
 
@@ -100,6 +108,9 @@ class SalienceTransformer(nn.Module):
         self.alpha = nn.Parameter(torch.empty(num_levels - 1))
         self.register_buffer("level_filter_ratio", torch.tensor(level_filter_ratio, dtype=torch.float32))
         self.register_buffer("layer_filter_ratio", torch.tensor(layer_filter_ratio, dtype=torch.float32))
+        # host copies for the token budgets (no read of the buffers per forward), refreshed when a state dict loads
+        self.host_filter_ratios = (tuple(level_filter_ratio), tuple(layer_filter_ratio))
+        self.register_load_state_dict_post_hook(_refresh_host_filter_ratios)
         self.enc_output = nn.Linear(embed_dim, embed_dim)
         self.enc_output_norm = nn.LayerNorm(embed_dim)
         self.encoder = encoder
@@ -170,14 +181,18 @@ class SalienceTransformer(nn.Module):
         masks = levels.flatten_levels(level_masks)
         return FlatLevels(tokens, masks, positions, spatial_shapes, level_start_index, valid_ratios, shapes)
 
-    def encode(self, flat: FlatLevels, level_masks: list[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        """Salience maps, token ranking, the filtered encoder and the optional neck: (memory, salience, indices)."""
+    def encode(
+        self, flat: FlatLevels, level_masks: list[Tensor], valid_counts: Sequence[Sequence[int]] | None = None
+    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """Salience maps, token ranking, the filtered encoder and the optional neck: (memory, salience, indices).
+
+        ``valid_counts`` (B, L) host ints (``meta_arch.level_valid_counts``) make the token budgets host work."""
         salience_input = self.project_memory(flat.tokens + flat.positions, flat.masks, flat.shapes)[0]
         salience = salience_maps(
             salience_input, flat.shapes, levels.host_starts(flat.shapes), self.enc_mask_predictor, self.alpha
         )
         foreground_score, focus_token_nums, layer_indices = select_salient_tokens(
-            salience, level_masks, levels.host_starts(flat.shapes), self.level_filter_ratio, self.layer_filter_ratio
+            salience, level_masks, levels.host_starts(flat.shapes), *self.host_filter_ratios, valid_counts=valid_counts
         )
         memory = self.encoder(
             flat.tokens,
@@ -233,17 +248,19 @@ class SalienceTransformer(nn.Module):
         make_denoising: Callable[[int], DenoisingQueries] | None = None,
         *,
         query_order: Tensor | None = None,
+        valid_counts: Sequence[Sequence[int]] | None = None,
     ) -> TransformerOutput:
         """features/position_embeddings: per level (B,C,H_l,W_l); level_masks (B,H_l,W_l) True=padding.
 
         make_denoising(num_queries) builds the denoising queries once the number of matching queries Q' is known
         (it can be smaller than num_queries on small inputs); None disables denoising (evaluation).
         ``query_order`` (B, Q) token indices replace the selected queries (parity checks); ``query_index`` of the
-        output is still the model's own choice.
+        output is still the model's own choice. ``valid_counts`` (B, L): each image's unpadded tokens per level as
+        host ints, so the token budgets read no device value; without them the masks are counted (one read).
         """
         self.check_inputs(features, position_embeddings)
         flat = self.flatten_inputs(features, level_masks, position_embeddings)
-        memory, salience, layer_indices = self.encode(flat, level_masks)
+        memory, salience, layer_indices = self.encode(flat, level_masks, valid_counts)
         query_index, enc_logits, enc_boxes = self.propose(memory, flat, query_order)
         target, reference_points, attn_mask, denoising = self.decoder_queries(enc_boxes, make_denoising)
         pred_logits, pred_boxes, query_features = self.decoder(
