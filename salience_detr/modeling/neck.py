@@ -68,7 +68,7 @@ def _conv_norm_act(
     conv = nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=(kernel - 1) // 2, groups=groups, bias=False)
     layers = [conv, get_norm(norm, out_ch)]
     if act:
-        layers.append(nn.SiLU(inplace=True))
+        layers.append(nn.SiLU())  # out of place: an in-place SiLU copies its input for the backward
     return nn.Sequential(*layers)
 
 
@@ -93,8 +93,8 @@ class GlobalContextGate(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         batch, channels = x.shape[:2]
         attention = self.conv_mask(x).flatten(2).softmax(dim=-1)  # (B, 1, HW)
-        # (B, 1, C, HW) @ (B, 1, HW, 1): the official batching, which keeps float32 results bit-identical
-        context = torch.matmul(x.flatten(2).unsqueeze(1), attention.unsqueeze(-1))
+        # (B, C, HW) @ (B, HW, 1): the bmm that the official (B, 1, C, HW) @ (B, 1, HW, 1) matmul runs, bit-identical
+        context = torch.bmm(x.flatten(2), attention.view(batch, -1, 1))
         return self.se_module(context.view(batch, channels, 1, 1)) * x
 
 
@@ -105,7 +105,7 @@ class RepVggPluXBlock(nn.Module):
         super().__init__()
         self.conv1 = _conv_norm_act(channels, channels, 3, norm, groups=groups, act=False)
         self.conv2 = _conv_norm_act(channels, channels, 1, norm, groups=groups, act=False)
-        self.activation = nn.SiLU(inplace=True)
+        self.activation = nn.SiLU()  # out of place, see _conv_norm_act
         self.se_module = GlobalContextGate(channels)
 
     def forward(self, x: Tensor) -> Tensor:
