@@ -10,4 +10,6 @@ AdamW = L(torch.optim.AdamW)(
     lr=1e-4,
     betas=(0.9, 0.999),
     weight_decay=1e-4,
+    # one call per group and operation instead of one per parameter; bit-identical updates (tests/test_optim_foreach.py)
+    foreach=True,
 )
