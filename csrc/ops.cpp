@@ -1,5 +1,6 @@
 // The salience_detr operator library: schemas, CPU/CUDA registrations, and the Python module
 // `salience_detr._C` (importing it registers the ops) with the facts of this build for collect_env.
+#include "grid_nms/grid_nms.h"
 #include "ms_deform_attn/ms_deform_attn.h"
 
 // torch/library.h and pybind11 only: torch/extension.h would pull in the whole C++ frontend and double the
@@ -53,17 +54,22 @@ TORCH_LIBRARY(salience_detr, m) {
       "Tensor sampling_locations, Tensor attention_weights, Tensor grad_output, int im2col_step) "
       "-> (Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
+  m.def(
+      "grid_nms(Tensor token_index, Tensor spatial_shapes, Tensor level_start_index, SymInt num_tokens) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
 }
 
 TORCH_LIBRARY_IMPL(salience_detr, CPU, m) {
   m.impl("ms_deform_attn", &ms_deform_attn_forward_cpu);
   m.impl("ms_deform_attn_backward", &ms_deform_attn_backward_cpu);
+  m.impl("grid_nms", &grid_nms_cpu);
 }
 
 #ifdef WITH_CUDA
 TORCH_LIBRARY_IMPL(salience_detr, CUDA, m) {
   m.impl("ms_deform_attn", &ms_deform_attn_forward_cuda);
   m.impl("ms_deform_attn_backward", &ms_deform_attn_backward_cuda);
+  m.impl("grid_nms", &grid_nms_cuda);
 }
 #endif
 

@@ -60,22 +60,22 @@ def test_grid_nms_drops_direct_neighbours_keeps_diagonal():
 
     tokens = torch.tensor([[flat(2, 2), flat(2, 3), flat(3, 3), flat(1, 2), flat(0, 0)]])
     scores = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0]])
-    kept = grid_nms(scores, tokens, spatial_shapes, level_start_index, max_keep=10)
+    kept = grid_nms(scores, tokens, spatial_shapes, level_start_index, max_keep=3, num_tokens=25)
     # (2,3) and (1,2) are direct neighbours of (2,2); (3,3) is diagonal to (2,2); (0,0) is far
     assert kept.tolist() == [[flat(2, 2), flat(3, 3), flat(0, 0)]]
 
 
-def test_grid_nms_groups_by_level_and_image_and_truncates_to_fewest():
+def test_grid_nms_groups_by_level_and_image_and_fills_up_with_the_suppressed():
     spatial_shapes, level_start_index = level_layout([(3, 3), (3, 3)])
     # token 4 is the centre of level 0; token 13 the centre of level 1: same grid position, different level
     tokens = torch.tensor([[4, 13, 5], [4, 5, 3]])
     scores = torch.tensor([[3.0, 2.0, 1.0], [3.0, 2.0, 1.0]])
-    kept = grid_nms(scores, tokens, spatial_shapes, level_start_index, max_keep=10)
-    # image 0 keeps 4 and 13 (different levels), drops 5; image 1 keeps only 4: all truncated to 1
-    assert kept.tolist() == [[4], [4]]
-    kept = grid_nms(scores[:1], tokens[:1], spatial_shapes, level_start_index, max_keep=10)
-    assert kept.tolist() == [[4, 13]]
-    kept = grid_nms(scores[:1], tokens[:1], spatial_shapes, level_start_index, max_keep=1)
+    kept = grid_nms(scores, tokens, spatial_shapes, level_start_index, max_keep=10, num_tokens=18)
+    # image 0 keeps 4 and 13 (different levels), drops 5; image 1 keeps only 4; the suppressed follow in score order
+    assert kept.tolist() == [[4, 13, 5], [4, 5, 3]]
+    kept = grid_nms(scores, tokens, spatial_shapes, level_start_index, max_keep=2, num_tokens=18)
+    assert kept.tolist() == [[4, 13], [4, 5]]
+    kept = grid_nms(scores[:1], tokens[:1], spatial_shapes, level_start_index, max_keep=1, num_tokens=18)
     assert kept.tolist() == [[4]]
 
 
@@ -84,9 +84,9 @@ def test_select_proposals_gathers_in_score_order_with_fewer_than_requested():
     enc_class = torch.randn(2, 20, 3)
     enc_coord = torch.rand(2, 20, 4)
     index, cls, coord = select_proposals(enc_class, enc_coord, spatial_shapes, level_start_index, num_queries=900)
-    assert index.shape[1] < 20  # grid NMS removes neighbours: Q' < min(900, N)
+    assert index.shape[1] == 20  # Q' = min(900, N): the survivors, then the suppressed tokens
     for b in range(2):
         torch.testing.assert_close(cls[b], enc_class[b, index[b]])
         torch.testing.assert_close(coord[b], enc_coord[b, index[b]])
         top = cls[b].max(-1)[0]
-        assert torch.all(top[:-1] >= top[1:])
+        assert int((top[:-1] < top[1:]).sum()) <= 1  # two runs in score order: the survivors, the suppressed

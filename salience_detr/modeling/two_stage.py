@@ -12,6 +12,7 @@ import torch
 import torchvision
 from torch import Tensor
 
+from salience_detr.layers.grid_nms import GRID_RULE_IOU_RANGE, compiled_grid_nms, grid_nms_available
 from salience_detr.layers.levels import host_shapes, level_valid_sizes
 
 ANCHOR_BASE_SIZE = 0.05
@@ -60,17 +61,59 @@ def grid_nms(
     spatial_shapes: Tensor,
     level_start_index: Tensor,
     max_keep: int,
+    *,
+    num_tokens: int,
     iou_threshold: float = NMS_IOU_THRESHOLD,
 ) -> Tensor:
-    """Redundancy removal on token positions (docs/model.md#proposal-nms).
+    """Redundancy removal on token positions (docs/model.md#proposal-nms), the same for an image in any batch.
 
-    scores, token_index (B,k): candidate tokens (flat indices over all levels) and their max class logits.
-    Each token is the box (x-1, y-1, x+1, y+1) in its level's grid units; NMS runs per (image, level).
-    Returns (B, Q') flat token indices in descending score order, Q' = min(max_keep, fewest survivors of any
-    image) — the official code requires Q' = max_keep; a smaller Q' is how small inputs keep working.
+    scores, token_index (B,k): candidate tokens (flat indices over all levels, ``num_tokens`` per image) and their
+    max class logits, best first in each row (as ``torch.topk`` returns them; equal scores keep that order). Each
+    token is the box (x - 1, y - 1, x + 1, y + 1) in its level's grid units; NMS runs per (image, level).
+    Returns (B, Q) flat token indices, Q = min(max_keep, k) for every image: its NMS survivors in score order, then,
+    only if it has fewer than ``max_keep`` of them, its suppressed candidates in score order. With at least
+    ``max_keep`` survivors (the official code's only case) these are its first survivors. No value is read back to
+    the host: the size is fixed and the compiled op gives the keep mask.
+    """
+    num_candidates = token_index.shape[1]
+    keep = nms_keep_mask(scores.float(), token_index, spatial_shapes, level_start_index, num_tokens, iou_threshold)
+    position = torch.arange(num_candidates, device=token_index.device)
+    key = position + num_candidates * keep.logical_not()  # distinct: survivors first, each part in score order
+    rank = key.topk(min(max_keep, num_candidates), dim=1, largest=False, sorted=True).indices
+    return token_index.gather(1, rank)
+
+
+def nms_keep_mask(
+    scores: Tensor,
+    token_index: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    num_tokens: int,
+    iou_threshold: float = NMS_IOU_THRESHOLD,
+) -> Tensor:
+    """(B, k) bool: which candidates (best first in each row) survive NMS; the compiled op when it applies.
+
+    torchvision's NMS gives the same mask and runs instead while tracing for ONNX (it has an ONNX symbolic), when
+    the op is not built, or for a threshold outside the grid rule's range (``GRID_RULE_IOU_RANGE``).
+    """
+    low, high = GRID_RULE_IOU_RANGE
+    if torch.jit.is_tracing() or not low < iou_threshold < high or not grid_nms_available(token_index.device)[0]:
+        return torchvision_keep_mask(scores, token_index, spatial_shapes, level_start_index, iou_threshold)
+    return compiled_grid_nms(token_index, spatial_shapes, level_start_index, num_tokens)
+
+
+def torchvision_keep_mask(
+    scores: Tensor,
+    token_index: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    iou_threshold: float = NMS_IOU_THRESHOLD,
+) -> Tensor:
+    """``nms_keep_mask`` with ``torchvision.ops.batched_nms`` on the tokens' grid boxes, one group per (image, level).
+
+    On CUDA torchvision copies its suppression mask to the host: one sync, which the compiled op avoids.
     """
     batch_size, num_candidates = scores.shape
-    scores = scores.float()  # NMS kernels need full precision under autocast
     flat_index = token_index.reshape(-1)
     level = torch.searchsorted(level_start_index, flat_index, right=True) - 1
     width = spatial_shapes[level, 1]
@@ -81,14 +124,8 @@ def grid_nms(
     image = torch.arange(batch_size, device=scores.device).repeat_interleave(num_candidates)
     groups = level + spatial_shapes.shape[0] * image
     keep = torchvision.ops.batched_nms(boxes, scores.reshape(-1), groups, iou_threshold)
-    # survivors come in descending score order: each goes to row (its image, its rank among that image's survivors)
-    kept_image = image[keep]
-    one_hot = (kept_image[:, None] == torch.arange(batch_size, device=scores.device)).long()  # (K, B)
-    rank = (one_hot.cumsum(0) - 1).gather(1, kept_image[:, None]).squeeze(1)
-    num_kept = min(max_keep, int(one_hot.sum(0).min()))  # the selection's one sync (a size must reach the host)
-    table = flat_index.new_zeros(batch_size, num_candidates)
-    table[kept_image, rank] = flat_index[keep]
-    return table[:, :num_kept]
+    mask = torch.zeros(batch_size * num_candidates, dtype=torch.bool, device=scores.device)
+    return mask.scatter(0, keep, torch.ones_like(keep, dtype=torch.bool)).view(batch_size, num_candidates)
 
 
 def select_proposals(
@@ -99,7 +136,7 @@ def select_proposals(
     num_queries: int,
     query_order: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-4Q tokens by max class logit -> grid NMS -> first Q' survivors; gathers their class logits and boxes.
+    """Top-4Q tokens by max class logit -> grid NMS -> Q' = min(Q, N) tokens; gathers their class logits and boxes.
 
     enc_class (B,N,K), enc_coord (B,N,4). Returns (index (B,Q'), class (B,Q',K), coord (B,Q',4)).
     ``query_order`` (B, Q) gathers those tokens, in that order, instead of the own choice, which is still returned
@@ -107,7 +144,9 @@ def select_proposals(
     """
     num_candidates = min(4 * num_queries, enc_class.shape[1])
     top_scores, top_index = torch.topk(enc_class.max(-1)[0], num_candidates, dim=1)
-    index = grid_nms(top_scores, top_index, spatial_shapes, level_start_index, num_queries)
+    index = grid_nms(
+        top_scores, top_index, spatial_shapes, level_start_index, num_queries, num_tokens=enc_class.shape[1]
+    )
     if query_order is None:
         return gather_proposals(enc_class, enc_coord, index)
     return index, *gather_proposals(enc_class, enc_coord, query_order.to(index.device))[1:]

@@ -10,7 +10,8 @@ so they can be counted and budgeted in CPU tests::
 
 Syncs counted: ``item`` (``aten._local_scalar_dense``: ``.item()``, ``bool()``, ``int()``, ``float()`` of a
 tensor), ``nonzero``, ``masked_select``, ``unique`` (every variant), ``boolean_mask_index`` (indexing or index_put
-with a bool mask), ``tolist`` and ``device_to_host`` (a copy from an accelerator to the CPU outside ``tolist``).
+with a bool mask), ``tolist``, ``device_to_host`` (a copy from an accelerator to the CPU outside ``tolist``) and
+``nms`` (``torchvision::nms``: its CUDA kernel copies the suppression mask to the host, and its size is data's).
 Calls are counted per ATen overload as the dispatcher sees them from Python, so composite ops count once, not
 per kernel they decompose into. ``count_dispatch(sync_sites=True)`` also records the line that made each sync.
 """
@@ -41,6 +42,8 @@ _SYNC_KINDS = {
     aten.unique_dim.default: "unique",
     aten.unique_consecutive.default: "unique",
 }
+# Ops of other libraries, by name: counting them must not import those libraries.
+_NAMED_SYNC_KINDS = {"torchvision::nms": "nms"}
 _INDEX_OPS = (aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default)
 _COPY_OPS = (aten._to_copy.default, aten.copy_.default)
 
@@ -111,7 +114,7 @@ class _AtenCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self.counts.calls[func.name()] += 1
-        kind = _SYNC_KINDS.get(func)
+        kind = _SYNC_KINDS.get(func) or _NAMED_SYNC_KINDS.get(func.name())
         if kind is None and func in _INDEX_OPS and _has_bool_index(args[1]):
             kind = "boolean_mask_index"
         if kind is None and func in _COPY_OPS and not self.in_tolist and _is_device_to_host(func, args, kwargs):
