@@ -17,8 +17,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from detectron2.engine import SimpleTrainer
+from detectron2.utils import comm
+from detectron2.utils.events import get_event_storage
 from torch.nn.parallel import DistributedDataParallel
 
 logger = logging.getLogger(__name__)
@@ -97,19 +100,18 @@ class DetrTrainer(SimpleTrainer):
             loss_dict = self.model(data)
         if isinstance(loss_dict, torch.Tensor):
             loss_dict = {"total_loss": loss_dict}
-        losses = sum(loss_dict.values())
-        if not torch.isfinite(losses).all():
-            terms = {k: float(v.detach()) for k, v in loss_dict.items()}
-            raise NonFiniteLossError(f"Non-finite loss at iteration {self.iter}: {terms}")
-        return losses, loss_dict
+        return sum(loss_dict.values()), loss_dict
 
     def run_step(self) -> None:
+        """One optimizer step. The losses and gradient norms reach the host in one transfer, after the backward and
+        before the step: detectron2's metric writer reads every loss with its own ``.item()`` (a sync each)."""
         assert self.model.training, "[DetrTrainer] model was changed to eval mode!"
         for module in self.frozen_modules:  # again every step: evaluation hooks switch the whole model back to train
             module.eval()
         self.optimizer.zero_grad(set_to_none=True)
         data_time = 0.0
-        summed: dict[str, torch.Tensor] = {}
+        names: list[str] = []
+        summed = None
         for micro_step in range(self.accumulate_steps):
             start = time.perf_counter()
             data = next(self._data_loader_iter)
@@ -122,22 +124,34 @@ class DetrTrainer(SimpleTrainer):
                 losses, loss_dict = self._forward(data)
                 scaled = losses / self.accumulate_steps
                 (self.grad_scaler.scale(scaled) if self.grad_scaler else scaled).backward()
-            for key, value in loss_dict.items():
-                summed[key] = summed.get(key, 0.0) + value.detach() / self.accumulate_steps
-        self._write_metrics(summed, data_time)
-        self._clip_and_step()
+            names = names or list(loss_dict)
+            values = stacked_losses(loss_dict, names, micro_step) / self.accumulate_steps
+            summed = values if summed is None else summed + values
+        norms = self._clip()
+        host = torch.cat([summed, torch.stack(list(norms.values()))]) if norms else summed
+        host_values = host.tolist()  # the one device-to-host transfer of the step
+        loss_values = dict(zip(names, host_values))
+        if not all(math.isfinite(value) for value in loss_values.values()):
+            raise NonFiniteLossError(f"Non-finite loss at iteration {self.iter}: {loss_values}")
+        write_host_metrics(loss_values, data_time)
+        for key, norm in zip(norms, host_values[len(names) :]):
+            self.storage.put_scalar(key, norm if math.isfinite(norm) else float("nan"))
+        self._step()
 
-    def _clip_and_step(self) -> None:
+    def _clip(self) -> dict[str, torch.Tensor]:
+        """Clip each group's gradients (unscaled first under fp16); the norms stay on the device for the transfer."""
         if self.grad_scaler is not None:
             self.grad_scaler.unscale_(self.optimizer)
+        norms: dict[str, torch.Tensor] = {}
         if self.clip_grad_max_norm:
             for name, group in self.clip_groups.items():
                 params = [p for p in group if p.grad is not None]
-                if not params:
-                    continue
-                norm = float(torch.nn.utils.clip_grad_norm_(params, self.clip_grad_max_norm, self.clip_grad_norm_type))
-                key = "grad_norm" if not name else f"grad_norm/{name}"
-                self.storage.put_scalar(key, norm if math.isfinite(norm) else float("nan"))
+                if params:
+                    norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_max_norm, self.clip_grad_norm_type)
+                    norms["grad_norm" if not name else f"grad_norm/{name}"] = norm.float()
+        return norms
+
+    def _step(self) -> None:
         if self.grad_scaler is not None:
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
@@ -154,6 +168,36 @@ class DetrTrainer(SimpleTrainer):
         super().load_state_dict(state_dict)
         if self.grad_scaler is not None and "grad_scaler" in state_dict:
             self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
+
+
+def stacked_losses(loss_dict: dict[str, torch.Tensor], names: list[str], micro_step: int) -> torch.Tensor:
+    """The loss terms as one detached float vector in the order of ``names`` (the first batch's terms)."""
+    if set(loss_dict) != set(names):
+        raise ValueError(
+            f"the model returned the losses {sorted(loss_dict)} at accumulation step {micro_step} but {sorted(names)} "
+            "at step 0; gradient accumulation needs the same loss terms from every batch"
+        )
+    return torch.stack([loss_dict[name].detach().float() for name in names])
+
+
+def write_host_metrics(metrics: dict[str, float], data_time: float, prefix: str = "") -> None:
+    """detectron2's ``SimpleTrainer.write_metrics`` for losses already on the host: gathered from every process,
+    data_time as the slowest worker's, the mean of each loss and ``total_loss`` into the event storage."""
+    metrics_dict = {**metrics, "data_time": data_time}
+    all_metrics_dict = comm.gather(metrics_dict)
+    if not comm.is_main_process():
+        return
+    storage = get_event_storage()
+    storage.put_scalar("data_time", np.max([x.pop("data_time") for x in all_metrics_dict]))
+    metrics_dict = {k: np.mean([x[k] for x in all_metrics_dict]) for k in all_metrics_dict[0].keys()}
+    total_losses_reduced = sum(metrics_dict.values())
+    if not np.isfinite(total_losses_reduced):
+        raise FloatingPointError(
+            f"Loss became infinite or NaN at iteration={storage.iter}!\nloss_dict = {metrics_dict}"
+        )
+    storage.put_scalar(f"{prefix}total_loss", total_losses_reduced)
+    if len(metrics_dict) > 1:
+        storage.put_scalars(**metrics_dict)
 
 
 def trainer_from_config(
