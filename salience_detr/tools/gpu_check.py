@@ -6,7 +6,7 @@ Run from the checkout. The steps, each a subprocess under its own time limit, al
 
   machine         GPU, driver, torch, CUDA, nvcc, Python
   build           ``python setup.py build_ext --inplace`` for the device's architecture, against the torch there
-  op_tests        tests/test_ms_deform_attn.py and tests/test_ms_deform_attn_cuda.py: none may fail or skip
+  op_tests        the compiled ops' tests (test_ms_deform_attn*.py, test_grid_nms_cuda.py): none may fail or skip
   benchmark_ops   ``benchmark_ops --device cuda``: fp32/fp16/bf16, encoder and decoder shapes, vs the reference
   bundle          detectron2 and the wheels it needs, installed offline from .gpu_bundle (``make gpu-bundle``)
   cuda_tests      the other test files with CUDA cases (found by their skip mark): no CUDA case may skip
@@ -50,7 +50,7 @@ from salience_detr.tools._cli import BUNDLE_DIR, MANIFEST
 
 TINY_CONFIG = "configs/salience_detr/salience_detr_tiny_synthetic.py"
 R50_CONFIG = "configs/salience_detr/salience_detr_r50_4scale_12ep.py"
-OP_TESTS = ("tests/test_ms_deform_attn.py", "tests/test_ms_deform_attn_cuda.py")
+OP_TESTS = ("tests/test_ms_deform_attn.py", "tests/test_ms_deform_attn_cuda.py", "tests/test_grid_nms_cuda.py")
 REPORT_NAME = "gpu_check"
 DEFAULT_BUDGET_S = 420.0
 TRAIN_ITERS = 50
