@@ -13,6 +13,7 @@ from torch import nn
 
 from salience_detr.layers.attention import additive_mask, multihead_self_attention
 from salience_detr.layers.mlp import MLP
+from salience_detr.layers.ms_deform_attn import MultiScaleDeformableAttention, multi_scale_deformable_attn
 from salience_detr.modeling.neck import RepVggPluXBlock
 from salience_detr.utils.dispatch_count import count_dispatch
 
@@ -96,5 +97,31 @@ def test_context_gate_and_out_of_place_silu_keep_the_official_arithmetic():
     x = torch.randn(2, 32, 6, 5)
     theirs, their_calls = _run(official, [x], block)
     ours, our_calls = _run(block, [x], block)
+    assert all(torch.equal(a, b) for a, b in zip(theirs, ours))
+    assert our_calls < their_calls
+
+
+def test_deformable_attention_projects_rows_like_the_3d_linears():
+    torch.manual_seed(0)
+    module = MultiScaleDeformableAttention(32, num_heads=4, num_levels=2, num_points=2)
+    nn.init.normal_(module.sampling_offsets.weight, std=0.1)  # non-trivial offsets, so every projection matters
+    shapes = torch.tensor([[4, 5], [2, 3]])
+    starts = torch.tensor([0, 20])
+    reference = torch.rand(2, 7, 2, 2)
+    padding = torch.zeros(2, 26, dtype=torch.bool)
+    padding[1, -3:] = True
+
+    def three_d(query: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """The module's arithmetic with each linear on the (B, N, C) tensors."""
+        value = module.value_proj(value).masked_fill(padding[..., None], 0.0).view(2, 26, 4, 8)
+        offsets = module.sampling_offsets(query).view(2, 7, 4, 2, 2, 2)
+        weights = module.attention_weights(query).view(2, 7, 4, -1).softmax(-1).view(2, 7, 4, 2, 2)
+        locations = reference[:, :, None, :, None, :] + offsets / shapes.flip(-1).float()[None, None, None, :, None, :]
+        output = multi_scale_deformable_attn(value, shapes, starts, locations, weights, 64, module.backend)
+        return module.output_proj(output)
+
+    inputs = [torch.randn(2, 7, 32), torch.randn(26, 2, 32).transpose(0, 1)]  # a non-contiguous value, as in the model
+    theirs, their_calls = _run(three_d, inputs, module)
+    ours, our_calls = _run(lambda q, v: module(q, reference, v, shapes, starts, padding), inputs, module)
     assert all(torch.equal(a, b) for a, b in zip(theirs, ours))
     assert our_calls < their_calls

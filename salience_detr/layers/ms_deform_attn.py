@@ -423,17 +423,19 @@ class MultiScaleDeformableAttention(nn.Module):
         self._check_inputs(query, reference_points, value, spatial_shapes)
         batch, num_queries, _ = query.shape
         head_dim = self.embed_dim // self.num_heads
-        value = self.value_proj(value)
+        # the projections run on (rows, C) matrices: one addmm each, no reshapes around every linear
+        num_values = value.shape[1]
+        value = self.value_proj(value.reshape(-1, self.embed_dim)).view(batch, num_values, self.num_heads, head_dim)
         if key_padding_mask is not None:
-            value = value.masked_fill(key_padding_mask[..., None], 0.0)
-        value = value.view(batch, value.shape[1], self.num_heads, head_dim)
-        offsets = self.sampling_offsets(query).view(
+            value = value.masked_fill(key_padding_mask.reshape(batch, num_values, 1, 1), 0.0)
+        rows = query.reshape(-1, self.embed_dim)
+        offsets = self.sampling_offsets(rows).view(
             batch, num_queries, self.num_heads, self.num_levels, self.num_points, 2
         )
-        weights = self.attention_weights(query).view(batch, num_queries, self.num_heads, -1).softmax(-1)
+        weights = self.attention_weights(rows).view(batch, num_queries, self.num_heads, -1).softmax(-1)
         weights = weights.view(batch, num_queries, self.num_heads, self.num_levels, self.num_points)
         locations = self._sampling_locations(offsets, reference_points, spatial_shapes)
         output = multi_scale_deformable_attn(
             value, spatial_shapes, level_start_index, locations, weights, self.im2col_step, self.backend
         )
-        return self.output_proj(output)
+        return self.output_proj(output.reshape(-1, self.embed_dim)).view(batch, num_queries, self.embed_dim)
