@@ -46,10 +46,13 @@ class MaskPredictor(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        z = self.layer1(x)
+        # the linears run on (rows, C) matrices (one addmm each); only the level mean needs the (B, N_l) layout
+        batch, tokens, channels = x.shape
+        z = self.layer1(x.reshape(-1, channels)).view(batch, tokens, self.hidden_dim)
         z_local, z_global = z.split(self.hidden_dim // 2, dim=-1)
         z_global = z_global.mean(dim=1, keepdim=True).expand_as(z_local)
-        return self.layer2(torch.cat([z_local, z_global], dim=-1))
+        fused = torch.cat([z_local, z_global], dim=-1).view(-1, self.hidden_dim)
+        return self.layer2(fused).view(batch, tokens, 1)
 
 
 def _level_slices(
