@@ -7,6 +7,8 @@ AdamW steps when one weight gradient sums its rows in another order.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -14,6 +16,7 @@ from torch import nn
 from salience_detr.layers.attention import additive_mask, multihead_self_attention
 from salience_detr.layers.mlp import MLP
 from salience_detr.layers.ms_deform_attn import MultiScaleDeformableAttention, multi_scale_deformable_attn
+from salience_detr.layers.position_encoding import PositionEmbeddingSine, get_sine_pos_embed, sine_frequencies
 from salience_detr.modeling.neck import RepVggPluXBlock
 from salience_detr.utils.dispatch_count import count_dispatch
 
@@ -125,3 +128,35 @@ def test_deformable_attention_projects_rows_like_the_3d_linears():
     ours, our_calls = _run(lambda q, v: module(q, reference, v, shapes, starts, padding), inputs, module)
     assert all(torch.equal(a, b) for a, b in zip(theirs, ours))
     assert our_calls < their_calls
+
+
+def _official_interleave(angles: torch.Tensor) -> torch.Tensor:
+    return torch.stack((angles[..., 0::2].sin(), angles[..., 1::2].cos()), dim=-1).flatten(-2)
+
+
+def test_sine_embeddings_equal_the_official_sin_of_even_and_cos_of_odd_angles():
+    mask = torch.zeros(2, 5, 7, dtype=torch.bool)
+    mask[1, 3:, :] = True
+    mask[1, :, 4:] = True
+    module = PositionEmbeddingSine(num_pos_feats=16)
+    not_mask = (~mask).float()
+    y_embed, x_embed = not_mask.cumsum(1), not_mask.cumsum(2)
+    y_embed = (y_embed - 0.5) / (y_embed[:, -1:, :] + 1e-6) * 2 * math.pi
+    x_embed = (x_embed - 0.5) / (x_embed[:, :, -1:] + 1e-6) * 2 * math.pi
+    official = torch.cat(
+        (
+            _official_interleave(y_embed[..., None] / module.dim_ty),
+            _official_interleave(x_embed[..., None] / module.dim_tx),
+        ),
+        dim=3,
+    ).permute(0, 3, 1, 2)
+    assert torch.equal(module(mask), official)
+
+    boxes = torch.rand(3, 6, 4)
+    rates = sine_frequencies(8, 10000)
+    embed = _official_interleave(boxes.unsqueeze(-1) * 2 * math.pi / rates)
+    official = torch.cat((embed[..., 1:2, :], embed[..., 0:1, :], embed[..., 2:, :]), dim=-2).flatten(-2)
+    assert torch.equal(get_sine_pos_embed(boxes, num_pos_feats=8), official)
+    assert torch.equal(get_sine_pos_embed(boxes, num_pos_feats=8, pair_rates=rates[0::2]), official)
+    with pytest.raises(ValueError, match="pair_rates must hold num_pos_feats // 2 = 4"):
+        get_sine_pos_embed(boxes, num_pos_feats=8, pair_rates=rates)

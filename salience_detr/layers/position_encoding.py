@@ -25,9 +25,13 @@ def sine_frequencies(
     return temperature ** (2 * torch.div(index, 2, rounding_mode="floor") / num_pos_feats)
 
 
-def _interleave_sin_cos(angles: Tensor) -> Tensor:
-    """``[sin(a0), cos(a1), sin(a2), cos(a3), ...]`` along the last dim (a0 == a1, a2 == a3, ...)."""
-    return torch.stack((angles[..., 0::2].sin(), angles[..., 1::2].cos()), dim=-1).flatten(-2)
+def _sin_cos_pairs(angles: Tensor) -> Tensor:
+    """``[sin(a0), cos(a0), sin(a1), cos(a1), ...]`` along the last dim: one angle per sin/cos pair.
+
+    The official code computes every angle twice (the frequencies come in equal pairs) and takes the sine of the
+    even ones and the cosine of the odd ones; the angles are the same numbers, so this is bit-identical.
+    """
+    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)
 
 
 class PositionEmbeddingSine(nn.Module):
@@ -70,9 +74,10 @@ class PositionEmbeddingSine(nn.Module):
         else:
             y_embed = y_embed + self.offset
             x_embed = x_embed + self.offset
-        pos_x = _interleave_sin_cos(x_embed[..., None] / self.dim_tx)
-        pos_y = _interleave_sin_cos(y_embed[..., None] / self.dim_ty)
-        return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
+        # y and x in one pass: (B, H, W, 2, F/2) angles from one rate per sin/cos pair, y channels first
+        rates = torch.stack((self.dim_ty[0::2], self.dim_tx[0::2]))
+        angles = torch.stack((y_embed, x_embed), dim=-1)[..., None] / rates
+        return _sin_cos_pairs(angles).flatten(-2).permute(0, 3, 1, 2)
 
 
 def get_sine_pos_embed(
@@ -81,16 +86,25 @@ def get_sine_pos_embed(
     temperature: float = 10000,
     exchange_xy: bool = True,
     scale: float = 2 * math.pi,
+    pair_rates: Tensor | None = None,
 ) -> Tensor:
     """Sine embedding of each of the n coordinates in ``pos`` (..., n) -> (..., n * num_pos_feats).
 
     Coordinates are multiplied by ``scale`` (2*pi) before dividing by the frequencies. With ``exchange_xy`` the
     first two coordinate blocks are swapped, so boxes (cx, cy, w, h) embed as (y, x, w, h) like the official code.
+    ``pair_rates``: ``sine_frequencies(num_pos_feats, temperature)[0::2]`` kept by a caller that embeds in every
+    layer (a buffer), so the frequencies are not rebuilt on each call.
     """
     if exchange_xy and pos.shape[-1] < 2:
         raise ValueError(f"exchange_xy needs at least 2 coordinates in the last dim, got shape {tuple(pos.shape)}")
-    dim_t = sine_frequencies(num_pos_feats, temperature, dtype=pos.dtype, device=pos.device)
-    embed = _interleave_sin_cos(pos.unsqueeze(-1) * scale / dim_t)
+    if pair_rates is None:
+        pair_rates = sine_frequencies(num_pos_feats, temperature, dtype=pos.dtype, device=pos.device)[0::2]
+    elif pair_rates.shape != (num_pos_feats // 2,):
+        raise ValueError(
+            f"pair_rates must hold num_pos_feats // 2 = {num_pos_feats // 2} rates "
+            f"(sine_frequencies(num_pos_feats, temperature)[0::2]), got shape {tuple(pair_rates.shape)}"
+        )
+    embed = _sin_cos_pairs(pos.unsqueeze(-1) * scale / pair_rates)
     if exchange_xy:
         embed = torch.cat((embed[..., 1:2, :], embed[..., 0:1, :], embed[..., 2:, :]), dim=-2)
     return embed.flatten(-2)

@@ -16,7 +16,7 @@ from salience_detr.layers.attention import additive_mask, multihead_self_attenti
 from salience_detr.layers.box_ops import inverse_sigmoid
 from salience_detr.layers.mlp import MLP, init_box_head, init_class_head
 from salience_detr.layers.ms_deform_attn import MultiScaleDeformableAttention
-from salience_detr.layers.position_encoding import get_sine_pos_embed
+from salience_detr.layers.position_encoding import get_sine_pos_embed, sine_frequencies
 from salience_detr.layers.post_norm import PostNormLayer
 
 
@@ -107,9 +107,10 @@ class SalienceDecoder(nn.Module):
         for bbox_head in self.bbox_head:
             init_box_head(bbox_head)
 
-    def query_position(self, reference_input: Tensor) -> Tensor:
-        """Sine embedding of the level-0 scaled box (order y, x, w, h) through the shared MLP."""
-        sine = get_sine_pos_embed(reference_input[:, :, 0, :], num_pos_feats=self.embed_dim // 2)
+    def query_position(self, reference_input: Tensor, rates: Tensor | None = None) -> Tensor:
+        """Sine embedding of the level-0 scaled box (order y, x, w, h) through the shared MLP; ``rates``: the
+        embedding's ``pair_rates``, which :meth:`forward` builds once for all layers."""
+        sine = get_sine_pos_embed(reference_input[:, :, 0, :], num_pos_feats=self.embed_dim // 2, pair_rates=rates)
         return self.ref_point_head(sine)
 
     def forward(
@@ -125,12 +126,14 @@ class SalienceDecoder(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """query (B,Q,C); reference_points (B,Q,4) sigmoid space; value (B,N,C); valid_ratios (B,L,2) as (w,h)."""
         valid_ratio_scale = torch.cat([valid_ratios, valid_ratios], -1)[:, None]
+        embed_dtype = torch.promote_types(reference_points.dtype, valid_ratios.dtype)  # that of reference_input
+        rates = sine_frequencies(self.embed_dim // 2, 10000, embed_dtype, reference_points.device)[0::2]
         if attn_mask is not None and attn_mask.dtype == torch.bool:
             attn_mask = additive_mask(attn_mask, query.dtype)
         classes, boxes = [], []
         for index, layer in enumerate(self.layers):
             reference_input = reference_points.detach()[:, :, None] * valid_ratio_scale
-            query_pos = self.query_position(reference_input)
+            query_pos = self.query_position(reference_input, rates)
             query = layer(
                 query, query_pos, reference_input, value, spatial_shapes, level_start_index, key_padding_mask, attn_mask
             )
