@@ -17,6 +17,7 @@ from salience_detr.layers.attention import additive_mask, multihead_self_attenti
 from salience_detr.layers.mlp import MLP
 from salience_detr.layers.ms_deform_attn import MultiScaleDeformableAttention, multi_scale_deformable_attn
 from salience_detr.layers.position_encoding import PositionEmbeddingSine, get_sine_pos_embed, sine_frequencies
+from salience_detr.modeling.encoder import encoder_reference_points
 from salience_detr.modeling.neck import RepVggPluXBlock
 from salience_detr.utils.dispatch_count import count_dispatch
 
@@ -160,3 +161,19 @@ def test_sine_embeddings_equal_the_official_sin_of_even_and_cos_of_odd_angles():
     assert torch.equal(get_sine_pos_embed(boxes, num_pos_feats=8, pair_rates=rates[0::2]), official)
     with pytest.raises(ValueError, match="pair_rates must hold num_pos_feats // 2 = 4"):
         get_sine_pos_embed(boxes, num_pos_feats=8, pair_rates=rates)
+
+
+def test_encoder_reference_points_equal_the_per_level_loop():
+    shapes = [(4, 6), (2, 3), (1, 2)]
+    ratios = torch.tensor([[[1.0, 1.0]] * 3, [[0.5, 0.75], [0.6, 1.0], [1.0, 0.5]]])
+    per_level = []
+    for level, (height, width) in enumerate(shapes):
+        ref_y, ref_x = torch.meshgrid(
+            torch.linspace(0.5, height - 0.5, height), torch.linspace(0.5, width - 0.5, width), indexing="ij"
+        )
+        ref_y = ref_y.reshape(-1)[None] / (ratios[:, None, level, 1] * height)
+        ref_x = ref_x.reshape(-1)[None] / (ratios[:, None, level, 0] * width)
+        per_level.append(torch.stack((ref_x, ref_y), -1))
+    official = torch.cat(per_level, 1)[:, :, None] * ratios[:, None]
+    assert torch.equal(encoder_reference_points(shapes, ratios), official)
+    assert torch.equal(encoder_reference_points(torch.tensor(shapes), ratios), official)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -111,20 +112,21 @@ class SalienceEncoderLayer(PostNormLayer):
 def encoder_reference_points(spatial_shapes: Tensor | Sequence[tuple[int, int]], valid_ratios: Tensor) -> Tensor:
     """Cell centres normalised by each image's valid extent, rescaled per level: (B, N, L, 2) in (x, y) order.
 
-    ``valid_ratios`` is (B, L, 2) in (w, h) order; the arithmetic follows Deformable DETR step by step.
+    ``valid_ratios`` is (B, L, 2) in (w, h) order. The arithmetic is Deformable DETR's, element for element
+    (``centre / (valid_ratio * size)``, then ``* valid_ratios``), with the levels' centres and scales gathered
+    into one division instead of one per level.
     """
     dtype, device = valid_ratios.dtype, valid_ratios.device
-    per_level = []
-    for level, (height, width) in enumerate(host_shapes(spatial_shapes)):
-        ref_y, ref_x = torch.meshgrid(
-            torch.linspace(0.5, height - 0.5, height, dtype=dtype, device=device),
-            torch.linspace(0.5, width - 0.5, width, dtype=dtype, device=device),
-            indexing="ij",
-        )
-        ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * height)
-        ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, level, 0] * width)
-        per_level.append(torch.stack((ref_x, ref_y), -1))
-    return torch.cat(per_level, 1)[:, :, None] * valid_ratios[:, None]
+    shapes = host_shapes(spatial_shapes)
+    centres = []
+    for height, width in shapes:
+        ref_y = torch.linspace(0.5, height - 0.5, height, dtype=dtype, device=device)
+        ref_x = torch.linspace(0.5, width - 0.5, width, dtype=dtype, device=device)
+        centres.append(torch.stack((ref_x.expand(height, -1), ref_y[:, None].expand(-1, width)), -1).view(-1, 2))
+    sizes = torch.as_tensor([(width, height) for height, width in shapes], dtype=dtype, device=device)
+    token_level = torch.as_tensor(np.repeat(np.arange(len(shapes)), [h * w for h, w in shapes]), device=device)
+    scale = (valid_ratios * sizes).index_select(1, token_level)  # (B, N, 2): valid_ratio * size of its level
+    return (torch.cat(centres) / scale)[:, :, None] * valid_ratios[:, None]
 
 
 class SalienceEncoder(nn.Module):
