@@ -224,3 +224,20 @@ def test_cuda_selection_equals_torchvision_without_a_host_sync():
     for b in range(4):
         expected = torch.cat([tokens[b][keep[b]], tokens[b][~keep[b]]])[:100]
         assert torch.equal(selected[b], expected)
+
+
+def test_the_tiny_model_gives_an_image_the_same_queries_alone_and_batched():
+    """64x96 inputs have 128 tokens, fewer survivors than the config's 100 queries: each image still gets 100."""
+    from detectron2.config import LazyConfig, instantiate
+    from test_loss_curve import TINY_CONFIG
+
+    from salience_detr.checkpoint.parity import our_stages, parity_images
+
+    torch.manual_seed(0)
+    model = instantiate(LazyConfig.load(str(TINY_CONFIG)).model).eval()
+    images = parity_images(0, [(64, 96), (64, 96), (64, 96)])
+    alone = our_stages(model, images[:1])
+    batched = our_stages(model, images)
+    assert alone["query_index"].shape == (1, 100) and batched["query_index"].shape == (3, 100)
+    assert torch.equal(batched["query_index"][0], alone["query_index"][0])
+    torch.testing.assert_close(batched["enc_logits"][0], alone["enc_logits"][0], rtol=1e-4, atol=1e-4)
