@@ -13,11 +13,16 @@ from torch import Tensor
 
 
 def flatten_levels(maps: Sequence[Tensor]) -> Tensor:
-    """(B,C,H,W) per level -> (B, sum H*W, C); (B,H,W) masks -> (B, sum H*W). Row-major, level by level."""
+    """(B,C,H,W) per level -> (B, sum H*W, C); (B,H,W) masks -> (B, sum H*W). Row-major, level by level.
+
+    The result is contiguous (the concatenation writes it token-major), so the linear layers that read the tokens
+    (every deformable attention's value projection) need no copy of their own; channels-last maps are read in order.
+    """
     if len(maps) == 0:
         raise ValueError("flatten_levels needs at least one level, got an empty list.")
-    flat = torch.cat([m.flatten(-2) for m in maps], -1)
-    return flat.transpose(1, 2) if flat.ndim == 3 else flat
+    if maps[0].ndim == 3:
+        return torch.cat([m.flatten(-2) for m in maps], -1)
+    return torch.cat([m.flatten(2).transpose(1, 2) for m in maps], 1)
 
 
 def level_start_index(spatial_shapes: Tensor) -> Tensor:
@@ -58,9 +63,6 @@ def level_valid_sizes(level_mask: Tensor) -> Tensor:
 
 def valid_ratios(level_masks: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
     """(B, L, 2) valid fraction of each level as (w, h): the unpadded extent over the map size."""
-    ratios = []
-    for mask in level_masks:
-        height, width = mask.shape[-2:]
-        valid = level_valid_sizes(mask).to(dtype)
-        ratios.append(torch.stack([valid[:, 0] / width, valid[:, 1] / height], -1))
-    return torch.stack(ratios, 1)
+    valid = torch.stack([level_valid_sizes(mask) for mask in level_masks], 1).to(dtype)  # (B, L, 2) cells
+    extents = [(mask.shape[-1], mask.shape[-2]) for mask in level_masks]
+    return valid / torch.as_tensor(extents, dtype=dtype, device=valid.device)  # one division for every level

@@ -18,17 +18,20 @@ the one deliberate difference (it clips boxes to the image). ``--save-fixture`` 
 from __future__ import annotations
 
 import argparse
-import runpy
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-from detectron2.config import instantiate
 from torch import Tensor, nn
 
 import salience_detr  # noqa: F401  (registers the meta-architecture and the built-in datasets)
-from salience_detr.checkpoint.official import coco_category_ids, convert_into_model
+from salience_detr.checkpoint.official import coco_category_ids
+from salience_detr.checkpoint.official_model import (  # noqa: F401  (OUR_CONFIG: the tests)
+    OUR_CONFIG,
+    official_and_ours,
+    recorded_query_index,
+)
 from salience_detr.checkpoint.parity import (
     RECORDED_MODULES,
     common_stages,
@@ -41,17 +44,9 @@ from salience_detr.checkpoint.parity import (
     subsample,
     unmatched_detections,
 )
-from salience_detr.checkpoint.synthetic import (
-    CONSTANT_BUFFERS,
-    OFFICIAL_R50_KEYS,
-    random_official_state_dict,
-    read_official_keys,
-)
-from salience_detr.config import get_config
+from salience_detr.checkpoint.synthetic import CONSTANT_BUFFERS, OFFICIAL_R50_KEYS
 from salience_detr.utils.atomic import atomic_write
 
-OUR_CONFIG = "salience_detr/salience_detr_r50_4scale_12ep.py"  # packaged config (salience_detr.config.get_config)
-OFFICIAL_CONFIG = Path("configs") / "salience_detr" / "salience_detr_resnet50_800_1333.py"
 #: Image sizes (H, W) per batch: larger than the 320x320 the official code needs, small enough for a CPU test.
 BATCHES = {"single": [(384, 448)], "pair": [(416, 352), (352, 448)]}
 #: Stages whose last dimension holds the official 91 class rows (compared on the 80 COCO ids).
@@ -75,56 +70,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build_official_model(root: Path) -> nn.Module:
-    """Import the official R50 config from a clone; raises SystemExit naming what is missing."""
-    config = root / OFFICIAL_CONFIG
-    transformer = root / "models" / "bricks" / "salience_transformer.py"
-    if not config.is_file() or not transformer.is_file():
-        raise SystemExit(
-            f"error: --official-root {root} is not a clone of github.com/xiuqhou/Salience-DETR "
-            f"(expected {OFFICIAL_CONFIG} and models/bricks/salience_transformer.py in it)"
-        )
-    sys.path.insert(0, str(root))
-    try:
-        import models.backbones.resnet as official_resnet
-    except ImportError as error:
-        raise SystemExit(
-            f"error: cannot import the official code from {root} ({error}); install its requirements.txt"
-        ) from error
-    official_resnet.load_checkpoint = lambda *args, **kwargs: None  # no ImageNet download: all weights replaced
-    model = runpy.run_path(str(config))["model"]
-    model.eval_transform = None  # the parity input is already normalized
-    return model.eval()
-
-
 def official_stages(model: nn.Module, images: list[Tensor]) -> dict[str, Tensor]:
     """Run the official model on normalized images and name its stages like ``parity.our_stages``.
 
     The final detections come unclipped, as ``raw_detections.{image}.{scores,labels,boxes}``.
     """
     transformer = model.transformer
-    selections: dict[str, Any] = {}
-    nms = transformer.nms_on_topk_index
-
-    def recording_nms(*args: Any, **kwargs: Any) -> Tensor:
-        selections["query_index"] = nms(*args, **kwargs)
-        return selections["query_index"]
+    encoder_inputs: dict[str, Any] = {}
 
     def recording_encoder(_module: nn.Module, _args: Any, kwargs: dict[str, Any]) -> None:
-        selections["encoder_tokens"] = kwargs["foreground_inds"]
+        encoder_inputs["encoder_tokens"] = kwargs["foreground_inds"]
 
-    transformer.nms_on_topk_index = recording_nms
     hook = transformer.encoder.register_forward_pre_hook(recording_encoder, with_kwargs=True)
     try:
-        with torch.no_grad(), record_outputs(model, RECORDED_MODULES) as records:
+        with torch.no_grad(), record_outputs(model, RECORDED_MODULES) as records, recorded_query_index(model) as chosen:
             results = model(images)
     finally:
-        del transformer.nms_on_topk_index
         hook.remove()
     logits, boxes, enc_logits, enc_boxes, salience = records["transformer"][-1]
     records["transformer.neck"] = [list(maps.values()) for maps in records["transformer.neck"]]
-    stages = common_stages(records, records["neck"][-1], salience, selections["encoder_tokens"])
-    queries = (selections["query_index"], enc_logits, enc_boxes, logits, boxes)
+    stages = common_stages(records, records["neck"][-1], salience, encoder_inputs["encoder_tokens"])
+    queries = (chosen["query_index"], enc_logits, enc_boxes, logits, boxes)
     stages.update(query_stages(stages["enc_logits_all"], transformer.two_stage_num_proposals, *queries))
     coco_ids = coco_category_ids()
     for name in list(stages):
@@ -216,21 +182,10 @@ def weight_probe(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     return {key: state_dict[key].flatten()[:8].clone() for key in keys}
 
 
-def load_models(args: argparse.Namespace) -> tuple[nn.Module, nn.Module, dict[str, Tensor]]:
-    """Both models in eval mode holding the same random weights; returns them and the official state dict."""
-    official_model = build_official_model(Path(args.official_root))
-    constants = {key: official_model.state_dict()[key] for key in CONSTANT_BUFFERS}
-    official_weights = random_official_state_dict(read_official_keys(args.keys), args.seed, constants)
-    official_model.load_state_dict(official_weights, strict=True)
-    ours = instantiate(get_config(OUR_CONFIG).model).eval()
-    convert_into_model(ours, official_weights)
-    return official_model, ours, official_weights
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    official_model, ours, official_weights = load_models(args)
+    official_model, ours, official_weights = official_and_ours(Path(args.official_root), args.seed, args.keys)
     fixture: dict[str, Any] = {
         "format": FIXTURE_FORMAT,
         "seed": args.seed,
