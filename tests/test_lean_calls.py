@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from salience_detr.layers.attention import additive_mask, multihead_self_attention
+from salience_detr.layers.levels import valid_ratios
 from salience_detr.layers.mlp import MLP
 from salience_detr.layers.ms_deform_attn import MultiScaleDeformableAttention, multi_scale_deformable_attn
 from salience_detr.layers.position_encoding import PositionEmbeddingSine, get_sine_pos_embed, sine_frequencies
@@ -177,3 +178,19 @@ def test_encoder_reference_points_equal_the_per_level_loop():
     official = torch.cat(per_level, 1)[:, :, None] * ratios[:, None]
     assert torch.equal(encoder_reference_points(shapes, ratios), official)
     assert torch.equal(encoder_reference_points(torch.tensor(shapes), ratios), official)
+
+
+def test_valid_ratios_of_every_level_equal_the_per_level_division():
+    masks = [torch.zeros(2, h, w, dtype=torch.bool) for h, w in ((6, 7), (3, 4), (2, 2))]
+    for mask, (rows, cols) in zip(masks, ((4, 5), (2, 3), (1, 2))):
+        mask[1, rows:] = True
+        mask[1, :, cols:] = True
+    official = torch.stack(
+        [
+            torch.stack([(~m[:, 0, :]).sum(1).float() / m.shape[-1], (~m[:, :, 0]).sum(1).float() / m.shape[-2]], -1)
+            for m in masks
+        ],
+        1,
+    )
+    assert torch.equal(valid_ratios(masks, torch.float32), official)
+    assert torch.equal(valid_ratios(masks, torch.float64)[1, 0], torch.tensor([5 / 7, 4 / 6], dtype=torch.float64))
