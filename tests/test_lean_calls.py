@@ -14,12 +14,13 @@ import torch
 from torch import nn
 
 from salience_detr.layers.attention import additive_mask, multihead_self_attention
-from salience_detr.layers.levels import valid_ratios
+from salience_detr.layers.levels import level_valid_sizes, valid_ratios
 from salience_detr.layers.mlp import MLP
 from salience_detr.layers.ms_deform_attn import MultiScaleDeformableAttention, multi_scale_deformable_attn
 from salience_detr.layers.position_encoding import PositionEmbeddingSine, get_sine_pos_embed, sine_frequencies
 from salience_detr.modeling.encoder import encoder_reference_points
 from salience_detr.modeling.neck import RepVggPluXBlock
+from salience_detr.modeling.two_stage import encoder_output_proposals
 from salience_detr.utils.dispatch_count import count_dispatch
 
 
@@ -194,3 +195,26 @@ def test_valid_ratios_of_every_level_equal_the_per_level_division():
     )
     assert torch.equal(valid_ratios(masks, torch.float32), official)
     assert torch.equal(valid_ratios(masks, torch.float64)[1, 0], torch.tensor([5 / 7, 4 / 6], dtype=torch.float64))
+
+
+def test_proposals_of_every_level_at_once_equal_the_per_level_loop():
+    shapes = [(6, 7), (3, 4), (2, 2)]
+    masks = [torch.zeros(2, h, w, dtype=torch.bool) for h, w in shapes]
+    for mask, (rows, cols) in zip(masks, ((4, 5), (2, 3), (1, 2))):
+        mask[1, rows:] = True
+        mask[1, :, cols:] = True
+    proposals = []
+    for level, mask in enumerate(masks):
+        scale = level_valid_sizes(mask).float().view(2, 1, 1, 2)
+        grid_y, grid_x = torch.meshgrid(torch.arange(mask.shape[1]), torch.arange(mask.shape[2]), indexing="ij")
+        centers = (torch.stack([grid_x, grid_y], -1).float().expand(2, -1, -1, -1) + 0.5) / scale
+        sizes = torch.full_like(centers, 0.05 * 2.0**level)
+        proposals.append(torch.cat([centers, sizes], -1).view(2, -1, 4))
+    proposals = torch.cat(proposals, 1)
+    valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
+    mask_flatten = torch.cat([m.flatten(1) for m in masks], 1)
+    official = torch.log(proposals / (1 - proposals)).masked_fill(mask_flatten.unsqueeze(-1) | ~valid, float("inf"))
+    memory = torch.randn(2, mask_flatten.shape[1], 8)
+    masked, logits = encoder_output_proposals(memory, mask_flatten, shapes)
+    assert torch.equal(logits, official)
+    assert torch.equal(masked, memory * (~mask_flatten.unsqueeze(-1)) * valid)
