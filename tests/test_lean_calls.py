@@ -18,6 +18,7 @@ from salience_detr.layers.levels import level_valid_sizes, valid_ratios
 from salience_detr.layers.mlp import MLP
 from salience_detr.layers.ms_deform_attn import MultiScaleDeformableAttention, multi_scale_deformable_attn
 from salience_detr.layers.position_encoding import PositionEmbeddingSine, get_sine_pos_embed, sine_frequencies
+from salience_detr.modeling.criterion import varifocal_loss
 from salience_detr.modeling.encoder import encoder_reference_points
 from salience_detr.modeling.neck import RepVggPluXBlock
 from salience_detr.modeling.two_stage import encoder_output_proposals
@@ -218,3 +219,18 @@ def test_proposals_of_every_level_at_once_equal_the_per_level_loop():
     masked, logits = encoder_output_proposals(memory, mask_flatten, shapes)
     assert torch.equal(logits, official)
     assert torch.equal(masked, memory * (~mask_flatten.unsqueeze(-1)) * valid)
+
+
+def test_varifocal_loss_from_shared_targets_equals_the_official_formula():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 9, 5, generator=generator)
+    onehot = torch.zeros(2, 9, 5).index_put(
+        (torch.tensor([0, 1, 1]), torch.tensor([2, 0, 7]), torch.tensor([1, 4, 0])), torch.ones(())
+    )
+    iou = torch.rand(2, 9, generator=generator) * onehot.amax(-1)
+    alpha, gamma = 0.75, 2.0
+    prob = logits.sigmoid()
+    target = onehot * iou.unsqueeze(-1)
+    weight = (1 - alpha) * prob.pow(gamma) * (1 - onehot) + target
+    official = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="none")
+    assert torch.equal(varifocal_loss(logits, target, (1 - alpha) * (1 - onehot), gamma), official)

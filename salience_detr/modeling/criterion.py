@@ -39,12 +39,14 @@ def average_num_boxes(targets: Sequence[dict], device: torch.device) -> float:
     return torch.clamp(total / world_size, min=1).item()
 
 
-def varifocal_loss(logits: Tensor, onehot: Tensor, iou: Tensor, alpha: float, gamma: float) -> Tensor:
+def varifocal_loss(logits: Tensor, target: Tensor, negative_weight: Tensor, gamma: float) -> Tensor:
     """Element-wise IoU-aware BCE (RT-DETR style): target IoU on the matched class, weight (1-α)·p̂^γ on negatives,
-    p̂ detached. ``logits``/``onehot``: (B, Q, K); ``iou``: (B, Q), zero for unmatched queries."""
+    p̂ detached. ``logits``: (B, Q, K); ``target``: ``onehot * iou`` (iou (B, Q), zero for unmatched queries) and
+    ``negative_weight``: ``(1 - alpha) * (1 - onehot)``, which a caller scoring several sets computes once for all.
+    For a 0/1 ``onehot`` the negative weight is exactly ``1 - alpha`` or 0, so ``p^γ * negative_weight`` is the
+    official ``(1 - alpha) * p^γ * (1 - onehot)`` bit for bit."""
     prob = logits.sigmoid().detach()
-    target = onehot * iou.unsqueeze(-1)
-    weight = (1 - alpha) * prob.pow(gamma) * (1 - onehot) + target
+    weight = prob.pow(gamma) * negative_weight + target
     return F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="none")
 
 
@@ -161,10 +163,13 @@ class HybridSetCriterion(nn.Module):
             (image, query, target_labels), first.new_ones(())
         )
         # the class term runs per set on the set's own tensor: the CPU's vectorised sigmoid rounds the tail of a
-        # buffer differently, so on a concatenation the gradients would move by an ulp and the loss curve drift
+        # buffer differently, so on a concatenation the gradients would move by an ulp and the loss curve drift;
+        # its targets and negative weights are exact products, computed once for every set
+        class_target = onehot * iou_map.unsqueeze(-1)
+        negative_weight = (1 - self.alpha) * (1 - onehot)
         class_sums = torch.stack(
             [
-                varifocal_loss(s.logits, onehot[:, a:b], iou_map[:, a:b], self.alpha, self.gamma).sum()
+                varifocal_loss(s.logits, class_target[:, a:b], negative_weight[:, a:b], self.gamma).sum()
                 for s, a, b in zip(output_sets, offsets[:-1], offsets[1:])
             ]
         )
