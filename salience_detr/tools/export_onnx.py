@@ -200,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     except ValueError as error:
         raise SystemExit(str(error)) from error
     cfg = load_config(args.config_file, args.opts, inference=True)
-    model = load_model_for_inference(cfg, "cpu")
+    model = load_model_for_inference(cfg, "cpu", cpu_speedups=False)  # the plain model: --fuse-bn is its own option
     switched = use_pytorch_attention(model)
     logger.info("Deformable attention: %d modules switched to the pure-PyTorch path", switched)
     if args.fuse_bn:

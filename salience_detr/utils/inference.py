@@ -10,11 +10,13 @@ import logging
 from typing import Any
 
 import numpy as np
+import torch
 from detectron2.config import instantiate
 from detectron2.data import transforms as T
 from torch import Tensor, nn
 
 from salience_detr.engine.checkpoint import AtomicDetectionCheckpointer
+from salience_detr.modeling.cpu_inference import optimize_for_cpu_inference
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +46,15 @@ class DetectionsAsTensors(nn.Module):
         return instances.pred_boxes.tensor, instances.scores, instances.pred_classes
 
 
-def load_model_for_inference(cfg: Any, device: str | None = None, checkpoint: str | None = None) -> nn.Module:
+def load_model_for_inference(
+    cfg: Any, device: str | None = None, checkpoint: str | None = None, cpu_speedups: bool = True
+) -> nn.Module:
     """``cfg.model`` in eval mode on ``device`` (default: ``train.device``, else CPU), with the weights of
     ``checkpoint`` (default: ``train.init_checkpoint``) loaded strictly; random weights when none, with a warning.
 
-    Pass ``cfg`` through ``salience_detr.config.load_config(..., inference=True)`` first (num_classes, labels)."""
+    On a CPU, ``cpu_speedups`` applies ``modeling.cpu_inference.optimize_for_cpu_inference`` (batch norms folded,
+    channels-last convolutions, oneDNN kernels; same detections to 1e-4, see benchmarks/speed.md): the model is then
+    for inference only. Pass ``cfg`` through ``salience_detr.config.load_config(..., inference=True)`` first."""
     model = instantiate(cfg.model)
     train_cfg = cfg.get("train", {})
     model.to(device or train_cfg.get("device", "cpu"))
@@ -57,7 +63,10 @@ def load_model_for_inference(cfg: Any, device: str | None = None, checkpoint: st
         AtomicDetectionCheckpointer(model).load(checkpoint)
     else:
         logger.warning("train.init_checkpoint is empty: random weights (pass --opts train.init_checkpoint=...)")
-    return model.eval()
+    model.eval()
+    if cpu_speedups and model.device.type == "cpu" and torch.backends.mkldnn.is_available():
+        optimize_for_cpu_inference(model)
+    return model
 
 
 def test_augmentations(cfg: Any) -> tuple[list[T.Augmentation], str]:
