@@ -192,3 +192,17 @@ def test_speed_tool_refuses_images_the_official_model_cannot_take(capsys):
     with pytest.raises(SystemExit):
         speed_official.parse_args(["--official-root", "x", "--threads", "0"])
     assert isinstance(speed_official.parse_args(["--official-root", "x"]), argparse.Namespace)
+
+
+def test_load_model_for_inference_applies_the_levers_on_a_cpu_unless_asked_not_to():
+    from salience_detr.utils.inference import load_model_for_inference
+
+    cfg = LazyConfig.load(str(TINY))
+    fast = load_model_for_inference(cfg, "cpu", checkpoint="")
+    plain = load_model_for_inference(cfg, "cpu", checkpoint="", cpu_speedups=False)
+    assert any(type(m) is OneDnnLinear for m in fast.modules()) and not any(
+        isinstance(m, (FrozenBatchNorm2d, _BatchNorm)) for m in fast.modules()
+    )
+    assert not any(type(m) is OneDnnLinear for m in plain.modules()) and any(
+        isinstance(m, (FrozenBatchNorm2d, _BatchNorm)) for m in plain.modules()
+    )
