@@ -56,8 +56,23 @@ def level_valid_sizes(level_mask: Tensor) -> Tensor:
     return torch.stack([valid_w, valid_h], -1)
 
 
+def flat_valid_sizes(mask_flatten: Tensor, shapes: Sequence[tuple[int, int]]) -> Tensor:
+    """(B, L, 2) valid (w, h) cells of every level (:func:`level_valid_sizes`) from the flattened (B, N) mask: each
+    level's row 0 and column 0 in one gather and one segment sum, instead of a chain of calls per level."""
+    index, segment, start = [], [], 0
+    for level, (height, width) in enumerate(shapes):
+        index += [*range(start, start + width), *range(start, start + height * width, width)]
+        segment += [2 * level] * width + [2 * level + 1] * height
+        start += height * width
+    device = mask_flatten.device
+    valid = (~mask_flatten.index_select(1, torch.as_tensor(index, device=device))).long()
+    counts = valid.new_zeros(mask_flatten.shape[0], 2 * len(shapes))
+    return counts.index_add_(1, torch.as_tensor(segment, device=device), valid).view(-1, len(shapes), 2)
+
+
 def valid_ratios(level_masks: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
     """(B, L, 2) valid fraction of each level as (w, h): the unpadded extent over the map size."""
-    valid = torch.stack([level_valid_sizes(mask) for mask in level_masks], 1).to(dtype)  # (B, L, 2) cells
-    extents = [(mask.shape[-1], mask.shape[-2]) for mask in level_masks]
-    return valid / torch.as_tensor(extents, dtype=dtype, device=valid.device)  # one division for every level
+    shapes = [(mask.shape[-2], mask.shape[-1]) for mask in level_masks]
+    flat = torch.cat([mask.flatten(1) for mask in level_masks], 1)
+    extents = torch.as_tensor([(width, height) for height, width in shapes], dtype=dtype, device=flat.device)
+    return flat_valid_sizes(flat, shapes).to(dtype) / extents  # one division for every level

@@ -14,7 +14,7 @@ import torchvision
 from torch import Tensor
 
 from salience_detr.layers.grid_nms import GRID_RULE_IOU_RANGE, compiled_grid_nms, grid_nms_available
-from salience_detr.layers.levels import host_shapes
+from salience_detr.layers.levels import flat_valid_sizes, host_shapes
 
 ANCHOR_BASE_SIZE = 0.05
 ANCHOR_VALID_RANGE = (0.01, 0.99)
@@ -26,20 +26,6 @@ def _level_cells(height: int, width: int, dtype: torch.dtype, device: torch.devi
     grid_x = torch.arange(width, dtype=dtype, device=device).expand(height, -1)
     grid_y = torch.arange(height, dtype=dtype, device=device)[:, None].expand(-1, width)
     return torch.stack([grid_x, grid_y], -1).view(-1, 2)
-
-
-def _flat_valid_sizes(mask_flatten: Tensor, shapes: Sequence[tuple[int, int]]) -> Tensor:
-    """(B, L, 2) valid (w, h) cells of every level (``level_valid_sizes``), counted on each level's row 0 and
-    column 0 of the flattened mask with one gather and one segment sum instead of a chain per level."""
-    index, segment, start = [], [], 0
-    for level, (height, width) in enumerate(shapes):
-        index += [*range(start, start + width), *range(start, start + height * width, width)]
-        segment += [2 * level] * width + [2 * level + 1] * height
-        start += height * width
-    device = mask_flatten.device
-    valid = (~mask_flatten.index_select(1, torch.as_tensor(index, device=device))).long()
-    counts = valid.new_zeros(mask_flatten.shape[0], 2 * len(shapes))
-    return counts.index_add_(1, torch.as_tensor(segment, device=device), valid).view(-1, len(shapes), 2)
 
 
 def encoder_output_proposals(
@@ -59,7 +45,7 @@ def encoder_output_proposals(
     counts = [height * width for height, width in shapes]
     cells = torch.cat([_level_cells(height, width, dtype, memory.device) for height, width in shapes])
     token_level = torch.as_tensor(np.repeat(np.arange(len(shapes)), counts), device=memory.device)
-    scale = _flat_valid_sizes(mask_flatten, shapes).to(dtype).index_select(1, token_level)  # (B, N, 2)
+    scale = flat_valid_sizes(mask_flatten, shapes).to(dtype).index_select(1, token_level)  # (B, N, 2)
     sides = np.repeat([ANCHOR_BASE_SIZE * 2.0**level for level in range(len(shapes))], counts)[:, None]
     sizes = torch.as_tensor(sides, dtype=dtype, device=memory.device).expand(batch_size, -1, 2)
     proposals = torch.cat([(cells + 0.5) / scale, sizes], -1)
