@@ -140,8 +140,10 @@ class SalienceDecoder(nn.Module):
             normed = self.norm(query)
             classes.append(self.class_head[index](normed))
             # look-forward-twice: reference_points keeps its graph, so this loss also trains the previous box head
-            boxes.append((self.bbox_head[index](normed) + inverse_sigmoid(reference_points)).sigmoid())
+            reference_logits = inverse_sigmoid(reference_points)
+            boxes.append((self.bbox_head[index](normed) + reference_logits).sigmoid())
             if index < self.num_layers - 1:
-                # the official code refines from the un-normalised query here (not `normed`)
-                reference_points = (self.bbox_head[index](query) + inverse_sigmoid(reference_points.detach())).sigmoid()
+                # the official code refines from the un-normalised query here (not `normed`), and from the detached
+                # reference: the same logits, without their graph
+                reference_points = (self.bbox_head[index](query) + reference_logits.detach()).sigmoid()
         return torch.stack(classes), torch.stack(boxes), normed
