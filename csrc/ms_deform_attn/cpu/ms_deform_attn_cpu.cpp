@@ -2,8 +2,12 @@
 // outer loop, so its working set is one level of one head's values (under 2 MB at 800x1088 input) rather than
 // the whole value tensor. Forward tasks additionally split the queries into blocks (disjoint output slices).
 // Backward tasks own the disjoint slice grad_value[b, :, h, :] and the location/weight gradients of their
-// samples, so no two threads write the same element (no atomics, no races). Channels are contiguous and the
-// channel loops vectorise. Accumulation is in float (double for double inputs).
+// samples, so no two threads write the same element (no atomics, no races).
+// The gathers of value rows are latency bound, so each task works in chunks of queries: first the chunk's corners
+// (row pointers and weights) are computed, then the rows are gathered with the rows a few corners ahead
+// prefetched. A corner outside the map points at a row of zeros (and, for gradients, a scratch row), so the
+// gathers have no branch. Channels are contiguous and the channel loops vectorise; head_dim 32 (the model's) is
+// compiled with a fixed channel count. Accumulation is in float (double for double inputs).
 #include "../bilinear.h"
 #include "../ms_deform_attn.h"
 
@@ -41,8 +45,11 @@ struct LevelLayout {
   }
 };
 
-constexpr int64_t kQueryBlock = 256;
+constexpr int64_t kQueryBlock = 256;    // forward: queries per task (disjoint output rows)
+constexpr int64_t kChunk = 32;          // queries whose corners are computed before their rows are gathered
+constexpr int64_t kPrefetchAhead = 16;  // corners between a row's prefetch and its use
 constexpr int64_t kLanes = 8;
+constexpr int kFixedDim = 32;  // the head_dim compiled with a constant channel count
 
 // The per-task bodies are compiled twice on x86-64 with GCC (AVX2+FMA and baseline), picked at load time.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
@@ -51,12 +58,25 @@ constexpr int64_t kLanes = 8;
 #define SALIENCE_DETR_CPU_CLONES
 #endif
 
-// accumulator += scale * row
-template <typename acc_t, typename scalar_t>
-inline void scaled_add(acc_t* __restrict__ accumulator, const scalar_t* __restrict__ row, acc_t scale, int64_t n) {
-  for (int64_t c = 0; c < n; ++c) {
-    accumulator[c] += scale * static_cast<acc_t>(row[c]);
+// The number of channels: a compile-time constant when kDim > 0, so the channel loops unroll and a query's
+// channels stay in registers; head_dim otherwise.
+template <int kDim>
+constexpr int64_t channels(int64_t head_dim) {
+  return kDim > 0 ? kDim : head_dim;
+}
+
+// Requests the cache lines of a value row that a later corner gathers.
+template <typename row_t>
+inline void prefetch_row(const row_t* row, int64_t n) {
+#if defined(__GNUC__)
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (int64_t offset = 0; offset < n * static_cast<int64_t>(sizeof(row_t)); offset += 64) {
+    __builtin_prefetch(bytes + offset);
   }
+#else
+  (void)row;
+  (void)n;
+#endif
 }
 
 // grad_row += scale * grad, returning dot(grad, row); partial sums in kLanes lanes so the loop vectorises
@@ -69,14 +89,14 @@ inline acc_t dot_and_scaled_add(
     acc_t scale,
     int64_t n) {
   acc_t partial[kLanes] = {};
-  int64_t c = 0;
-  for (; c + kLanes <= n; c += kLanes) {
+  const int64_t lanes_end = n - n % kLanes;
+  for (int64_t c = 0; c < lanes_end; c += kLanes) {
     for (int64_t lane = 0; lane < kLanes; ++lane) {
       partial[lane] += grad[c + lane] * static_cast<acc_t>(row[c + lane]);
       grad_row[c + lane] += scale * grad[c + lane];
     }
   }
-  for (; c < n; ++c) {
+  for (int64_t c = lanes_end; c < n; ++c) {
     partial[0] += grad[c] * static_cast<acc_t>(row[c]);
     grad_row[c] += scale * grad[c];
   }
@@ -102,8 +122,8 @@ struct KernelArgs {
   scalar_t* grad_loc;
   scalar_t* grad_attn;
 
-  const scalar_t* level_value(int64_t b, int64_t head, int64_t level) const {
-    return value + ((b * s.num_values + levels->start[level]) * s.num_heads + head) * s.head_dim;
+  int64_t level_offset(int64_t b, int64_t head, int64_t level) const {
+    return ((b * s.num_values + levels->start[level]) * s.num_heads + head) * s.head_dim;
   }
   int64_t first_sample(int64_t b, int64_t query, int64_t head, int64_t level) const {
     return (((b * s.num_queries + query) * s.num_heads + head) * s.num_levels + level) * s.num_points;
@@ -114,88 +134,188 @@ struct KernelArgs {
   }
 };
 
-// Output rows [first_query, last_query) of head `head` in image `b`, accumulated level by level.
+// One chunk of queries at one level of one (batch, head): per corner, in sample order, the value row it reads
+// (the zero row when outside the map), the gradient row it writes (a scratch row when outside), its weights.
+// The row arrays have kPrefetchAhead extra entries (the zero row), so prefetching ahead needs no bound check.
 template <typename scalar_t>
-SALIENCE_DETR_CPU_CLONES void forward_query_block(
+struct ChunkCorners {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<const scalar_t*> rows;
+  std::vector<acc_t*> grad_rows;
+  std::vector<acc_t> weight, weight_dx, weight_dy, attention;
+  std::vector<scalar_t> zero_row;
+  std::vector<acc_t> scratch_row;
+
+  ChunkCorners(const MsDeformAttnSizes& s, bool backward)
+      : rows(kChunk * s.num_points * 4 + kPrefetchAhead),
+        weight(kChunk * s.num_points * 4),
+        attention(kChunk * s.num_points),
+        zero_row(s.head_dim, scalar_t(0)) {
+    std::fill(rows.begin(), rows.end(), zero_row.data());
+    if (backward) {
+      grad_rows.resize(rows.size());
+      weight_dx.resize(weight.size());
+      weight_dy.resize(weight.size());
+      scratch_row.resize(s.head_dim);
+    }
+  }
+};
+
+// Fills the chunk's corners of queries [first_query, last_query); forward weights include the attention.
+template <typename scalar_t>
+SALIENCE_DETR_CPU_CLONES void fill_corners(
+    ChunkCorners<scalar_t>& chunk,
+    const KernelArgs<scalar_t>& args,
+    int64_t b,
+    int64_t head,
+    int64_t level,
+    int64_t first_query,
+    int64_t last_query,
+    bool backward) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t pixel_stride = args.s.num_heads * args.s.head_dim;
+  const int64_t offset = args.level_offset(b, head, level);
+  int64_t k = 0;
+  for (int64_t query = first_query; query < last_query; ++query) {
+    const int64_t first_sample = args.first_sample(b, query, head, level);
+    for (int64_t point = 0; point < args.s.num_points; ++point) {
+      const int64_t sample = first_sample + point;
+      const acc_t sample_attention = static_cast<acc_t>(args.weights[sample]);
+      const BilinearCorners<acc_t> corners = args.corners(sample, level);
+      chunk.attention[(query - first_query) * args.s.num_points + point] = sample_attention;
+      for (int corner = 0; corner < 4; ++corner, ++k) {
+        const int64_t index = corners.index[corner];
+        chunk.rows[k] = index >= 0 ? args.value + offset + index * pixel_stride : chunk.zero_row.data();
+        if (backward) {
+          chunk.grad_rows[k] = index >= 0 ? args.grad_value + offset + index * pixel_stride : chunk.scratch_row.data();
+          chunk.weight[k] = corners.weight[corner];
+          chunk.weight_dx[k] = corners.weight_dx[corner];
+          chunk.weight_dy[k] = corners.weight_dy[corner];
+        } else {
+          chunk.weight[k] = sample_attention * corners.weight[corner];
+        }
+      }
+    }
+  }
+  std::fill(chunk.rows.begin() + k, chunk.rows.begin() + k + kPrefetchAhead, chunk.zero_row.data());
+}
+
+// accumulator[q] += the weighted rows of query q's corners, for the chunk's queries. An outside corner adds
+// weight * 0: nothing, or NaN when the weight or the attention is not finite, as in the reference.
+template <typename scalar_t, int kDim>
+SALIENCE_DETR_CPU_CLONES void gather_chunk(
+    const ChunkCorners<scalar_t>& corners,
+    int64_t num_queries,
+    int64_t corners_per_query,
+    int64_t head_dim,
+    at::opmath_type<scalar_t>* accumulator) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = channels<kDim>(head_dim);
+  for (int64_t query = 0; query < num_queries; ++query) {
+    acc_t* query_accumulator = accumulator + query * n;
+    acc_t local[kDim > 0 ? kDim : 1];
+    acc_t* acc = kDim > 0 ? local : query_accumulator;
+    if constexpr (kDim > 0) {
+      std::copy(query_accumulator, query_accumulator + n, local);
+    }
+    for (int64_t k = query * corners_per_query; k < (query + 1) * corners_per_query; ++k) {
+      prefetch_row(corners.rows[k + kPrefetchAhead], n);
+      const scalar_t* row = corners.rows[k];
+      const acc_t scale = corners.weight[k];
+      for (int64_t c = 0; c < n; ++c) {
+        acc[c] += scale * static_cast<acc_t>(row[c]);
+      }
+    }
+    if constexpr (kDim > 0) {
+      std::copy(local, local + n, query_accumulator);
+    }
+  }
+}
+
+// Output rows [first_query, last_query) of head `head` in image `b`, accumulated level by level.
+template <typename scalar_t, int kDim>
+void forward_query_block(
     const KernelArgs<scalar_t>& args,
     int64_t b,
     int64_t head,
     int64_t first_query,
     int64_t last_query,
+    ChunkCorners<scalar_t>& corners,
     at::opmath_type<scalar_t>* accumulator) {
   using acc_t = at::opmath_type<scalar_t>;
   const MsDeformAttnSizes& s = args.s;
-  const int64_t pixel_stride = s.num_heads * s.head_dim;
-  std::fill(accumulator, accumulator + (last_query - first_query) * s.head_dim, acc_t(0));
+  const int64_t n = channels<kDim>(s.head_dim);
+  std::fill(accumulator, accumulator + (last_query - first_query) * n, acc_t(0));
   for (int64_t level = 0; level < s.num_levels; ++level) {
-    const scalar_t* level_value = args.level_value(b, head, level);
-    for (int64_t query = first_query; query < last_query; ++query) {
-      acc_t* query_accumulator = accumulator + (query - first_query) * s.head_dim;
-      const int64_t first_sample = args.first_sample(b, query, head, level);
-      for (int64_t sample = first_sample; sample < first_sample + s.num_points; ++sample) {
-        const acc_t attention = static_cast<acc_t>(args.weights[sample]);
-        const BilinearCorners<acc_t> corners = args.corners(sample, level);
-        for (int corner = 0; corner < 4; ++corner) {
-          if (corners.index[corner] >= 0) {
-            scaled_add(
-                query_accumulator, level_value + corners.index[corner] * pixel_stride,
-                attention * corners.weight[corner], s.head_dim);
-          }
-        }
-        const acc_t outside = outside_contribution(corners, attention);
-        if (outside != acc_t(0)) {  // NaN (rare): the query's output is NaN, as in the reference
-          std::fill(query_accumulator, query_accumulator + s.head_dim, outside);
-        }
-      }
+    for (int64_t chunk = first_query; chunk < last_query; chunk += kChunk) {
+      const int64_t chunk_end = std::min(chunk + kChunk, last_query);
+      fill_corners(corners, args, b, head, level, chunk, chunk_end, false);
+      gather_chunk<scalar_t, kDim>(
+          corners, chunk_end - chunk, 4 * s.num_points, n, accumulator + (chunk - first_query) * n);
     }
   }
   for (int64_t query = first_query; query < last_query; ++query) {
-    scalar_t* query_out = args.out + ((b * s.num_queries + query) * s.num_heads + head) * s.head_dim;
-    const acc_t* query_accumulator = accumulator + (query - first_query) * s.head_dim;
-    for (int64_t c = 0; c < s.head_dim; ++c) {
+    scalar_t* query_out = args.out + ((b * s.num_queries + query) * s.num_heads + head) * n;
+    const acc_t* query_accumulator = accumulator + (query - first_query) * n;
+    for (int64_t c = 0; c < n; ++c) {
       query_out[c] = static_cast<scalar_t>(query_accumulator[c]);
     }
   }
 }
 
-// All gradients of head `head` in image `b`: grad_value[b, :, head, :] and its samples' location/weight grads.
-template <typename scalar_t>
-SALIENCE_DETR_CPU_CLONES void backward_head_slice(
-    const KernelArgs<scalar_t>& args, int64_t b, int64_t head, at::opmath_type<scalar_t>* grad) {
+// Location and weight gradients of the chunk's samples, and their rows' contributions to grad_value.
+template <typename scalar_t, int kDim>
+SALIENCE_DETR_CPU_CLONES void backward_chunk(
+    const KernelArgs<scalar_t>& args,
+    const ChunkCorners<scalar_t>& corners,
+    int64_t b,
+    int64_t head,
+    int64_t level,
+    int64_t first_query,
+    int64_t last_query) {
   using acc_t = at::opmath_type<scalar_t>;
   const MsDeformAttnSizes& s = args.s;
-  const int64_t pixel_stride = s.num_heads * s.head_dim;
-  for (int64_t level = 0; level < s.num_levels; ++level) {
-    const int64_t level_offset = args.level_value(b, head, level) - args.value;
-    const scalar_t* level_value = args.value + level_offset;
-    acc_t* level_grad_value = args.grad_value + level_offset;
-    const acc_t width = static_cast<acc_t>(args.levels->width[level]);
-    const acc_t height = static_cast<acc_t>(args.levels->height[level]);
-    for (int64_t query = 0; query < s.num_queries; ++query) {
-      const scalar_t* query_grad_out = args.grad_out + ((b * s.num_queries + query) * s.num_heads + head) * s.head_dim;
-      for (int64_t c = 0; c < s.head_dim; ++c) {
-        grad[c] = static_cast<acc_t>(query_grad_out[c]);
+  const int64_t n = channels<kDim>(s.head_dim);
+  const acc_t width = static_cast<acc_t>(args.levels->width[level]);
+  const acc_t height = static_cast<acc_t>(args.levels->height[level]);
+  acc_t grad_local[kDim > 0 ? kDim : 1];
+  std::vector<acc_t> grad_buffer(kDim > 0 ? 0 : n);
+  acc_t* grad = kDim > 0 ? grad_local : grad_buffer.data();
+  int64_t k = 0;
+  for (int64_t query = first_query; query < last_query; ++query) {
+    const scalar_t* query_grad_out = args.grad_out + ((b * s.num_queries + query) * s.num_heads + head) * n;
+    for (int64_t c = 0; c < n; ++c) {
+      grad[c] = static_cast<acc_t>(query_grad_out[c]);
+    }
+    const int64_t first_sample = args.first_sample(b, query, head, level);
+    for (int64_t point = 0; point < s.num_points; ++point) {
+      const acc_t attention = corners.attention[(query - first_query) * s.num_points + point];
+      acc_t grad_attention = 0, grad_x = 0, grad_y = 0;
+      for (int corner = 0; corner < 4; ++corner, ++k) {
+        prefetch_row(corners.rows[k + kPrefetchAhead], n);
+        prefetch_row(corners.grad_rows[k + kPrefetchAhead], n);
+        // an outside corner reads zeros (dot 0) and writes the scratch row; its weights still multiply the dot
+        const acc_t dot =
+            dot_and_scaled_add(grad, corners.rows[k], corners.grad_rows[k], attention * corners.weight[k], n);
+        grad_attention += corners.weight[k] * dot;
+        grad_x += corners.weight_dx[k] * dot;
+        grad_y += corners.weight_dy[k] * dot;
       }
-      const int64_t first_sample = args.first_sample(b, query, head, level);
-      for (int64_t sample = first_sample; sample < first_sample + s.num_points; ++sample) {
-        const acc_t attention = static_cast<acc_t>(args.weights[sample]);
-        const BilinearCorners<acc_t> corners = args.corners(sample, level);
-        acc_t grad_attention = 0, grad_x = 0, grad_y = 0;
-        for (int corner = 0; corner < 4; ++corner) {
-          acc_t dot = 0;  // an outside corner's value is zero, but its weights still multiply it (bilinear.h)
-          if (corners.index[corner] >= 0) {
-            const int64_t row = corners.index[corner] * pixel_stride;
-            dot = dot_and_scaled_add(
-                grad, level_value + row, level_grad_value + row, attention * corners.weight[corner], s.head_dim);
-          }
-          grad_attention += corners.weight[corner] * dot;
-          grad_x += corners.weight_dx[corner] * dot;
-          grad_y += corners.weight_dy[corner] * dot;
-        }
-        args.grad_attn[sample] = static_cast<scalar_t>(grad_attention);
-        args.grad_loc[2 * sample] = static_cast<scalar_t>(attention * grad_x * width);
-        args.grad_loc[2 * sample + 1] = static_cast<scalar_t>(attention * grad_y * height);
-      }
+      args.grad_attn[first_sample + point] = static_cast<scalar_t>(grad_attention);
+      args.grad_loc[2 * (first_sample + point)] = static_cast<scalar_t>(attention * grad_x * width);
+      args.grad_loc[2 * (first_sample + point) + 1] = static_cast<scalar_t>(attention * grad_y * height);
+    }
+  }
+}
+
+// All gradients of head `head` in image `b`: grad_value[b, :, head, :] and its samples' location/weight grads.
+template <typename scalar_t, int kDim>
+void backward_head_slice(const KernelArgs<scalar_t>& args, int64_t b, int64_t head, ChunkCorners<scalar_t>& corners) {
+  for (int64_t level = 0; level < args.s.num_levels; ++level) {
+    for (int64_t chunk = 0; chunk < args.s.num_queries; chunk += kChunk) {
+      const int64_t chunk_end = std::min(chunk + kChunk, args.s.num_queries);
+      fill_corners(corners, args, b, head, level, chunk, chunk_end, true);
+      backward_chunk<scalar_t, kDim>(args, corners, b, head, level, chunk, chunk_end);
     }
   }
 }
@@ -211,7 +331,7 @@ KernelArgs<scalar_t> kernel_args(const MsDeformAttnInputs& in, const LevelLayout
   return args;
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int kDim>
 void forward_kernel(const MsDeformAttnInputs& in, const LevelLayout& levels, at::Tensor& output) {
   using acc_t = at::opmath_type<scalar_t>;
   KernelArgs<scalar_t> args = kernel_args<scalar_t>(in, levels);
@@ -220,16 +340,17 @@ void forward_kernel(const MsDeformAttnInputs& in, const LevelLayout& levels, at:
   const int64_t query_blocks = (s.num_queries + kQueryBlock - 1) / kQueryBlock;
   at::parallel_for(0, s.batch * s.num_heads * query_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> accumulator(kQueryBlock * s.head_dim);
+    ChunkCorners<scalar_t> corners(s, false);
     for (int64_t task = begin; task < end; ++task) {  // task = (b * H + h) * query_blocks + block
       const int64_t first_query = task % query_blocks * kQueryBlock;
-      forward_query_block(
+      forward_query_block<scalar_t, kDim>(
           args, task / (s.num_heads * query_blocks), task / query_blocks % s.num_heads, first_query,
-          std::min(first_query + kQueryBlock, s.num_queries), accumulator.data());
+          std::min(first_query + kQueryBlock, s.num_queries), corners, accumulator.data());
     }
   });
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int kDim>
 void backward_kernel(
     const MsDeformAttnInputs& in,
     const LevelLayout& levels,
@@ -245,9 +366,9 @@ void backward_kernel(
   args.grad_attn = grad_weights.mutable_data_ptr<scalar_t>();
   const MsDeformAttnSizes s = in.sizes;
   at::parallel_for(0, s.batch * s.num_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> grad(s.head_dim);
+    ChunkCorners<scalar_t> corners(s, true);
     for (int64_t slice = begin; slice < end; ++slice) {  // slice = b * H + h
-      backward_head_slice(args, slice / s.num_heads, slice % s.num_heads, grad.data());
+      backward_head_slice<scalar_t, kDim>(args, slice / s.num_heads, slice % s.num_heads, corners);
     }
   });
 }
@@ -267,7 +388,11 @@ at::Tensor ms_deform_attn_forward_cpu(
   const LevelLayout levels(in.spatial_shapes, in.level_start_index, in.sizes.num_values);
   at::Tensor output = at::empty({s.batch, s.num_queries, s.num_heads * s.head_dim}, in.value.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
-    forward_kernel<scalar_t>(in, levels, output);
+    if (s.head_dim == kFixedDim) {
+      forward_kernel<scalar_t, kFixedDim>(in, levels, output);
+    } else {
+      forward_kernel<scalar_t, 0>(in, levels, output);
+    }
   });
   return output;
 }
@@ -289,7 +414,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   at::Tensor grad_locations = at::empty(in.sampling_locations.sizes(), in.sampling_locations.options());
   at::Tensor grad_weights = at::empty(in.attention_weights.sizes(), in.attention_weights.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
-    backward_kernel<scalar_t>(in, levels, grad_out, grad_value_acc, grad_locations, grad_weights);
+    if (in.sizes.head_dim == kFixedDim) {
+      backward_kernel<scalar_t, kFixedDim>(in, levels, grad_out, grad_value_acc, grad_locations, grad_weights);
+    } else {
+      backward_kernel<scalar_t, 0>(in, levels, grad_out, grad_value_acc, grad_locations, grad_weights);
+    }
   });
   return {grad_value_acc.to(in.value.scalar_type()), grad_locations, grad_weights};
 }
