@@ -166,7 +166,7 @@ def benchmark_output(monkeypatch, capsys, dtypes=("float32", "float16", "bfloat1
         for case in ("encoder (B=2, 9000 q)", "decoder (B=2, 900 q, 4-D refs)")
         for pass_name in ("forward", "fwd+bwd")
     ]
-    monkeypatch.setattr(benchmark_ops, "benchmark", lambda device, repeat: rows)
+    monkeypatch.setattr(benchmark_ops, "benchmark", lambda device, repeat, cases, clock: rows)
     benchmark_ops.main(["--device", "cpu", "--repeat", "1"])
     return capsys.readouterr().out
 

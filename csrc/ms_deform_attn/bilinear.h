@@ -22,19 +22,50 @@ struct BilinearCorners {
   acc_t weight_dy[4];
 };
 
+// A sampling point in pixel coordinates: (x, y), and when some corner may lie on the map (`near_map`), its
+// top-left neighbour (x0, y0) and the fractions (lx, ly) toward the next pixel. The CPU kernels use it directly
+// to test the four corners with four comparisons; bilinear_corners expands it.
+template <typename acc_t>
+struct BilinearPoint {
+  acc_t x, y;
+  bool near_map;
+  int64_t x0, y0;
+  acc_t lx, ly;
+};
+
+template <typename acc_t>
+C10_HOST_DEVICE inline BilinearPoint<acc_t> bilinear_point(
+    acc_t location_x, acc_t location_y, int64_t height, int64_t width) {
+  BilinearPoint<acc_t> point;
+  point.x = location_x * static_cast<acc_t>(width) - static_cast<acc_t>(0.5);
+  point.y = location_y * static_cast<acc_t>(height) - static_cast<acc_t>(0.5);
+  // Written so that NaN, inf and points a full pixel or more outside the map are not near it (no corner inside).
+  point.near_map = point.x > static_cast<acc_t>(-1) && point.y > static_cast<acc_t>(-1) &&
+                   point.x < static_cast<acc_t>(width) && point.y < static_cast<acc_t>(height);
+  if (!point.near_map) {
+    point.x0 = point.y0 = -1;
+    point.lx = point.ly = 0;
+    return point;
+  }
+  const acc_t x_floor = ::floor(point.x);
+  const acc_t y_floor = ::floor(point.y);
+  point.x0 = static_cast<int64_t>(x_floor);
+  point.y0 = static_cast<int64_t>(y_floor);
+  point.lx = point.x - x_floor;
+  point.ly = point.y - y_floor;
+  return point;
+}
+
 template <typename acc_t>
 C10_HOST_DEVICE inline BilinearCorners<acc_t> bilinear_corners(
     acc_t location_x, acc_t location_y, int64_t height, int64_t width) {
   BilinearCorners<acc_t> corners;
-  const acc_t x = location_x * static_cast<acc_t>(width) - static_cast<acc_t>(0.5);
-  const acc_t y = location_y * static_cast<acc_t>(height) - static_cast<acc_t>(0.5);
-  // Written so that NaN, inf and points a full pixel or more outside the map take this branch (no corner inside).
-  if (!(x > static_cast<acc_t>(-1) && y > static_cast<acc_t>(-1) && x < static_cast<acc_t>(width) &&
-        y < static_cast<acc_t>(height))) {
+  const BilinearPoint<acc_t> point = bilinear_point(location_x, location_y, height, width);
+  if (!point.near_map) {
     // c - c is 0 for a finite coordinate and NaN for NaN or inf: the value grid_sample's weights take then.
     // A non-finite x poisons every weight and the y derivatives (they hold x's fractions), and vice versa.
-    const acc_t x_poison = x - x;
-    const acc_t y_poison = y - y;
+    const acc_t x_poison = point.x - point.x;
+    const acc_t y_poison = point.y - point.y;
     for (int corner = 0; corner < 4; ++corner) {
       corners.index[corner] = -1;
       corners.weight[corner] = x_poison + y_poison;
@@ -43,12 +74,10 @@ C10_HOST_DEVICE inline BilinearCorners<acc_t> bilinear_corners(
     }
     return corners;
   }
-  const acc_t x_floor = ::floor(x);
-  const acc_t y_floor = ::floor(y);
-  const int64_t x0 = static_cast<int64_t>(x_floor);
-  const int64_t y0 = static_cast<int64_t>(y_floor);
-  const acc_t lx = x - x_floor;
-  const acc_t ly = y - y_floor;
+  const int64_t x0 = point.x0;
+  const int64_t y0 = point.y0;
+  const acc_t lx = point.lx;
+  const acc_t ly = point.ly;
   const acc_t hx = static_cast<acc_t>(1) - lx;
   const acc_t hy = static_cast<acc_t>(1) - ly;
   const int64_t xs[4] = {x0, x0 + 1, x0, x0 + 1};

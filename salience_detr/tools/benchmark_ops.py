@@ -1,10 +1,14 @@
 """Time the compiled deformable-attention operator against the pure-PyTorch reference.
 
-    python -m salience_detr.tools.benchmark_ops [--device cpu|cuda] [--repeat N]
+    python -m salience_detr.tools.benchmark_ops [--device cpu|cuda] [--repeat N] [--threads N] [--clock wall|cpu]
+        [--cases encoder,encoder-random,decoder]
 
 Inputs mimic the model: the encoder case samples around the pixel centres of ~9000 kept tokens of a
-800x1088 image (4 levels), the decoder case around 900 boxes (4-D reference points). Prints forward and
-forward+backward times and the reference/compiled ratio, measured in one run.
+800x1088 image (4 levels), the decoder case around 900 boxes (4-D reference points). The encoder-random case
+has the encoder's sizes with uniformly random locations, every point anywhere on its map: the worst case for the
+caches. Prints forward and forward+backward times and the reference/compiled ratio, measured in one run.
+``--clock cpu`` times the process's CPU time instead of the wall clock: with ``--threads 1`` this is the figure
+that other jobs on the machine disturb least (they still share its caches).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +49,16 @@ def _initial_offsets(num_heads: int, num_levels: int, num_points: int, generator
     )
 
 
-def make_case(name: str, batch: int, num_queries: int, box_refs: bool, dtype: torch.dtype, device: str) -> Case:
+def make_case(
+    name: str,
+    batch: int,
+    num_queries: int,
+    box_refs: bool,
+    dtype: torch.dtype,
+    device: str,
+    random_locations: bool = False,
+) -> Case:
+    """Model-like inputs; ``random_locations`` replaces the locations by uniform ones on [0, 1)."""
     generator = torch.Generator().manual_seed(0)
     num_heads, head_dim, num_points = 8, 32, 4
     shapes = torch.tensor(ENCODER_LEVELS, dtype=torch.int64)
@@ -62,6 +75,8 @@ def make_case(name: str, batch: int, num_queries: int, box_refs: bool, dtype: to
         locations = centers + offsets / shapes.flip(-1).view(1, 1, 1, num_levels, 1, 2)
     logits = torch.randn(batch, num_queries, num_heads, num_levels * num_points, generator=generator)
     weights = logits.softmax(-1).view(batch, num_queries, num_heads, num_levels, num_points)
+    if random_locations:  # drawn last, so value and weights equal the model-like case's
+        locations = torch.rand(locations.shape, generator=generator)
     return Case(
         name,
         value.to(device, dtype),
@@ -72,23 +87,40 @@ def make_case(name: str, batch: int, num_queries: int, box_refs: bool, dtype: to
     )
 
 
-def _seconds(step: Callable[[], None], device: str) -> float:
+CASES = {
+    "encoder": dict(name="encoder (B=2, 9000 q)", batch=2, num_queries=9000, box_refs=False),
+    "encoder-random": dict(
+        name="encoder (B=2, 9000 q, uniform random locations)",
+        batch=2,
+        num_queries=9000,
+        box_refs=False,
+        random_locations=True,
+    ),
+    "decoder": dict(name="decoder (B=2, 900 q, 4-D refs)", batch=2, num_queries=900, box_refs=True),
+}
+# gpu_check reads a fixed table of the CUDA run: the model-like cases in three dtypes.
+DEFAULT_CASES = {"cpu": tuple(CASES), "cuda": ("encoder", "decoder")}
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def _seconds(step: Callable[[], None], device: str, clock: Callable[[], float]) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start = clock()
     step()
     if device == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def _compare(
-    compiled: Callable[[], None], reference: Callable[[], None], repeat: int, device: str
+    compiled: Callable[[], None], reference: Callable[[], None], repeat: int, device: str, clock: str = "wall"
 ) -> tuple[float, float]:
     """Median seconds of each after a warm-up, the two interleaved so that load changes hit both alike."""
     compiled()
     reference()
-    times = [(_seconds(compiled, device), _seconds(reference, device)) for _ in range(repeat)]
+    timer = CLOCKS[clock]
+    times = [(_seconds(compiled, device, timer), _seconds(reference, device, timer)) for _ in range(repeat)]
     return tuple(sorted(column)[len(column) // 2] for column in zip(*times))
 
 
@@ -106,18 +138,18 @@ def _step(case: Case, backend: str, backward: bool) -> Callable[[], None]:
     return run
 
 
-def benchmark(device: str, repeat: int) -> list[tuple[str, str, str, float, float]]:
+def benchmark(
+    device: str, repeat: int, cases: Sequence[str] | None = None, clock: str = "wall"
+) -> list[tuple[str, str, str, float, float]]:
+    """(case, dtype, pass, compiled seconds, reference seconds) for each case (keys of CASES) and pass."""
     dtypes = [torch.float32] + ([torch.float16, torch.bfloat16] if device == "cuda" else [])
     rows = []
     for dtype in dtypes:
-        cases = [
-            make_case("encoder (B=2, 9000 q)", 2, 9000, box_refs=False, dtype=dtype, device=device),
-            make_case("decoder (B=2, 900 q, 4-D refs)", 2, 900, box_refs=True, dtype=dtype, device=device),
-        ]
-        for case in cases:
+        for key in cases or DEFAULT_CASES[device]:
+            case = make_case(**CASES[key], dtype=dtype, device=device)
             for backward, pass_name in ((False, "forward"), (True, "fwd+bwd")):
                 compiled, reference = _compare(
-                    _step(case, "compiled", backward), _step(case, "pytorch", backward), repeat, device
+                    _step(case, "compiled", backward), _step(case, "pytorch", backward), repeat, device, clock
                 )
                 rows.append((case.name, str(dtype).replace("torch.", ""), pass_name, compiled, reference))
     return rows
@@ -127,16 +159,30 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per entry (median reported)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall", help="wall clock or process CPU time")
+    parser.add_argument("--cases", default=None, help=f"comma-separated, of {', '.join(CASES)} (default: all on CPU)")
     args = parser.parse_args(argv)
+    cases = None if args.cases is None else args.cases.split(",")
+    unknown = sorted(set(cases or ()) - set(CASES))
+    if unknown:
+        parser.error(f"unknown --cases {unknown}; choose from {', '.join(CASES)}")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a visible GPU")
     available, reason = msda.compiled_backend_available(torch.device(args.device), torch.float32)
     if not available:
         parser.error(f"the compiled operator cannot run on {args.device}: {reason}")
-    print(f"device: {args.device}, torch threads: {torch.get_num_threads()}, repeat: {args.repeat} (median)")
+    print(
+        f"device: {args.device}, torch threads: {torch.get_num_threads()}, repeat: {args.repeat} (median), "
+        f"clock: {args.clock}"
+    )
     print("| case | dtype | pass | compiled ms | reference ms | reference / compiled |")
     print("|---|---|---|---:|---:|---:|")
-    for name, dtype, pass_name, compiled, reference in benchmark(args.device, args.repeat):
+    for name, dtype, pass_name, compiled, reference in benchmark(args.device, args.repeat, cases, args.clock):
         times = f"{compiled * 1e3:.1f} | {reference * 1e3:.1f} | {reference / compiled:.2f}"
         print(f"| {name} | {dtype} | {pass_name} | {times} |")
 

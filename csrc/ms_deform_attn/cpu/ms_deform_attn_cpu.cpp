@@ -16,7 +16,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <vector>
@@ -118,7 +117,7 @@ struct KernelArgs {
   const scalar_t* weights;
   const scalar_t* grad_out;
   scalar_t* out;
-  acc_t* grad_value;
+  scalar_t* grad_value;
   scalar_t* grad_loc;
   scalar_t* grad_attn;
 
@@ -153,16 +152,36 @@ struct ChunkCorners {
         zero_row(s.head_dim, scalar_t(0)) {
     std::fill(rows.begin(), rows.end(), zero_row.data());
     if (backward) {
-      grad_rows.resize(rows.size());
+      scratch_row.resize(s.head_dim);
+      grad_rows.assign(rows.size(), scratch_row.data());
       weight_dx.resize(weight.size());
       weight_dy.resize(weight.size());
-      scratch_row.resize(s.head_dim);
     }
   }
 };
 
-// Fills the chunk's corners of queries [first_query, last_query); forward weights include the attention.
-template <typename scalar_t>
+// The corners of a point off the map (none inside, weights possibly NaN): zero rows, scratch gradient rows.
+template <typename scalar_t, bool kBackward>
+inline void fill_outside_corners(
+    ChunkCorners<scalar_t>& chunk, int64_t k, const BilinearCorners<at::opmath_type<scalar_t>>& corners,
+    at::opmath_type<scalar_t> attention) {
+  for (int corner = 0; corner < 4; ++corner) {
+    chunk.rows[k + corner] = chunk.zero_row.data();
+    if constexpr (kBackward) {
+      chunk.grad_rows[k + corner] = chunk.scratch_row.data();
+      chunk.weight[k + corner] = corners.weight[corner];
+      chunk.weight_dx[k + corner] = corners.weight_dx[corner];
+      chunk.weight_dy[k + corner] = corners.weight_dy[corner];
+    } else {
+      chunk.weight[k + corner] = attention * corners.weight[corner];
+    }
+  }
+}
+
+// Fills the chunk's corners of queries [first_query, last_query); forward weights include the attention. In the
+// backward the gradient rows lie in slice_grad, the task's (num_values, head_dim) buffer. The weights are
+// bilinear_corners' (same expressions), with the four corners tested by four comparisons.
+template <typename scalar_t, bool kBackward>
 SALIENCE_DETR_CPU_CLONES void fill_corners(
     ChunkCorners<scalar_t>& chunk,
     const KernelArgs<scalar_t>& args,
@@ -171,33 +190,54 @@ SALIENCE_DETR_CPU_CLONES void fill_corners(
     int64_t level,
     int64_t first_query,
     int64_t last_query,
-    bool backward) {
+    at::opmath_type<scalar_t>* slice_grad) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t pixel_stride = args.s.num_heads * args.s.head_dim;
-  const int64_t offset = args.level_offset(b, head, level);
-  int64_t k = 0;
+  const int64_t n = args.s.head_dim, width = args.levels->width[level], height = args.levels->height[level];
+  const int64_t pixel_stride = args.s.num_heads * n;
+  const scalar_t* level_value = args.value + args.level_offset(b, head, level);
+  acc_t* level_grad = kBackward ? slice_grad + args.levels->start[level] * n : nullptr;
+  const scalar_t* zero = chunk.zero_row.data();
+  acc_t* scratch = chunk.scratch_row.data();
+  const scalar_t** __restrict__ rows = chunk.rows.data();
+  acc_t** __restrict__ grad_rows = chunk.grad_rows.data();
+  acc_t* __restrict__ weight = chunk.weight.data();
+  int64_t k = 0, j = 0;
   for (int64_t query = first_query; query < last_query; ++query) {
     const int64_t first_sample = args.first_sample(b, query, head, level);
-    for (int64_t point = 0; point < args.s.num_points; ++point) {
-      const int64_t sample = first_sample + point;
-      const acc_t sample_attention = static_cast<acc_t>(args.weights[sample]);
-      const BilinearCorners<acc_t> corners = args.corners(sample, level);
-      chunk.attention[(query - first_query) * args.s.num_points + point] = sample_attention;
-      for (int corner = 0; corner < 4; ++corner, ++k) {
-        const int64_t index = corners.index[corner];
-        chunk.rows[k] = index >= 0 ? args.value + offset + index * pixel_stride : chunk.zero_row.data();
-        if (backward) {
-          chunk.grad_rows[k] = index >= 0 ? args.grad_value + offset + index * pixel_stride : chunk.scratch_row.data();
-          chunk.weight[k] = corners.weight[corner];
-          chunk.weight_dx[k] = corners.weight_dx[corner];
-          chunk.weight_dy[k] = corners.weight_dy[corner];
+    for (int64_t sample = first_sample; sample < first_sample + args.s.num_points; ++sample, ++j, k += 4) {
+      const acc_t attention = static_cast<acc_t>(args.weights[sample]);
+      chunk.attention[j] = attention;
+      const BilinearPoint<acc_t> point = bilinear_point<acc_t>(
+          static_cast<acc_t>(args.locations[2 * sample]), static_cast<acc_t>(args.locations[2 * sample + 1]), height,
+          width);
+      if (!point.near_map) {
+        fill_outside_corners<scalar_t, kBackward>(chunk, k, args.corners(sample, level), attention);
+        continue;
+      }
+      const acc_t lx = point.lx, ly = point.ly, hx = acc_t(1) - lx, hy = acc_t(1) - ly;
+      const bool left = point.x0 >= 0, right = point.x0 + 1 < width, top = point.y0 >= 0, bottom = point.y0 + 1 < height;
+      const bool inside[4] = {top && left, top && right, bottom && left, bottom && right};
+      const int64_t index[4] = {0, 1, width, width + 1};
+      const int64_t pixel = point.y0 * width + point.x0;
+      const acc_t weights[4] = {hy * hx, hy * lx, ly * hx, ly * lx};
+      for (int corner = 0; corner < 4; ++corner) {
+        rows[k + corner] = inside[corner] ? level_value + (pixel + index[corner]) * pixel_stride : zero;
+        if constexpr (kBackward) {
+          grad_rows[k + corner] = inside[corner] ? level_grad + (pixel + index[corner]) * n : scratch;
+          weight[k + corner] = weights[corner];
         } else {
-          chunk.weight[k] = sample_attention * corners.weight[corner];
+          weight[k + corner] = attention * weights[corner];
         }
+      }
+      if constexpr (kBackward) {
+        const acc_t weights_dx[4] = {-hy, hy, -ly, ly};
+        const acc_t weights_dy[4] = {-hx, -lx, hx, lx};
+        std::copy(weights_dx, weights_dx + 4, chunk.weight_dx.data() + k);
+        std::copy(weights_dy, weights_dy + 4, chunk.weight_dy.data() + k);
       }
     }
   }
-  std::fill(chunk.rows.begin() + k, chunk.rows.begin() + k + kPrefetchAhead, chunk.zero_row.data());
+  std::fill(chunk.rows.begin() + k, chunk.rows.begin() + k + kPrefetchAhead, zero);
 }
 
 // accumulator[q] += the weighted rows of query q's corners, for the chunk's queries. An outside corner adds
@@ -249,7 +289,7 @@ void forward_query_block(
   for (int64_t level = 0; level < s.num_levels; ++level) {
     for (int64_t chunk = first_query; chunk < last_query; chunk += kChunk) {
       const int64_t chunk_end = std::min(chunk + kChunk, last_query);
-      fill_corners(corners, args, b, head, level, chunk, chunk_end, false);
+      fill_corners<scalar_t, false>(corners, args, b, head, level, chunk, chunk_end, nullptr);
       gather_chunk<scalar_t, kDim>(
           corners, chunk_end - chunk, 4 * s.num_points, n, accumulator + (chunk - first_query) * n);
     }
@@ -309,13 +349,30 @@ SALIENCE_DETR_CPU_CLONES void backward_chunk(
 }
 
 // All gradients of head `head` in image `b`: grad_value[b, :, head, :] and its samples' location/weight grads.
+// grad_value's slice is accumulated in slice_grad, contiguous rows that stay in cache better than the strided
+// slice, and written once at the end (so grad_value needs neither zeroing nor a conversion pass).
 template <typename scalar_t, int kDim>
-void backward_head_slice(const KernelArgs<scalar_t>& args, int64_t b, int64_t head, ChunkCorners<scalar_t>& corners) {
-  for (int64_t level = 0; level < args.s.num_levels; ++level) {
-    for (int64_t chunk = 0; chunk < args.s.num_queries; chunk += kChunk) {
-      const int64_t chunk_end = std::min(chunk + kChunk, args.s.num_queries);
-      fill_corners(corners, args, b, head, level, chunk, chunk_end, true);
+void backward_head_slice(
+    const KernelArgs<scalar_t>& args,
+    int64_t b,
+    int64_t head,
+    ChunkCorners<scalar_t>& corners,
+    at::opmath_type<scalar_t>* slice_grad) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const MsDeformAttnSizes& s = args.s;
+  const int64_t n = channels<kDim>(s.head_dim);
+  std::fill(slice_grad, slice_grad + s.num_values * n, acc_t(0));
+  for (int64_t level = 0; level < s.num_levels; ++level) {
+    for (int64_t chunk = 0; chunk < s.num_queries; chunk += kChunk) {
+      const int64_t chunk_end = std::min(chunk + kChunk, s.num_queries);
+      fill_corners<scalar_t, true>(corners, args, b, head, level, chunk, chunk_end, slice_grad);
       backward_chunk<scalar_t, kDim>(args, corners, b, head, level, chunk, chunk_end);
+    }
+  }
+  for (int64_t pixel = 0; pixel < s.num_values; ++pixel) {
+    scalar_t* grad_row = args.grad_value + ((b * s.num_values + pixel) * s.num_heads + head) * n;
+    for (int64_t c = 0; c < n; ++c) {
+      grad_row[c] = static_cast<scalar_t>(slice_grad[pixel * n + c]);
     }
   }
 }
@@ -355,20 +412,21 @@ void backward_kernel(
     const MsDeformAttnInputs& in,
     const LevelLayout& levels,
     const at::Tensor& grad_output,
-    at::Tensor& grad_value_acc,
+    at::Tensor& grad_value,
     at::Tensor& grad_locations,
     at::Tensor& grad_weights) {
   using acc_t = at::opmath_type<scalar_t>;
   KernelArgs<scalar_t> args = kernel_args<scalar_t>(in, levels);
   args.grad_out = grad_output.const_data_ptr<scalar_t>();
-  args.grad_value = grad_value_acc.mutable_data_ptr<acc_t>();
+  args.grad_value = grad_value.mutable_data_ptr<scalar_t>();
   args.grad_loc = grad_locations.mutable_data_ptr<scalar_t>();
   args.grad_attn = grad_weights.mutable_data_ptr<scalar_t>();
   const MsDeformAttnSizes s = in.sizes;
   at::parallel_for(0, s.batch * s.num_heads, 1, [&](int64_t begin, int64_t end) {
     ChunkCorners<scalar_t> corners(s, true);
+    std::vector<acc_t> slice_grad(s.num_values * s.head_dim);
     for (int64_t slice = begin; slice < end; ++slice) {  // slice = b * H + h
-      backward_head_slice<scalar_t, kDim>(args, slice / s.num_heads, slice % s.num_heads, corners);
+      backward_head_slice<scalar_t, kDim>(args, slice / s.num_heads, slice % s.num_heads, corners, slice_grad.data());
     }
   });
 }
@@ -409,18 +467,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
       value, spatial_shapes, level_start_index, sampling_locations, attention_weights, im2col_step);
   const at::Tensor grad_out = check_grad_output(grad_output, in);
   const LevelLayout levels(in.spatial_shapes, in.level_start_index, in.sizes.num_values);
-  const at::ScalarType acc_type = at::toOpMathType(in.value.scalar_type());
-  at::Tensor grad_value_acc = at::zeros(in.value.sizes(), in.value.options().dtype(acc_type));
+  at::Tensor grad_value = at::empty(in.value.sizes(), in.value.options());
   at::Tensor grad_locations = at::empty(in.sampling_locations.sizes(), in.sampling_locations.options());
   at::Tensor grad_weights = at::empty(in.attention_weights.sizes(), in.attention_weights.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
     if (in.sizes.head_dim == kFixedDim) {
-      backward_kernel<scalar_t, kFixedDim>(in, levels, grad_out, grad_value_acc, grad_locations, grad_weights);
+      backward_kernel<scalar_t, kFixedDim>(in, levels, grad_out, grad_value, grad_locations, grad_weights);
     } else {
-      backward_kernel<scalar_t, 0>(in, levels, grad_out, grad_value_acc, grad_locations, grad_weights);
+      backward_kernel<scalar_t, 0>(in, levels, grad_out, grad_value, grad_locations, grad_weights);
     }
   });
-  return {grad_value_acc.to(in.value.scalar_type()), grad_locations, grad_weights};
+  return {grad_value, grad_locations, grad_weights};
 }
 
 }  // namespace salience_detr
