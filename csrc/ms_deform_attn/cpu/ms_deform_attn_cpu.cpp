@@ -160,27 +160,89 @@ struct ChunkCorners {
   }
 };
 
+// Raw pointers into a ChunkCorners, held by value while filling: the compiler then knows that storing a row
+// pointer does not move them (through the vectors it would reload them after every store).
+template <typename scalar_t>
+struct CornerArrays {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t** rows;
+  acc_t** grad_rows;
+  acc_t* weight;
+  acc_t* weight_dx;
+  acc_t* weight_dy;
+  const scalar_t* zero_row;
+  acc_t* scratch_row;
+
+  explicit CornerArrays(ChunkCorners<scalar_t>& chunk)
+      : rows(chunk.rows.data()),
+        grad_rows(chunk.grad_rows.data()),
+        weight(chunk.weight.data()),
+        weight_dx(chunk.weight_dx.data()),
+        weight_dy(chunk.weight_dy.data()),
+        zero_row(chunk.zero_row.data()),
+        scratch_row(chunk.scratch_row.data()) {}
+};
+
 // The corners of a point off the map (none inside, weights possibly NaN): zero rows, scratch gradient rows.
 template <typename scalar_t, bool kBackward>
 inline void fill_outside_corners(
-    ChunkCorners<scalar_t>& chunk, int64_t k, const BilinearCorners<at::opmath_type<scalar_t>>& corners,
+    const CornerArrays<scalar_t>& out, int64_t k, const BilinearCorners<at::opmath_type<scalar_t>>& corners,
     at::opmath_type<scalar_t> attention) {
   for (int corner = 0; corner < 4; ++corner) {
-    chunk.rows[k + corner] = chunk.zero_row.data();
+    out.rows[k + corner] = out.zero_row;
     if constexpr (kBackward) {
-      chunk.grad_rows[k + corner] = chunk.scratch_row.data();
-      chunk.weight[k + corner] = corners.weight[corner];
-      chunk.weight_dx[k + corner] = corners.weight_dx[corner];
-      chunk.weight_dy[k + corner] = corners.weight_dy[corner];
+      out.grad_rows[k + corner] = out.scratch_row;
+      out.weight[k + corner] = corners.weight[corner];
+      out.weight_dx[k + corner] = corners.weight_dx[corner];
+      out.weight_dy[k + corner] = corners.weight_dy[corner];
     } else {
-      chunk.weight[k + corner] = attention * corners.weight[corner];
+      out.weight[k + corner] = attention * corners.weight[corner];
+    }
+  }
+}
+
+// The corners of a point near the map with their bilinear_corners weights (same expressions), its four corners
+// tested by four comparisons.
+template <typename scalar_t, bool kBackward>
+inline void fill_near_corners(
+    const CornerArrays<scalar_t>& out,
+    int64_t k,
+    const BilinearPoint<at::opmath_type<scalar_t>>& point,
+    at::opmath_type<scalar_t> attention,
+    const scalar_t* level_value,
+    at::opmath_type<scalar_t>* level_grad,
+    int64_t width,
+    int64_t height,
+    int64_t pixel_stride,
+    int64_t n) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t lx = point.lx, ly = point.ly, hx = acc_t(1) - lx, hy = acc_t(1) - ly;
+  const bool left = point.x0 >= 0, right = point.x0 + 1 < width, top = point.y0 >= 0, bottom = point.y0 + 1 < height;
+  const bool inside[4] = {top && left, top && right, bottom && left, bottom && right};
+  const int64_t step[4] = {0, 1, width, width + 1};
+  const int64_t pixel = point.y0 * width + point.x0;
+  const acc_t weights[4] = {hy * hx, hy * lx, ly * hx, ly * lx};
+  for (int corner = 0; corner < 4; ++corner) {
+    out.rows[k + corner] = inside[corner] ? level_value + (pixel + step[corner]) * pixel_stride : out.zero_row;
+    if constexpr (kBackward) {
+      out.grad_rows[k + corner] = inside[corner] ? level_grad + (pixel + step[corner]) * n : out.scratch_row;
+      out.weight[k + corner] = weights[corner];
+    } else {
+      out.weight[k + corner] = attention * weights[corner];
+    }
+  }
+  if constexpr (kBackward) {
+    const acc_t weights_dx[4] = {-hy, hy, -ly, ly};
+    const acc_t weights_dy[4] = {-hx, -lx, hx, lx};
+    for (int corner = 0; corner < 4; ++corner) {
+      out.weight_dx[k + corner] = weights_dx[corner];
+      out.weight_dy[k + corner] = weights_dy[corner];
     }
   }
 }
 
 // Fills the chunk's corners of queries [first_query, last_query); forward weights include the attention. In the
-// backward the gradient rows lie in slice_grad, the task's (num_values, head_dim) buffer. The weights are
-// bilinear_corners' (same expressions), with the four corners tested by four comparisons.
+// backward the gradient rows lie in slice_grad, the task's (num_values, head_dim) buffer.
 template <typename scalar_t, bool kBackward>
 SALIENCE_DETR_CPU_CLONES void fill_corners(
     ChunkCorners<scalar_t>& chunk,
@@ -193,51 +255,31 @@ SALIENCE_DETR_CPU_CLONES void fill_corners(
     at::opmath_type<scalar_t>* slice_grad) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n = args.s.head_dim, width = args.levels->width[level], height = args.levels->height[level];
-  const int64_t pixel_stride = args.s.num_heads * n;
+  const int64_t pixel_stride = args.s.num_heads * n, num_points = args.s.num_points;
+  const int64_t query_stride = args.s.num_heads * args.s.num_levels * num_points;
   const scalar_t* level_value = args.value + args.level_offset(b, head, level);
   acc_t* level_grad = kBackward ? slice_grad + args.levels->start[level] * n : nullptr;
-  const scalar_t* zero = chunk.zero_row.data();
-  acc_t* scratch = chunk.scratch_row.data();
-  const scalar_t** __restrict__ rows = chunk.rows.data();
-  acc_t** __restrict__ grad_rows = chunk.grad_rows.data();
-  acc_t* __restrict__ weight = chunk.weight.data();
+  const scalar_t* locations = args.locations;
+  const scalar_t* attention_weights = args.weights;
+  const CornerArrays<scalar_t> out(chunk);
+  acc_t* attention = chunk.attention.data();
   int64_t k = 0, j = 0;
-  for (int64_t query = first_query; query < last_query; ++query) {
-    const int64_t first_sample = args.first_sample(b, query, head, level);
-    for (int64_t sample = first_sample; sample < first_sample + args.s.num_points; ++sample, ++j, k += 4) {
-      const acc_t attention = static_cast<acc_t>(args.weights[sample]);
-      chunk.attention[j] = attention;
+  for (int64_t first_sample = args.first_sample(b, first_query, head, level),
+               end = first_sample + (last_query - first_query) * query_stride;
+       first_sample < end; first_sample += query_stride) {
+    for (int64_t sample = first_sample; sample < first_sample + num_points; ++sample, ++j, k += 4) {
+      attention[j] = static_cast<acc_t>(attention_weights[sample]);
       const BilinearPoint<acc_t> point = bilinear_point<acc_t>(
-          static_cast<acc_t>(args.locations[2 * sample]), static_cast<acc_t>(args.locations[2 * sample + 1]), height,
-          width);
-      if (!point.near_map) {
-        fill_outside_corners<scalar_t, kBackward>(chunk, k, args.corners(sample, level), attention);
-        continue;
-      }
-      const acc_t lx = point.lx, ly = point.ly, hx = acc_t(1) - lx, hy = acc_t(1) - ly;
-      const bool left = point.x0 >= 0, right = point.x0 + 1 < width, top = point.y0 >= 0, bottom = point.y0 + 1 < height;
-      const bool inside[4] = {top && left, top && right, bottom && left, bottom && right};
-      const int64_t index[4] = {0, 1, width, width + 1};
-      const int64_t pixel = point.y0 * width + point.x0;
-      const acc_t weights[4] = {hy * hx, hy * lx, ly * hx, ly * lx};
-      for (int corner = 0; corner < 4; ++corner) {
-        rows[k + corner] = inside[corner] ? level_value + (pixel + index[corner]) * pixel_stride : zero;
-        if constexpr (kBackward) {
-          grad_rows[k + corner] = inside[corner] ? level_grad + (pixel + index[corner]) * n : scratch;
-          weight[k + corner] = weights[corner];
-        } else {
-          weight[k + corner] = attention * weights[corner];
-        }
-      }
-      if constexpr (kBackward) {
-        const acc_t weights_dx[4] = {-hy, hy, -ly, ly};
-        const acc_t weights_dy[4] = {-hx, -lx, hx, lx};
-        std::copy(weights_dx, weights_dx + 4, chunk.weight_dx.data() + k);
-        std::copy(weights_dy, weights_dy + 4, chunk.weight_dy.data() + k);
+          static_cast<acc_t>(locations[2 * sample]), static_cast<acc_t>(locations[2 * sample + 1]), height, width);
+      if (point.near_map) {
+        fill_near_corners<scalar_t, kBackward>(
+            out, k, point, attention[j], level_value, level_grad, width, height, pixel_stride, n);
+      } else {
+        fill_outside_corners<scalar_t, kBackward>(out, k, args.corners(sample, level), attention[j]);
       }
     }
   }
-  std::fill(chunk.rows.begin() + k, chunk.rows.begin() + k + kPrefetchAhead, zero);
+  std::fill(out.rows + k, out.rows + k + kPrefetchAhead, out.zero_row);
 }
 
 // accumulator[q] += the weighted rows of query q's corners, for the chunk's queries. An outside corner adds
