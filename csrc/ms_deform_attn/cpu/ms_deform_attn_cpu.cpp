@@ -1,8 +1,9 @@
 // CPU kernels, organised for cache locality: a task handles one (batch, head) and walks the levels in the
 // outer loop, so its working set is one level of one head's values (under 2 MB at 800x1088 input) rather than
 // the whole value tensor. Forward tasks additionally split the queries into blocks (disjoint output slices).
-// Backward tasks own the disjoint slice grad_value[b, :, h, :] and the location/weight gradients of their
-// samples, so no two threads write the same element (no atomics, no races).
+// Backward tasks own the disjoint slice grad_value[b, :, h, :] (accumulated in a contiguous buffer of the task and
+// written once) and the location/weight gradients of their samples, so no two threads write the same element (no
+// atomics, no races).
 // The gathers of value rows are latency bound, so each task works in chunks of queries: first the chunk's corners
 // (row pointers and weights) are computed, then the rows are gathered with the rows a few corners ahead
 // prefetched. A corner outside the map points at a row of zeros (and, for gradients, a scratch row), so the
