@@ -20,9 +20,10 @@ from salience_detr.modeling.roi_refine import (
     level_strides,
     matched_mask,
     positive_targets,
+    selected_rows,
     warmup_factor,
 )
-from salience_detr.modeling.roi_refine.layers import pool_selected, roi_pooler
+from salience_detr.modeling.roi_refine.layers import pool_rows, roi_pooler
 from salience_detr.utils.dispatch_count import count_dispatch
 
 EMBED_DIM = 32
@@ -93,12 +94,11 @@ def test_crops_from_a_padded_batch_equal_those_of_the_image_alone():
     image_sizes, padded = [(120, 128), (64, 64)], (128, 128)
     logits, boxes, inputs = head_inputs(image_sizes, padded, num_queries=5)
     boxes = random_boxes(2, 5, low=0.3, high=0.7)  # small boxes: finest level, away from the image border
-    selected = torch.ones(2, 5, dtype=torch.bool)
-    batch_cells = head.crop(inputs, boxes, selected)[0]
+    batch_cells = head.crop(inputs, boxes.flatten(0, 1), torch.arange(2).repeat_interleave(5))
 
     alone_features = [f[1:, :, : -(-64 // s), : -(-64 // s)] for f, s in zip(inputs.features, STRIDES)]
     alone = RoIInputs(inputs.query_features[1:], alone_features, image_sizes[1:], (64, 64))
-    alone_cells = head.crop(alone, boxes[1:], selected[1:])[0]
+    alone_cells = head.crop(alone, boxes[1], torch.zeros(5, dtype=torch.long))
     assert torch.allclose(batch_cells[5:], alone_cells, atol=1e-6)
     assert not torch.allclose(batch_cells[:5], alone_cells, atol=1e-3)
 
@@ -170,10 +170,10 @@ def test_positive_iou_adds_the_refined_queries_near_an_object_with_their_best_gr
     ]
     indices = [(torch.tensor([0]), torch.tensor([0])), (torch.zeros(0, dtype=torch.long),) * 2]
     refinement = head(logits, boxes, inputs, matched_mask(indices, (2, 4), boxes.device))
-    rows, target_boxes = positive_targets(refinement, targets, indices, head.positive_iou)
-    positives = [(int(refinement.batch_index[r]), int(refinement.query_index[r])) for r in rows]
+    rows, target_boxes, weights = positive_targets(refinement, targets, indices, head.positive_iou)
+    positives = [(int(refinement.batch_index[r]), int(refinement.query_index[r])) for r in rows[weights > 0]]
     assert positives == [(0, 0), (0, 1), (0, 3)]
-    assert torch.allclose(target_boxes, targets[0]["boxes"][[0, 0, 1]])
+    assert torch.allclose(target_boxes[weights > 0], targets[0]["boxes"][[0, 0, 1]])
     matched_only = positive_targets(refinement, targets, indices, positive_iou=None)
     assert matched_only[0].tolist() == rows[:1].tolist()
     assert all(torch.isfinite(v) and v > 0 for v in head.losses(refinement, targets, indices).values())
@@ -187,9 +187,9 @@ def test_positive_iou_with_every_refined_query_matched_adds_nothing():
     targets = [{"labels": torch.tensor([0]), "boxes": random_boxes(1, 1)[0]} for _ in range(2)]
     indices = [(torch.tensor([0]), torch.tensor([0]))] * 2
     refinement = head(logits, boxes, inputs, matched_mask(indices, (2, 1), boxes.device))
-    rows, target_boxes = positive_targets(refinement, targets, indices, head.positive_iou)
-    assert sorted(rows.tolist()) == [0, 1]
-    assert target_boxes.shape == (2, 4)
+    rows, target_boxes, weights = positive_targets(refinement, targets, indices, head.positive_iou)
+    assert sorted(rows[weights > 0].tolist()) == [0, 1]
+    assert target_boxes[weights > 0].shape == (2, 4)
 
 
 def test_losses_need_the_matched_queries_selected():
@@ -430,9 +430,10 @@ def test_pooling_the_selected_boxes_equals_detectrons_pooler_on_per_image_lists(
     selected = torch.rand(3, 40, generator=generator) < 0.4
     selected[1] = False  # an image with no selected box
     pooler = roi_pooler((8, 16, 32, 64), 7, 0, 112, 4)  # canonical size 112: every level gets boxes
-    pooled, batch_index, query_index = pool_selected(pooler, features, rois, selected)
+    batch_index, query_index, valid = selected_rows(selected)
+    pooled = pool_rows(pooler, features, rois[batch_index, query_index], batch_index)
     expected_batch, expected_query = selected.nonzero(as_tuple=True)
-    assert torch.equal(batch_index, expected_batch) and torch.equal(query_index, expected_query)
+    assert torch.equal(batch_index, expected_batch) and torch.equal(query_index, expected_query) and valid.all()
     expected = pooler(features, [Boxes(image_rois[mask]) for image_rois, mask in zip(rois, selected)])
     assert torch.equal(pooled, expected)
     levels = assign_boxes_to_levels([Boxes(rois[selected])], 2, 5, 112, 4)
@@ -466,12 +467,12 @@ def test_batched_positive_search_equals_the_per_image_loop():
     indices = [(torch.tensor([3, 7]), torch.tensor([1, 0])), (torch.zeros(0, dtype=torch.long),) * 2]
     indices.append((torch.tensor([0]), torch.tensor([1])))
     refinement = head(logits, boxes.clamp(0.05, 0.95), inputs, matched_mask(indices, (3, 16), boxes.device))
-    rows, target_boxes = positive_targets(refinement, targets, indices, head.positive_iou)
-    matched, matched_boxes = positive_targets(refinement, targets, indices, None)
+    rows, target_boxes, weights = positive_targets(refinement, targets, indices, head.positive_iou)
+    matched, matched_boxes, _ = positive_targets(refinement, targets, indices, None)
     looped_rows, looped_boxes = per_image_positives(refinement, targets, matched, head.positive_iou)
     assert len(looped_rows) > 3 and set(refinement.batch_index[looped_rows].tolist()) == {0, 2}
-    assert torch.equal(rows, torch.cat([matched, looped_rows]))
-    assert torch.equal(target_boxes, torch.cat([matched_boxes, looped_boxes]))
+    assert torch.equal(rows[weights > 0], torch.cat([matched, looped_rows]))
+    assert torch.equal(target_boxes[weights > 0], torch.cat([matched_boxes, looped_boxes]))
 
 
 @pytest.mark.parametrize("positive_iou", [None, 0.5])
@@ -485,5 +486,5 @@ def test_a_match_that_was_not_refined_is_refused_with_or_without_positive_search
         positive_targets(refinement, target, [(torch.tensor([missing]), torch.tensor([0]))], positive_iou)
     refined = refinement.query_index[:1]
     with count_dispatch() as counts:
-        rows, _ = positive_targets(refinement, target, [(refined, torch.tensor([0]))], positive_iou)
+        rows, _, _ = positive_targets(refinement, target, [(refined, torch.tensor([0]))], positive_iou)
     assert rows[0] == 0 and counts.total_syncs == 1  # the check shares the read of the positive search

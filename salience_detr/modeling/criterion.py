@@ -116,7 +116,8 @@ class HybridSetCriterion(nn.Module):
     """Varifocal classification + L1 + GIoU on every decoder layer, the encoder proposals and the dn groups.
 
     ``forward(outputs, targets)`` returns the weighted losses; with ``return_indices=True`` it also returns the
-    last decoder layer's Hungarian matching (per image ``(query_idx, gt_idx)``), e.g. for a RoI refinement head.
+    last decoder layer's Hungarian matching (per image ``(query_idx, gt_idx)``), e.g. for a RoI refinement head;
+    ``num_boxes`` is the normaliser from ``average_num_boxes`` when the caller shares it (one all-reduce per step).
     """
 
     def __init__(
@@ -219,10 +220,11 @@ class HybridSetCriterion(nn.Module):
         return dict(zip(names, (values * weights).unbind()))
 
     def forward(
-        self, outputs: dict, targets: Sequence[dict], return_indices: bool = False
+        self, outputs: dict, targets: Sequence[dict], return_indices: bool = False, num_boxes: float | None = None
     ) -> dict[str, Tensor] | tuple[dict[str, Tensor], MatchIndices]:
         self.check_targets(targets, outputs["pred_logits"].shape[0])
-        num_boxes = average_num_boxes(targets, outputs["pred_logits"].device)
+        if num_boxes is None:
+            num_boxes = average_num_boxes(targets, outputs["pred_logits"].device)
 
         named_sets = [("", outputs), *((f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", [])))]
         if "enc_outputs" in outputs:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from salience_detr.layers.box_ops import to_absolute_xyxy, to_normalized_cxcywh, whwh_scale
 
+from .criterion import average_num_boxes
 from .roi_refine import RoIInputs, RoIRefineHead
 from .transformer import SalienceTransformer, TransformerOutput
 
@@ -287,10 +288,12 @@ class SalienceDETR(nn.Module):
         if roi_inputs is None:
             loss_dict = dict(self.criterion(outputs, set_targets))
         else:
-            loss_dict, indices = self.criterion(outputs, set_targets, return_indices=True)
+            # one normaliser (in DDP one all-reduce) for the set losses and the RoI head's
+            num_boxes = average_num_boxes(set_targets, pred_logits.device)
+            loss_dict, indices = self.criterion(outputs, set_targets, return_indices=True, num_boxes=num_boxes)
             loss_dict = dict(loss_dict)
             loss_dict.update(
-                self.roi_refine.training_losses(output, roi_inputs, set_targets, indices, iteration=self.iteration)
+                self.roi_refine.training_losses(output, roi_inputs, set_targets, indices, self.iteration, num_boxes)
             )
         loss_dict.update(self.focus_criterion(output.salience, [t["boxes_xyxy"] for t in targets], padded_size))
         return loss_dict

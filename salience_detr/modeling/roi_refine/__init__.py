@@ -20,7 +20,7 @@ refined and what each trains on), ``losses`` (the box and IoU losses, their warm
 from .head import RoIRefineHead
 from .layers import RoIRefineLayer, level_strides
 from .losses import DEFAULT_ROI_WEIGHTS, roi_box_losses, warmup_factor
-from .sampling import matched_mask, positive_targets, select_queries
+from .sampling import matched_mask, positive_targets, select_queries, selected_rows
 from .structures import RoIInputs, RoIRefinement
 
 __all__ = [
@@ -34,5 +34,6 @@ __all__ = [
     "positive_targets",
     "roi_box_losses",
     "select_queries",
+    "selected_rows",
     "warmup_factor",
 ]

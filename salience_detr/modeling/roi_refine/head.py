@@ -17,9 +17,9 @@ from salience_detr.layers.position_encoding import get_sine_pos_embed
 
 from ..criterion import MatchIndices, average_num_boxes
 from ..transformer import TransformerOutput
-from .layers import RoIRefineLayer, level_strides, pool_selected, roi_pooler
+from .layers import RoIRefineLayer, level_strides, pool_rows, roi_pooler
 from .losses import DEFAULT_ROI_WEIGHTS, roi_box_losses, warmup_factor, weighted_losses
-from .sampling import matched_mask, positive_targets, select_queries
+from .sampling import matched_mask, positive_targets, select_queries, selected_rows
 from .structures import RoIInputs, RoIRefinement
 
 
@@ -107,28 +107,37 @@ class RoIRefineHead(nn.Module):
             )
         return self._poolers[key]
 
-    def crop(self, inputs: RoIInputs, boxes: Tensor, selected: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(R, S, C) RoI cells of the ``selected`` (B, Q) ones of ``boxes`` (B, Q, 4), all images and levels at
-        once, with their batch and query indices (image-major)."""
-        rois = to_absolute_xyxy(boxes, whwh_scale(inputs.image_sizes, boxes)[:, None]).float()
+    def crop(self, inputs: RoIInputs, boxes: Tensor, batch_index: Tensor) -> Tensor:
+        """(R, S, C) RoI cells of the rows' ``boxes`` (R, 4) on images ``batch_index``, all levels at once."""
+        scale = whwh_scale(inputs.image_sizes, boxes)[batch_index]
         features = [(f.detach() if self.detach_features else f).float() for f in inputs.features]
         pooler = self.pooler(level_strides(features, inputs.padded_size))
-        pooled, batch_index, query_index = pool_selected(pooler, features, rois, selected)
-        return pooled.flatten(2).transpose(1, 2), batch_index, query_index
+        pooled = pool_rows(pooler, features, to_absolute_xyxy(boxes, scale).float(), batch_index)
+        return pooled.flatten(2).transpose(1, 2)
 
     def forward(
-        self, logits: Tensor, boxes: Tensor, inputs: RoIInputs, extra_selected: Tensor | None = None
+        self,
+        logits: Tensor,
+        boxes: Tensor,
+        inputs: RoIInputs,
+        extra_selected: Tensor | None = None,
+        max_extra: int | None = None,
     ) -> RoIRefinement:
-        """logits (B,Q,K), boxes (B,Q,4) normalized cxcywh, inputs.query_features (B,Q,C): matching queries only."""
+        """logits (B,Q,K), boxes (B,Q,4) normalized cxcywh, inputs.query_features (B,Q,C): matching queries only.
+
+        ``max_extra`` bounds the number of ``extra_selected`` queries on the host (the matches), so the rows are
+        counted without a host read; None with ``extra_selected`` counts them (one read)."""
         if inputs.query_features.shape[:2] != boxes.shape[:2] or inputs.query_features.shape[-1] != self.embed_dim:
             raise ValueError(
                 f"query features {tuple(inputs.query_features.shape)} do not fit boxes {tuple(boxes.shape)} and "
                 f"embed_dim={self.embed_dim}; pass the last decoder layer's features of the same matching queries."
             )
         selected = select_queries(logits, self.num_rois, extra_selected)
-        cells, batch_index, query_index = self.crop(inputs, boxes.detach(), selected)
+        num_top = logits.shape[0] * min(self.num_rois, logits.shape[1])
+        max_rows = num_top if extra_selected is None else None if max_extra is None else num_top + max_extra
+        batch_index, query_index, valid = selected_rows(selected, max_rows)
         input_boxes = boxes.detach()[batch_index, query_index]
-        cells = cells.to(input_boxes.dtype)
+        cells = self.crop(inputs, input_boxes, batch_index).to(input_boxes.dtype)
 
         pos = get_sine_pos_embed(input_boxes, num_pos_feats=self.embed_dim // 2)
         query = (inputs.query_features.detach()[batch_index, query_index] + self.box_embed(pos)).unsqueeze(1)
@@ -139,18 +148,21 @@ class RoIRefineHead(nn.Module):
         deltas = self.delta_head(query)
         refined_xyxy = self.box_transform.apply_deltas(deltas, box_convert(input_boxes, "cxcywh", "xyxy"))
         refined = box_convert(refined_xyxy.to(boxes.dtype), "xyxy", "cxcywh")
-        new_boxes = boxes.detach().index_put((batch_index, query_index), refined)
+        index = (batch_index, query_index)
+        new_boxes = boxes.detach().index_put(index, torch.where(valid[:, None], refined, input_boxes))
         iou_logits = self.iou_head(query).squeeze(-1) if self.iou_head is not None else None
-        new_logits = self.rescore(logits, batch_index, query_index, iou_logits)
-        return RoIRefinement(new_boxes, new_logits, batch_index, query_index, input_boxes, refined, iou_logits)
+        new_logits = self.rescore(logits, index, valid, iou_logits)
+        return RoIRefinement(new_boxes, new_logits, batch_index, query_index, input_boxes, refined, iou_logits, valid)
 
-    def rescore(self, logits: Tensor, batch_index: Tensor, query_index: Tensor, iou_logits: Tensor | None) -> Tensor:
-        """With ``iou_beta`` > 0 the refined rows' class scores become p^(1-beta) * IoU^beta; else ``logits``."""
+    def rescore(
+        self, logits: Tensor, index: tuple[Tensor, Tensor], valid: Tensor, iou_logits: Tensor | None
+    ) -> Tensor:
+        """With ``iou_beta`` > 0 the valid rows' class scores become p^(1-beta) * IoU^beta; else ``logits``."""
         if iou_logits is None or self.iou_beta <= 0:
             return logits
-        prob = logits[batch_index, query_index].sigmoid()
-        rescored = prob.pow(1 - self.iou_beta) * iou_logits.sigmoid().unsqueeze(-1).pow(self.iou_beta)
-        return logits.index_put((batch_index, query_index), torch.logit(rescored, eps=1e-6))
+        row_logits = logits[index]
+        rescored = row_logits.sigmoid().pow(1 - self.iou_beta) * iou_logits.sigmoid().unsqueeze(-1).pow(self.iou_beta)
+        return logits.index_put(index, torch.where(valid[:, None], torch.logit(rescored, eps=1e-6), row_logits))
 
     def losses(
         self,
@@ -158,12 +170,18 @@ class RoIRefineHead(nn.Module):
         targets: Sequence[dict[str, Tensor]],
         indices: MatchIndices,
         iteration: int | None = None,
+        num_boxes: float | None = None,
+        check_matched: bool = True,
     ) -> dict[str, Tensor]:
-        """Weighted RoI losses of the positive rows, scaled by the warm-up at ``iteration`` (None: no warm-up)."""
-        rows, target_boxes = positive_targets(refinement, targets, indices, self.positive_iou)
+        """Weighted RoI losses of the positive rows, scaled by the warm-up at ``iteration`` (None: no warm-up).
+
+        ``num_boxes``: the criterion's normaliser (None: averaged here, one more all-reduce when distributed);
+        ``check_matched`` refuses a matched query that was not refined (one host read)."""
+        rows, target_boxes, weights = positive_targets(refinement, targets, indices, self.positive_iou, check_matched)
         iou_logits = None if refinement.iou_logits is None else refinement.iou_logits[rows]
-        num_boxes = average_num_boxes(targets, refinement.refined_boxes.device)
-        losses = roi_box_losses(refinement.refined_boxes[rows], target_boxes, iou_logits, num_boxes)
+        if num_boxes is None:
+            num_boxes = average_num_boxes(targets, refinement.refined_boxes.device)
+        losses = roi_box_losses(refinement.refined_boxes[rows], target_boxes, weights, iou_logits, num_boxes)
         return weighted_losses(losses, self.loss_weights, warmup_factor(iteration, self.warmup_iters))
 
     def training_losses(
@@ -173,16 +191,19 @@ class RoIRefineHead(nn.Module):
         targets: Sequence[dict[str, Tensor]],
         indices: MatchIndices,
         iteration: int | None = None,
+        num_boxes: float | None = None,
     ) -> dict[str, Tensor]:
         """Refine the last layer's matching queries (denoising excluded) plus the matched ones; their losses at the
-        training ``iteration`` (what the warm-up reads; None: no warm-up)."""
+        training ``iteration`` (what the warm-up reads; None: no warm-up), over the criterion's ``num_boxes``.
+
+        No host read: the matches bound the extra rows, and they are refined by construction (no check)."""
         num_denoising = 0 if output.denoising is None else output.denoising.label_query.shape[1]
         logits, boxes = output.pred_logits[-1, :, num_denoising:], output.pred_boxes[-1, :, num_denoising:]
         matching_features = inputs.query_features[:, num_denoising:]
         matching_inputs = dataclasses.replace(inputs, query_features=matching_features)
         matched = matched_mask(indices, tuple(boxes.shape[:2]), boxes.device)
-        refinement = self(logits, boxes, matching_inputs, matched)
-        return self.losses(refinement, targets, indices, iteration)
+        refinement = self(logits, boxes, matching_inputs, matched, max_extra=sum(len(query) for query, _ in indices))
+        return self.losses(refinement, targets, indices, iteration, num_boxes, check_matched=False)
 
     def refine_output(self, output: TransformerOutput, inputs: RoIInputs) -> TransformerOutput:
         """Inference: the same output with the last layer's selected boxes (and scores) replaced by refined ones."""

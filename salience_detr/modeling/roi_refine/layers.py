@@ -39,33 +39,26 @@ def roi_pooler(
     )
 
 
-def pool_selected(
-    pooler: ROIPooler, features: Sequence[Tensor], rois: Tensor, selected: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """RoIAlign crops (R, C, P, P) of the ``selected`` (B, Q) boxes of ``rois`` (B, Q, 4) absolute xyxy, with
-    their batch and query indices in image-major order (the order of ``selected.nonzero()``).
+def pool_rows(pooler: ROIPooler, features: Sequence[Tensor], boxes: Tensor, batch_index: Tensor) -> Tensor:
+    """RoIAlign crops (R, C, P, P) of ``boxes`` (R, 4) absolute xyxy on images ``batch_index`` (R,), each from the
+    level detectron2's FPN rule assigns it: the crops of ``pooler`` on per-image box lists, bit for bit.
 
-    The same crops as ``pooler`` on per-image box lists, with one host read (the number of boxes per level) where
-    the pooler and the selection take six (docs/roi_refine.md): the FPN level of every candidate is assigned with
-    detectron2's rule, and the selected boxes are grouped by level with a stable sort.
+    Without a host read of the boxes per level (docs/roi_refine.md#pooling): every level's RoIAlign takes all R
+    rows, those of other levels as an empty box (no samples with the adaptive sampling ratio), and each row keeps
+    its own level's crop. RoIAlign crops each box independently, so the kept crops are those of a per-level call.
     """
-    num_levels, num_queries = len(pooler.level_poolers), selected.shape[1]
-    flat_rois = rois.flatten(0, 1)
     levels = assign_boxes_to_levels(
-        [Boxes(flat_rois)], pooler.min_level, pooler.max_level, pooler.canonical_box_size, pooler.canonical_level
+        [Boxes(boxes)], pooler.min_level, pooler.max_level, pooler.canonical_box_size, pooler.canonical_level
     )
-    key = torch.where(selected.flatten(), levels, num_levels)  # not selected: after every level
-    counts = (key[:, None] == torch.arange(num_levels, device=key.device)).sum(0).tolist()
-    by_level = torch.sort(key, stable=True).indices[: sum(counts)]
-    image = torch.div(by_level, num_queries, rounding_mode="floor")
-    formatted = torch.cat([image.to(flat_rois.dtype)[:, None], flat_rois[by_level]], dim=1)
-    pooled = torch.cat(
-        [pool(level, boxes) for pool, level, boxes in zip(pooler.level_poolers, features, formatted.split(counts))]
-    )
-    flat_index = by_level.sort().values
-    position = torch.empty_like(key).index_put((by_level,), torch.arange(len(by_level), device=key.device))
-    batch_index = torch.div(flat_index, num_queries, rounding_mode="floor")
-    return pooled[position[flat_index]], batch_index, flat_index - batch_index * num_queries
+    image = batch_index.to(boxes.dtype)[:, None]
+    formatted = torch.cat([image, boxes], dim=1)
+    empty = torch.cat([image, torch.zeros_like(boxes)], dim=1)
+    pooled = None
+    for level, (pool, feature) in enumerate(zip(pooler.level_poolers, features)):
+        here = (levels == level)[:, None]
+        crops = pool(feature, torch.where(here, formatted, empty))
+        pooled = crops if pooled is None else torch.where(here[:, :, None, None], crops, pooled)
+    return pooled
 
 
 class RoIRefineLayer(PostNormLayer):

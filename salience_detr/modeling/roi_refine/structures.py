@@ -21,7 +21,8 @@ class RoIInputs:
 class RoIRefinement:
     """Refined predictions of the selected queries, flattened over the batch (R rows, image-major order).
 
-    ``boxes``/``logits`` are the full (B, Q, ...) last-layer predictions with the selected rows replaced.
+    ``boxes``/``logits`` are the full (B, Q, ...) last-layer predictions with the selected rows replaced. R is a
+    host value: ``valid`` is False on the rows past the selected ones (unselected queries, left unchanged).
     """
 
     boxes: Tensor
@@ -31,3 +32,4 @@ class RoIRefinement:
     input_boxes: Tensor
     refined_boxes: Tensor
     iou_logits: Tensor | None
+    valid: Tensor
