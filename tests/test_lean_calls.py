@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from salience_detr.layers.attention import additive_mask, multihead_self_attention
-from salience_detr.layers.levels import level_valid_sizes, valid_ratios
+from salience_detr.layers.levels import cell_coordinates, level_valid_sizes, valid_ratios
 from salience_detr.layers.mlp import MLP
 from salience_detr.layers.ms_deform_attn import MultiScaleDeformableAttention, multi_scale_deformable_attn
 from salience_detr.layers.position_encoding import PositionEmbeddingSine, get_sine_pos_embed, sine_frequencies
@@ -234,3 +234,18 @@ def test_varifocal_loss_from_shared_targets_equals_the_official_formula():
     weight = (1 - alpha) * prob.pow(gamma) * (1 - onehot) + target
     official = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="none")
     assert torch.equal(varifocal_loss(logits, target, (1 - alpha) * (1 - onehot), gamma), official)
+
+
+def test_cell_coordinates_equal_the_device_aranges_and_linspaces():
+    shapes = [(3, 5), (1, 1), (2, 4)]
+    expected = []
+    for height, width in shapes:
+        ys, xs = torch.meshgrid(
+            torch.linspace(0.5, height - 0.5, height), torch.linspace(0.5, width - 0.5, width), indexing="ij"
+        )
+        expected.append(torch.stack([xs.reshape(-1), ys.reshape(-1)], -1))
+    assert torch.equal(cell_coordinates(shapes, 0.5, torch.float32, "cpu"), torch.cat(expected))
+    grid_y, grid_x = torch.meshgrid(torch.arange(3.0), torch.arange(5.0), indexing="ij")
+    assert torch.equal(
+        cell_coordinates(shapes[:1], 0.0, torch.float64, "cpu"), torch.stack([grid_x, grid_y], -1).view(-1, 2).double()
+    )

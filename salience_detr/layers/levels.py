@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -54,6 +55,16 @@ def level_valid_sizes(level_mask: Tensor) -> Tensor:
     valid_w = (~level_mask[:, 0, :]).sum(1)
     valid_h = (~level_mask[:, :, 0]).sum(1)
     return torch.stack([valid_w, valid_h], -1)
+
+
+def cell_coordinates(
+    shapes: Sequence[tuple[int, int]], offset: float, dtype: torch.dtype, device: torch.device | str
+) -> Tensor:
+    """(N, 2) ``(x, y) + offset`` of every cell of every level, row-major, levels concatenated: built on the host and
+    moved in one call, not one arange/meshgrid/stack chain per level. Integers plus 0.5 are exact in float32, so
+    this equals ``arange + 0.5`` (or ``linspace(0.5, n - 0.5, n)``) on the device."""
+    cells = [np.stack(np.meshgrid(np.arange(width), np.arange(height)), -1).reshape(-1, 2) for height, width in shapes]
+    return torch.as_tensor(np.concatenate(cells) + offset, dtype=dtype, device=device)
 
 
 def flat_valid_sizes(mask_flatten: Tensor, shapes: Sequence[tuple[int, int]]) -> Tensor:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from salience_detr.layers.levels import host_shapes
+from salience_detr.layers.levels import cell_coordinates, host_shapes
 from salience_detr.layers.ms_deform_attn import MultiScaleDeformableAttention
 from salience_detr.layers.position_encoding import PositionEmbeddingLearned
 from salience_detr.layers.post_norm import PostNormLayer
@@ -118,15 +118,10 @@ def encoder_reference_points(spatial_shapes: Tensor | Sequence[tuple[int, int]],
     """
     dtype, device = valid_ratios.dtype, valid_ratios.device
     shapes = host_shapes(spatial_shapes)
-    centres = []
-    for height, width in shapes:
-        ref_y = torch.linspace(0.5, height - 0.5, height, dtype=dtype, device=device)
-        ref_x = torch.linspace(0.5, width - 0.5, width, dtype=dtype, device=device)
-        centres.append(torch.stack((ref_x.expand(height, -1), ref_y[:, None].expand(-1, width)), -1).view(-1, 2))
     sizes = torch.as_tensor([(width, height) for height, width in shapes], dtype=dtype, device=device)
     token_level = torch.as_tensor(np.repeat(np.arange(len(shapes)), [h * w for h, w in shapes]), device=device)
     scale = (valid_ratios * sizes).index_select(1, token_level)  # (B, N, 2): valid_ratio * size of its level
-    return (torch.cat(centres) / scale)[:, :, None] * valid_ratios[:, None]
+    return (cell_coordinates(shapes, 0.5, dtype, device) / scale)[:, :, None] * valid_ratios[:, None]
 
 
 class SalienceEncoder(nn.Module):

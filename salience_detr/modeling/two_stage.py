@@ -14,18 +14,11 @@ import torchvision
 from torch import Tensor
 
 from salience_detr.layers.grid_nms import GRID_RULE_IOU_RANGE, compiled_grid_nms, grid_nms_available
-from salience_detr.layers.levels import flat_valid_sizes, host_shapes
+from salience_detr.layers.levels import cell_coordinates, flat_valid_sizes, host_shapes
 
 ANCHOR_BASE_SIZE = 0.05
 ANCHOR_VALID_RANGE = (0.01, 0.99)
 NMS_IOU_THRESHOLD = 0.3
-
-
-def _level_cells(height: int, width: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """(H*W, 2) integer (x, y) cell coordinates of one level, row-major."""
-    grid_x = torch.arange(width, dtype=dtype, device=device).expand(height, -1)
-    grid_y = torch.arange(height, dtype=dtype, device=device)[:, None].expand(-1, width)
-    return torch.stack([grid_x, grid_y], -1).view(-1, 2)
 
 
 def encoder_output_proposals(
@@ -43,12 +36,11 @@ def encoder_output_proposals(
     shapes = host_shapes(spatial_shapes)
     # every level at once: cells (N, 2) as (x, y), each token's level scale and anchor side, one division
     counts = [height * width for height, width in shapes]
-    cells = torch.cat([_level_cells(height, width, dtype, memory.device) for height, width in shapes])
     token_level = torch.as_tensor(np.repeat(np.arange(len(shapes)), counts), device=memory.device)
     scale = flat_valid_sizes(mask_flatten, shapes).to(dtype).index_select(1, token_level)  # (B, N, 2)
     sides = np.repeat([ANCHOR_BASE_SIZE * 2.0**level for level in range(len(shapes))], counts)[:, None]
     sizes = torch.as_tensor(sides, dtype=dtype, device=memory.device).expand(batch_size, -1, 2)
-    proposals = torch.cat([(cells + 0.5) / scale, sizes], -1)
+    proposals = torch.cat([cell_coordinates(shapes, 0.5, dtype, memory.device) / scale, sizes], -1)
     low, high = ANCHOR_VALID_RANGE
     valid = ((proposals > low) & (proposals < high)).all(-1, keepdim=True)
     anchor_logits = torch.log(proposals / (1 - proposals))
