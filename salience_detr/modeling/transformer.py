@@ -24,7 +24,7 @@ from .decoder import SalienceDecoder
 from .denoising import DenoisingQueries
 from .encoder import SalienceEncoder
 from .salience import MaskPredictor, salience_maps, select_salient_tokens
-from .two_stage import encoder_output_proposals, select_proposals
+from .two_stage import anchor_proposals, encoder_output_proposals, select_proposals
 
 ALPHA_INIT_RANGE = 0.3
 
@@ -59,6 +59,7 @@ class FlatLevels(NamedTuple):
     level_start_index: Tensor  # (L,)
     valid_ratios: Tensor  # (B, L, 2) valid fraction as (w, h)
     shapes: tuple[tuple[int, int], ...] = ()  # spatial_shapes on the host: loops over levels read these, no sync
+    anchors: tuple[Tensor, Tensor] | None = None  # two_stage.anchor_proposals: (logits (B, N, 4), valid (B, N, 1))
 
 
 def _refresh_host_filter_ratios(module: SalienceTransformer, incompatible_keys: object) -> None:
@@ -134,13 +135,22 @@ class SalienceTransformer(nn.Module):
         init_box_head(self.encoder_bbox_head)
 
     def project_memory(
-        self, memory: Tensor, mask_flatten: Tensor, spatial_shapes: Tensor | Sequence[tuple[int, int]]
+        self,
+        memory: Tensor,
+        mask_flatten: Tensor,
+        spatial_shapes: Tensor | Sequence[tuple[int, int]],
+        anchors: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """enc_output + LayerNorm of the masked memory, and the anchor logits.
 
         Described in docs/model.md#proposals; the same projection is the salience input (#salience-scores).
+        ``anchors``: ``FlatLevels.anchors``, computed once for both projections (else computed here).
         """
-        masked, anchor_logits = encoder_output_proposals(memory, mask_flatten, spatial_shapes)
+        if anchors is None:
+            masked, anchor_logits = encoder_output_proposals(memory, mask_flatten, spatial_shapes)
+        else:
+            anchor_logits, valid = anchors
+            masked = memory * (~mask_flatten.unsqueeze(-1)) * valid
         return self.enc_output_norm(self.enc_output(masked)), anchor_logits
 
     def apply_neck(self, memory: Tensor, spatial_shapes: Tensor | Sequence[tuple[int, int]]) -> Tensor:
@@ -179,7 +189,8 @@ class SalienceTransformer(nn.Module):
         level_start_index = torch.as_tensor(starts, dtype=torch.long, device=tokens.device)
         valid_ratios = levels.valid_ratios(level_masks, torch.promote_types(tokens.dtype, torch.float32))
         masks = levels.flatten_levels(level_masks)
-        return FlatLevels(tokens, masks, positions, spatial_shapes, level_start_index, valid_ratios, shapes)
+        anchors = anchor_proposals(masks, shapes, torch.promote_types(tokens.dtype, torch.float32))
+        return FlatLevels(tokens, masks, positions, spatial_shapes, level_start_index, valid_ratios, shapes, anchors)
 
     def encode(
         self, flat: FlatLevels, level_masks: list[Tensor], valid_counts: Sequence[Sequence[int]] | None = None
@@ -187,7 +198,7 @@ class SalienceTransformer(nn.Module):
         """Salience maps, token ranking, the filtered encoder and the optional neck: (memory, salience, indices).
 
         ``valid_counts`` (B, L) host ints (``meta_arch.level_valid_counts``) make the token budgets host work."""
-        salience_input = self.project_memory(flat.tokens + flat.positions, flat.masks, flat.shapes)[0]
+        salience_input = self.project_memory(flat.tokens + flat.positions, flat.masks, flat.shapes, flat.anchors)[0]
         salience = salience_maps(
             salience_input, flat.shapes, levels.host_starts(flat.shapes), self.enc_mask_predictor, self.alpha
         )
@@ -216,7 +227,7 @@ class SalienceTransformer(nn.Module):
         """Two-stage proposals of every token, then grid NMS and top-k: (query_index, enc_logits, enc_boxes).
 
         ``query_order`` (B, Q) takes those tokens as the queries instead (``two_stage.select_proposals``)."""
-        output_memory, anchor_logits = self.project_memory(memory, flat.masks, flat.shapes)
+        output_memory, anchor_logits = self.project_memory(memory, flat.masks, flat.shapes, flat.anchors)
         enc_logits_all = self.encoder_class_head(output_memory)
         enc_boxes_all = (self.encoder_bbox_head(output_memory) + anchor_logits).sigmoid()
         return select_proposals(

@@ -28,25 +28,34 @@ def encoder_output_proposals(
 
     memory (B,N,C), mask_flatten (B,N) True=padding, spatial_shapes (L,2) as (H,W).
     Returns (masked_memory (B,N,C), anchor_logits (B,N,4)); the caller applies enc_output + LayerNorm.
-    Anchor of cell (i,j) at level l: centre ((j+0.5)/valid_w, (i+0.5)/valid_h), side 0.05*2^l; valid iff all four
-    numbers lie in (0.01, 0.99).
     """
-    batch_size = memory.shape[0]
     dtype = torch.promote_types(memory.dtype, torch.float32)
+    anchor_logits, valid = anchor_proposals(mask_flatten, spatial_shapes, dtype)
+    return memory * (~mask_flatten.unsqueeze(-1)) * valid, anchor_logits
+
+
+def anchor_proposals(
+    mask_flatten: Tensor, spatial_shapes: Tensor | Sequence[tuple[int, int]], dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """Anchor logits (B,N,4), +inf on padded or invalid anchors, and the valid mask (B,N,1) of every token.
+
+    They depend on the padding and the layout alone, so the transformer computes them once per forward for both
+    projections of the memory. Anchor of cell (i,j) at level l: centre ((j+0.5)/valid_w, (i+0.5)/valid_h), side
+    0.05*2^l; valid iff all four numbers lie in (0.01, 0.99).
+    """
+    batch_size, device = mask_flatten.shape[0], mask_flatten.device
     shapes = host_shapes(spatial_shapes)
     # every level at once: cells (N, 2) as (x, y), each token's level scale and anchor side, one division
     counts = [height * width for height, width in shapes]
-    token_level = torch.as_tensor(np.repeat(np.arange(len(shapes)), counts), device=memory.device)
+    token_level = torch.as_tensor(np.repeat(np.arange(len(shapes)), counts), device=device)
     scale = flat_valid_sizes(mask_flatten, shapes).to(dtype).index_select(1, token_level)  # (B, N, 2)
     sides = np.repeat([ANCHOR_BASE_SIZE * 2.0**level for level in range(len(shapes))], counts)[:, None]
-    sizes = torch.as_tensor(sides, dtype=dtype, device=memory.device).expand(batch_size, -1, 2)
-    proposals = torch.cat([cell_coordinates(shapes, 0.5, dtype, memory.device) / scale, sizes], -1)
+    sizes = torch.as_tensor(sides, dtype=dtype, device=device).expand(batch_size, -1, 2)
+    proposals = torch.cat([cell_coordinates(shapes, 0.5, dtype, device) / scale, sizes], -1)
     low, high = ANCHOR_VALID_RANGE
     valid = ((proposals > low) & (proposals < high)).all(-1, keepdim=True)
     anchor_logits = torch.log(proposals / (1 - proposals))
-    anchor_logits = anchor_logits.masked_fill(mask_flatten.unsqueeze(-1) | ~valid, float("inf"))
-    masked_memory = memory * (~mask_flatten.unsqueeze(-1)) * valid
-    return masked_memory, anchor_logits
+    return anchor_logits.masked_fill(mask_flatten.unsqueeze(-1) | ~valid, float("inf")), valid
 
 
 @torch.no_grad()
