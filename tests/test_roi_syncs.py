@@ -147,6 +147,10 @@ def test_one_training_step_of_the_roi_config_averages_the_box_count_once(monkeyp
         losses = model(fixed_batches(2)[1])
     assert calls == [2] and {"loss_roi_bbox", "loss_roi_giou", "loss_roi_iou"} <= set(losses)
     assert counts.total_syncs == 0, counts.table(0)
+    model.eval()
+    with torch.no_grad(), count_dispatch(sync_sites=True) as counts:
+        model([{"image": fixed_batches(1)[0][0]["image"]}])
+    assert "roi_refine" not in " ".join(counts.sync_sites), counts.table(0)  # inference: the exact top-k rows
 
 
 def test_the_row_bound_covers_every_selected_query_and_the_public_losses_check_the_matches():

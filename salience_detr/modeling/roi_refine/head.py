@@ -154,9 +154,7 @@ class RoIRefineHead(nn.Module):
         new_logits = self.rescore(logits, index, valid, iou_logits)
         return RoIRefinement(new_boxes, new_logits, batch_index, query_index, input_boxes, refined, iou_logits, valid)
 
-    def rescore(
-        self, logits: Tensor, index: tuple[Tensor, Tensor], valid: Tensor, iou_logits: Tensor | None
-    ) -> Tensor:
+    def rescore(self, logits: Tensor, index: tuple[Tensor, Tensor], valid: Tensor, iou_logits: Tensor | None) -> Tensor:
         """With ``iou_beta`` > 0 the valid rows' class scores become p^(1-beta) * IoU^beta; else ``logits``."""
         if iou_logits is None or self.iou_beta <= 0:
             return logits
