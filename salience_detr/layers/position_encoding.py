@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -131,7 +132,8 @@ class PositionEmbeddingLearned(nn.Module):
     def forward(self, height: int, width: int) -> Tensor:
         device = self.row_embed.weight.device
         last = self.num_embeddings - 1
-        x_emb = self.col_embed(torch.arange(width, device=device).clamp_(max=last))
-        y_emb = self.row_embed(torch.arange(height, device=device).clamp_(max=last))
+        # the clamped positions come from the host: one transfer each instead of an arange and a clamp
+        x_emb = self.col_embed(torch.as_tensor(np.minimum(np.arange(width), last), device=device))
+        y_emb = self.row_embed(torch.as_tensor(np.minimum(np.arange(height), last), device=device))
         grid = torch.cat((x_emb.unsqueeze(0).expand(height, -1, -1), y_emb.unsqueeze(1).expand(-1, width, -1)), dim=-1)
         return grid.permute(2, 0, 1)

@@ -202,10 +202,11 @@ class SalienceEncoder(nn.Module):
         for layer, indices in zip(self.layers, layer_indices):
             if indices.shape[1] == 0:
                 continue
-            query = _gather_tokens(output, indices)
+            token_index = indices.unsqueeze(-1).expand(-1, -1, output.shape[-1])  # for the gathers and the scatter
+            query = output.gather(1, token_index)
             updated = layer(
                 query,
-                _gather_tokens(pos, indices),
+                pos.gather(1, token_index),
                 feat_flatten,
                 _gather_tokens(reference_points, indices),
                 spatial_shapes,
@@ -217,7 +218,7 @@ class SalienceEncoder(nn.Module):
             rank = torch.arange(indices.shape[1], device=indices.device)
             within_budget = (rank[None] < focus_token_nums[:, None].to(indices.device)).unsqueeze(-1)
             updated = torch.where(within_budget, updated.to(output.dtype), query)
-            output = output.scatter(1, indices.unsqueeze(-1).expand(-1, -1, output.shape[-1]), updated)
+            output = output.scatter(1, token_index, updated)
 
         background = self.background(shapes).to(output.dtype)
         background = background.unsqueeze(0).repeat(output.shape[0], 1, 1)
