@@ -21,6 +21,8 @@ from salience_detr.modeling.cpu_inference import (
     OneDnnConv2d,
     OneDnnDetectronConv2d,
     OneDnnLinear,
+    OneDnnLinearReLU,
+    fuse_ffn_relu,
     optimize_for_cpu_inference,
     use_channels_last,
     use_onednn_conv,
@@ -31,13 +33,8 @@ from salience_detr.tools import speed_official
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = CONFIGS / "salience_detr/salience_detr_tiny_synthetic.py"
 R50 = CONFIGS / "models/salience_detr_r50.py"
-LEVERS = {
-    "fuse_bn": dict(channels_last=False, onednn_linear=False, onednn_conv=False),
-    "channels_last": dict(fuse_bn=False, onednn_linear=False, onednn_conv=False),
-    "onednn_conv": dict(fuse_bn=False, channels_last=False, onednn_linear=False),
-    "onednn_linear": dict(fuse_bn=False, channels_last=False, onednn_conv=False),
-    "all": {},
-}
+ALL_LEVERS = ("fuse_bn", "channels_last", "onednn_conv", "onednn_linear", "ffn_relu")
+LEVERS = {lever: {other: other == lever for other in ALL_LEVERS} for lever in ALL_LEVERS} | {"all": {}}
 
 
 def eval_model(config: Path, **overrides) -> nn.Module:
@@ -155,6 +152,7 @@ def test_speed_tool_variants_add_one_lever_each():
         "ours + fuse_bn + channels_last",
         "ours + fuse_bn + channels_last + onednn_conv",
         "ours + fuse_bn + channels_last + onednn_conv + onednn_linear",
+        "ours + fuse_bn + channels_last + onednn_conv + onednn_linear + ffn_relu",
     ]
     assert variants["ours, no lever"] is model and type(model[0]) is nn.Conv2d  # the base model is left as it was
     assert isinstance(variants["ours + fuse_bn"][1], nn.Identity)
@@ -206,3 +204,17 @@ def test_load_model_for_inference_applies_the_levers_on_a_cpu_unless_asked_not_t
     assert not any(type(m) is OneDnnLinear for m in plain.modules()) and any(
         isinstance(m, (FrozenBatchNorm2d, _BatchNorm)) for m in plain.modules()
     )
+
+
+def test_ffn_relu_in_linear1_gives_the_same_ffn_and_keeps_it_under_autograd():
+    from salience_detr.layers.post_norm import PostNormLayer
+
+    torch.manual_seed(0)
+    layer = PostNormLayer(embed_dim=16, ffn_dim=32, dropout=0.0, attentions=[], ffn_norm="norm").eval()
+    reference = copy.deepcopy(layer)
+    assert fuse_ffn_relu(layer) == 1 and fuse_ffn_relu(layer) == 0  # a fused layer is not fused twice
+    assert type(layer.linear1) is OneDnnLinearReLU and layer.relu_in_linear1 and not reference.relu_in_linear1
+    x = torch.randn(2, 7, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(layer.feed_forward(x), reference.feed_forward(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.feed_forward(x), reference.feed_forward(x), rtol=1e-5, atol=1e-5)  # F.linear

@@ -24,6 +24,9 @@ class PostNormLayer(nn.Module):
     :meth:`residual` after each attention call and :meth:`feed_forward` last.
     """
 
+    #: True once ``linear1`` applies the FFN's ReLU itself (an inference-only layer with the ReLU fused into the matmul)
+    relu_in_linear1: bool = False
+
     def __init__(
         self,
         *,
@@ -65,7 +68,10 @@ class PostNormLayer(nn.Module):
         """``norm(query + dropout(linear2(dropout(relu(linear1(query))))))``."""
         inner_dropout, outer_dropout, norm = self._ffn
         rows = query.reshape(-1, query.shape[-1])  # one reshape instead of one around each linear
-        ffn = self.linear2(getattr(self, inner_dropout)(torch.relu(self.linear1(rows))))
+        hidden = self.linear1(rows)
+        if not self.relu_in_linear1:
+            hidden = torch.relu(hidden)
+        ffn = self.linear2(getattr(self, inner_dropout)(hidden))
         return getattr(self, norm)(rows + getattr(self, outer_dropout)(ffn)).view(query.shape)
 
     def xavier_init(self, attention: nn.MultiheadAttention) -> None:

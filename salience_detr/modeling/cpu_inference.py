@@ -1,15 +1,15 @@
 """CPU inference speed-ups that keep the detections (to float rounding): measured in benchmarks/speed.md.
 
-Three levers, each applied in place to a model in eval mode:
+Five levers, each applied in place to a model in eval mode:
 
 - ``fuse_conv_bn`` (``modeling.fuse``): the backbone's FrozenBN and the transformer neck's BN folded into the
   convolutions before them, so they cost nothing.
-- channels-last convolution weights: oneDNN then runs every convolution in NHWC, including the 1x1 ones that
-  PyTorch otherwise sends to its slow im2col path on one thread, and the flattening of the maps into tokens
-  (B, C, H, W) -> (B, HW, C) becomes a view instead of a copy.
+- channels-last convolution weights: the backbone and necks then run NHWC, and flattening the maps into tokens
+  (B, C, H, W) -> (B, HW, C) reads them in order.
 - ``OneDnnLinear``: the float32 linear layers run oneDNN's matmul instead of the BLAS one. PyTorch's BLAS is MKL,
   which on AMD CPUs reaches about half of oneDNN's speed (93 against 190 GFLOP/s for the encoder's value
   projection on one Zen 4 core).
+- ``fuse_ffn_relu``: each post-norm FFN's first linear layer applies the ReLU as a oneDNN post-op.
 - ``OneDnnConv2d``: every convolution runs oneDNN's. On one thread PyTorch sends 1x1 convolutions to its own im2col
   path (2.3x slower on a 512 -> 256 channel map at stride 8); with more threads it picks oneDNN itself.
 """
@@ -21,12 +21,16 @@ import torch.nn.functional as F
 from detectron2.layers import Conv2d as DetectronConv2d
 from torch import Tensor, nn
 
+from salience_detr.layers.post_norm import PostNormLayer
+
 from .fuse import fuse_conv_bn
 
 __all__ = [
     "OneDnnConv2d",
     "OneDnnDetectronConv2d",
     "OneDnnLinear",
+    "OneDnnLinearReLU",
+    "fuse_ffn_relu",
     "optimize_for_cpu_inference",
     "use_channels_last",
     "use_onednn_conv",
@@ -52,6 +56,15 @@ class OneDnnLinear(nn.Linear):
         if _onednn_applies(x, self.weight):
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+
+class OneDnnLinearReLU(nn.Linear):
+    """``relu(linear(x))`` in one oneDNN call on CPU float32 inference (the ReLU as the matmul's post-op)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if _onednn_applies(x, self.weight):
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "relu", [], "")
+        return torch.relu(F.linear(x, self.weight, self.bias))
 
 
 def _onednn_conv2d(conv: nn.Conv2d, x: Tensor) -> Tensor:
@@ -112,6 +125,25 @@ def use_onednn_linear(model: nn.Module) -> int:
     return _swap_classes(model, {nn.Linear: OneDnnLinear}, "use_onednn_linear")
 
 
+def fuse_ffn_relu(model: nn.Module) -> int:
+    """Give every post-norm layer's FFN a ``linear1`` that applies the ReLU in its matmul; returns how many.
+
+    One pass over the (tokens, 2048) hidden activations less per encoder and decoder layer; the values are the same.
+    """
+    if not torch.backends.mkldnn.is_available():
+        raise RuntimeError(
+            "fuse_ffn_relu needs PyTorch built with oneDNN (torch.backends.mkldnn.is_available() is False); "
+            "leave this lever off on this build."
+        )
+    fused = 0
+    for module in model.modules():
+        if isinstance(module, PostNormLayer) and not module.relu_in_linear1 and isinstance(module.linear1, nn.Linear):
+            module.linear1.__class__ = OneDnnLinearReLU
+            module.relu_in_linear1 = True
+            fused += 1
+    return fused
+
+
 def use_onednn_conv(model: nn.Module) -> int:
     """Turn every ``nn.Conv2d`` and detectron2 ``Conv2d`` into its oneDNN counterpart in place; returns how many."""
     swaps = {nn.Conv2d: OneDnnConv2d, DetectronConv2d: OneDnnDetectronConv2d}
@@ -139,6 +171,7 @@ def optimize_for_cpu_inference(
     channels_last: bool = True,
     onednn_linear: bool = True,
     onednn_conv: bool = True,
+    ffn_relu: bool = True,
 ) -> dict[str, int]:
     """Apply the chosen levers in place to a model in eval mode; returns how many modules each one changed.
 
@@ -158,4 +191,6 @@ def optimize_for_cpu_inference(
         changed["onednn_linear"] = use_onednn_linear(model)
     if onednn_conv:
         changed["onednn_conv"] = use_onednn_conv(model)
+    if ffn_relu:
+        changed["ffn_relu"] = fuse_ffn_relu(model)
     return changed

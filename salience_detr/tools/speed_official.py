@@ -49,7 +49,7 @@ from salience_detr.checkpoint.synthetic import OFFICIAL_R50_KEYS
 from salience_detr.modeling.cpu_inference import optimize_for_cpu_inference
 
 #: Cumulative ablation: each variant adds one lever of ``optimize_for_cpu_inference`` to the one before.
-LEVERS = ("fuse_bn", "channels_last", "onednn_conv", "onednn_linear")
+LEVERS = ("fuse_bn", "channels_last", "onednn_conv", "onednn_linear", "ffn_relu")
 #: Submodules timed by hooks in both models (the official one names them alike); ours adds ``postprocess``.
 STAGES = {
     "backbone": "backbone",
