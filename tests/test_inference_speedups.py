@@ -218,3 +218,9 @@ def test_ffn_relu_in_linear1_gives_the_same_ffn_and_keeps_it_under_autograd():
     with torch.no_grad():
         torch.testing.assert_close(layer.feed_forward(x), reference.feed_forward(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(layer.feed_forward(x), reference.feed_forward(x), rtol=1e-5, atol=1e-5)  # F.linear
+
+
+def test_speed_tool_stage_split_takes_the_rest_per_round():
+    splits = [{"backbone": 1.0, "decoder": 2.0}, {"backbone": 3.0, "decoder": 1.0}, {"backbone": 2.0, "decoder": 9.0}]
+    stages = speed_official.median_stages(splits, totals=[4.0, 5.0, 12.0])
+    assert stages == {"backbone": 2.0, "decoder": 2.0, "other": 1.0}

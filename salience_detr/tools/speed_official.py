@@ -181,10 +181,10 @@ def timed_rounds(runs: dict[str, Callable[[], Any]], warmup: int, num_iter: int)
     return times
 
 
-def median_stages(splits: list[dict[str, float]], total: float) -> dict[str, float]:
-    """Median CPU seconds per stage over the timed rounds, and ``other``: the median total less their sum."""
+def median_stages(splits: list[dict[str, float]], totals: list[float]) -> dict[str, float]:
+    """Median CPU seconds per stage over the timed rounds, and ``other``: each round's total less its stages."""
     stages = {stage: statistics.median(split.get(stage, 0.0) for split in splits) for stage in splits[0]}
-    stages["other"] = total - sum(stages.values())
+    stages["other"] = statistics.median(total - sum(split.values()) for split, total in zip(splits, totals))
     return stages
 
 
@@ -216,7 +216,7 @@ def measure(
         times = timed_rounds(runs, args.warmup, args.num_iter)
     medians = {name: {clock: statistics.median(values) for clock, values in t.items()} for name, t in times.items()}
     splits = {name: split[args.warmup :] for name, split in splits.items()}
-    stages = {name: median_stages(split, medians[name]["cpu"]) for name, split in splits.items()}
+    stages = {name: median_stages(split, times[name]["cpu"]) for name, split in splits.items()}
     return {"times": times, "medians": medians, "stages": stages, "checks": detection_check(detections)}
 
 
