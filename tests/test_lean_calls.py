@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from salience_detr.layers.attention import additive_mask, multihead_self_attention
+from salience_detr.layers.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from salience_detr.layers.levels import cell_coordinates, level_valid_sizes, valid_ratios
 from salience_detr.layers.mlp import MLP
 from salience_detr.layers.ms_deform_attn import MultiScaleDeformableAttention, multi_scale_deformable_attn
@@ -249,3 +250,21 @@ def test_cell_coordinates_equal_the_device_aranges_and_linspaces():
     assert torch.equal(
         cell_coordinates(shapes[:1], 0.0, torch.float64, "cpu"), torch.stack([grid_x, grid_y], -1).view(-1, 2).double()
     )
+
+
+def test_box_conversions_equal_the_coordinate_by_coordinate_arithmetic():
+    boxes = torch.rand(3, 5, 4, generator=torch.Generator().manual_seed(0)) + 0.1
+
+    def xyxy_reference(b: torch.Tensor) -> torch.Tensor:
+        cx, cy, w, h = b.unbind(-1)
+        return torch.stack((cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h), dim=-1)
+
+    def cxcywh_reference(b: torch.Tensor) -> torch.Tensor:
+        x1, y1, x2, y2 = b.unbind(-1)
+        return torch.stack(((x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1), dim=-1)
+
+    for ours, reference in ((box_cxcywh_to_xyxy, xyxy_reference), (box_xyxy_to_cxcywh, cxcywh_reference)):
+        theirs, their_calls = _run(reference, [boxes], nn.Module())
+        mine, my_calls = _run(ours, [boxes], nn.Module())
+        assert all(torch.equal(a, b) for a, b in zip(theirs, mine))
+        assert my_calls < their_calls

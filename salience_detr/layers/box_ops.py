@@ -19,15 +19,15 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-3) -> Tensor:
 
 
 def box_cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
-    """(..., 4) centre, width, height -> corners."""
-    cx, cy, w, h = boxes.unbind(-1)
-    return torch.stack((cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h), dim=-1)
+    """(..., 4) centre, width, height -> corners; both coordinates per call, the same numbers as one at a time."""
+    centre, half = boxes[..., :2], 0.5 * boxes[..., 2:]
+    return torch.cat((centre - half, centre + half), dim=-1)
 
 
 def box_xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
-    """(..., 4) corners -> centre, width, height."""
-    x1, y1, x2, y2 = boxes.unbind(-1)
-    return torch.stack(((x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1), dim=-1)
+    """(..., 4) corners -> centre, width, height; both coordinates per call, the same numbers as one at a time."""
+    low, high = boxes[..., :2], boxes[..., 2:]
+    return torch.cat(((low + high) / 2, high - low), dim=-1)
 
 
 def whwh_scale(image_sizes: Sequence[tuple[int, int]], like: Tensor) -> Tensor:
