@@ -187,7 +187,9 @@ struct CornerArrays {
 // The corners of a point off the map (none inside, weights possibly NaN): zero rows, scratch gradient rows.
 template <typename scalar_t, bool kBackward>
 inline void fill_outside_corners(
-    const CornerArrays<scalar_t>& out, int64_t k, const BilinearCorners<at::opmath_type<scalar_t>>& corners,
+    const CornerArrays<scalar_t>& out,
+    int64_t k,
+    const BilinearCorners<at::opmath_type<scalar_t>>& corners,
     at::opmath_type<scalar_t> attention) {
   for (int corner = 0; corner < 4; ++corner) {
     out.rows[k + corner] = out.zero_row;
@@ -202,6 +204,32 @@ inline void fill_outside_corners(
   }
 }
 
+// One level's geometry for fill_near_corners: its value and gradient rows, and each corner's element offset from
+// the top-left corner in both (computed once per level, so a corner's row costs an addition).
+template <typename scalar_t>
+struct LevelRows {
+  const scalar_t* value;
+  at::opmath_type<scalar_t>* grad;
+  int64_t width, height, pixel_stride, grad_stride;
+  int64_t value_step[4], grad_step[4];
+
+  LevelRows(
+      const scalar_t* value,
+      at::opmath_type<scalar_t>* grad,
+      int64_t width,
+      int64_t height,
+      int64_t pixel_stride,
+      int64_t grad_stride)
+      : value(value),
+        grad(grad),
+        width(width),
+        height(height),
+        pixel_stride(pixel_stride),
+        grad_stride(grad_stride),
+        value_step{0, pixel_stride, width * pixel_stride, (width + 1) * pixel_stride},
+        grad_step{0, grad_stride, width * grad_stride, (width + 1) * grad_stride} {}
+};
+
 // The corners of a point near the map with their bilinear_corners weights (same expressions), its four corners
 // tested by four comparisons.
 template <typename scalar_t, bool kBackward>
@@ -210,23 +238,20 @@ inline void fill_near_corners(
     int64_t k,
     const BilinearPoint<at::opmath_type<scalar_t>>& point,
     at::opmath_type<scalar_t> attention,
-    const scalar_t* level_value,
-    at::opmath_type<scalar_t>* level_grad,
-    int64_t width,
-    int64_t height,
-    int64_t pixel_stride,
-    int64_t n) {
+    const LevelRows<scalar_t>& level) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t lx = point.lx, ly = point.ly, hx = acc_t(1) - lx, hy = acc_t(1) - ly;
-  const bool left = point.x0 >= 0, right = point.x0 + 1 < width, top = point.y0 >= 0, bottom = point.y0 + 1 < height;
+  const bool left = point.x0 >= 0, right = point.x0 + 1 < level.width;
+  const bool top = point.y0 >= 0, bottom = point.y0 + 1 < level.height;
   const bool inside[4] = {top && left, top && right, bottom && left, bottom && right};
-  const int64_t step[4] = {0, 1, width, width + 1};
-  const int64_t pixel = point.y0 * width + point.x0;
+  const int64_t pixel = point.y0 * level.width + point.x0;
+  const int64_t value_offset = pixel * level.pixel_stride, grad_offset = pixel * level.grad_stride;
   const acc_t weights[4] = {hy * hx, hy * lx, ly * hx, ly * lx};
   for (int corner = 0; corner < 4; ++corner) {
-    out.rows[k + corner] = inside[corner] ? level_value + (pixel + step[corner]) * pixel_stride : out.zero_row;
+    out.rows[k + corner] = inside[corner] ? level.value + (value_offset + level.value_step[corner]) : out.zero_row;
     if constexpr (kBackward) {
-      out.grad_rows[k + corner] = inside[corner] ? level_grad + (pixel + step[corner]) * n : out.scratch_row;
+      out.grad_rows[k + corner] =
+          inside[corner] ? level.grad + (grad_offset + level.grad_step[corner]) : out.scratch_row;
       out.weight[k + corner] = weights[corner];
     } else {
       out.weight[k + corner] = attention * weights[corner];
@@ -258,8 +283,9 @@ SALIENCE_DETR_CPU_CLONES void fill_corners(
   const int64_t n = args.s.head_dim, width = args.levels->width[level], height = args.levels->height[level];
   const int64_t pixel_stride = args.s.num_heads * n, num_points = args.s.num_points;
   const int64_t query_stride = args.s.num_heads * args.s.num_levels * num_points;
-  const scalar_t* level_value = args.value + args.level_offset(b, head, level);
-  acc_t* level_grad = kBackward ? slice_grad + args.levels->start[level] * n : nullptr;
+  const LevelRows<scalar_t> level_rows(
+      args.value + args.level_offset(b, head, level), kBackward ? slice_grad + args.levels->start[level] * n : nullptr,
+      width, height, pixel_stride, n);
   const scalar_t* locations = args.locations;
   const scalar_t* attention_weights = args.weights;
   const CornerArrays<scalar_t> out(chunk);
@@ -273,8 +299,7 @@ SALIENCE_DETR_CPU_CLONES void fill_corners(
       const BilinearPoint<acc_t> point = bilinear_point<acc_t>(
           static_cast<acc_t>(locations[2 * sample]), static_cast<acc_t>(locations[2 * sample + 1]), height, width);
       if (point.near_map) {
-        fill_near_corners<scalar_t, kBackward>(
-            out, k, point, attention[j], level_value, level_grad, width, height, pixel_stride, n);
+        fill_near_corners<scalar_t, kBackward>(out, k, point, attention[j], level_rows);
       } else {
         fill_outside_corners<scalar_t, kBackward>(out, k, args.corners(sample, level), attention[j]);
       }
