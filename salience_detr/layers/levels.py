@@ -67,18 +67,20 @@ def cell_coordinates(
     return torch.as_tensor(np.concatenate(cells) + offset, dtype=dtype, device=device)
 
 
-def flat_valid_sizes(mask_flatten: Tensor, shapes: Sequence[tuple[int, int]]) -> Tensor:
-    """(B, L, 2) valid (w, h) cells of every level (:func:`level_valid_sizes`) from the flattened (B, N) mask: each
-    level's row 0 and column 0 in one gather and one segment sum, instead of a chain of calls per level."""
+def flat_valid_sizes(mask_flatten: Tensor, shapes: Sequence[tuple[int, int]], dtype: torch.dtype) -> Tensor:
+    """(B, L, 2) valid (w, h) cells of every level (:func:`level_valid_sizes`) in ``dtype``, from the flattened
+    (B, N) mask: each level's row 0 and column 0 in one gather, summed per level by one product with a host 0/1
+    matrix (counts of 0/1 are exact in float; ONNX has no index_add), instead of a chain of calls per level."""
     index, segment, start = [], [], 0
     for level, (height, width) in enumerate(shapes):
         index += [*range(start, start + width), *range(start, start + height * width, width)]
         segment += [2 * level] * width + [2 * level + 1] * height
         start += height * width
     device = mask_flatten.device
-    valid = (~mask_flatten.index_select(1, torch.as_tensor(index, device=device))).long()
-    counts = valid.new_zeros(mask_flatten.shape[0], 2 * len(shapes))
-    return counts.index_add_(1, torch.as_tensor(segment, device=device), valid).view(-1, len(shapes), 2)
+    segments = np.zeros((len(index), 2 * len(shapes)))
+    segments[np.arange(len(index)), segment] = 1.0
+    valid = (~mask_flatten.index_select(1, torch.as_tensor(index, device=device))).to(dtype)
+    return (valid @ torch.as_tensor(segments, dtype=dtype, device=device)).view(-1, len(shapes), 2)
 
 
 def valid_ratios(level_masks: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
@@ -86,4 +88,4 @@ def valid_ratios(level_masks: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
     shapes = [(mask.shape[-2], mask.shape[-1]) for mask in level_masks]
     flat = torch.cat([mask.flatten(1) for mask in level_masks], 1)
     extents = torch.as_tensor([(width, height) for height, width in shapes], dtype=dtype, device=flat.device)
-    return flat_valid_sizes(flat, shapes).to(dtype) / extents  # one division for every level
+    return flat_valid_sizes(flat, shapes, dtype) / extents  # one division for every level

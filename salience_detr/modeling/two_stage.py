@@ -48,7 +48,7 @@ def anchor_proposals(
     # every level at once: cells (N, 2) as (x, y), each token's level scale and anchor side, one division
     counts = [height * width for height, width in shapes]
     token_level = torch.as_tensor(np.repeat(np.arange(len(shapes)), counts), device=device)
-    scale = flat_valid_sizes(mask_flatten, shapes).to(dtype).index_select(1, token_level)  # (B, N, 2)
+    scale = flat_valid_sizes(mask_flatten, shapes, dtype).index_select(1, token_level)  # (B, N, 2)
     sides = np.repeat([ANCHOR_BASE_SIZE * 2.0**level for level in range(len(shapes))], counts)[:, None]
     sizes = torch.as_tensor(sides, dtype=dtype, device=device).expand(batch_size, -1, 2)
     proposals = torch.cat([cell_coordinates(shapes, 0.5, dtype, device) / scale, sizes], -1)
