@@ -14,11 +14,16 @@ from torch import Tensor
 
 
 def flatten_levels(maps: Sequence[Tensor]) -> Tensor:
-    """(B,C,H,W) per level -> (B, sum H*W, C); (B,H,W) masks -> (B, sum H*W). Row-major, level by level."""
+    """(B,C,H,W) per level -> (B, sum H*W, C); (B,H,W) masks -> (B, sum H*W). Row-major, level by level.
+
+    The result is contiguous (the concatenation writes it token-major), so the linear layers that read the tokens
+    (every deformable attention's value projection) need no copy of their own; channels-last maps are read in order.
+    """
     if len(maps) == 0:
         raise ValueError("flatten_levels needs at least one level, got an empty list.")
-    flat = torch.cat([m.flatten(-2) for m in maps], -1)
-    return flat.transpose(1, 2) if flat.ndim == 3 else flat
+    if maps[0].ndim == 3:
+        return torch.cat([m.flatten(-2) for m in maps], -1)
+    return torch.cat([m.flatten(2).transpose(1, 2) for m in maps], 1)
 
 
 def level_start_index(spatial_shapes: Tensor) -> Tensor:
