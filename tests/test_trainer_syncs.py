@@ -23,14 +23,12 @@ from salience_detr.utils.dispatch_count import count_dispatch
 
 
 def _tiny_trainer(accumulate_steps: int) -> DetrTrainer:
-    """The tiny config's model, clipping and AdamW, fused: the default AdamW reads every parameter's CPU step
-    counter with ``.item()``, which waits for no device but would count as a sync here."""
+    """The tiny config's model, clipping and (fused) AdamW."""
     cfg = LazyConfig.load(str(TINY_CONFIG))
     cfg.train.accumulate_steps = accumulate_steps
     torch.manual_seed(0)
     model = instantiate(cfg.model).train()
     cfg.optimizer.params.model = model
-    cfg.optimizer.foreach, cfg.optimizer.fused = None, True
     batches = fixed_batches(accumulate_steps + 1)[1:]  # batches with boxes in both images
     return trainer_from_config(cfg, model, iter(batches), instantiate(cfg.optimizer), None)
 
