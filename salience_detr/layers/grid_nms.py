@@ -15,7 +15,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from .ms_deform_attn import BUILD_HINT, extension_build_info, extension_status
+from .ms_deform_attn import BUILD_HINT, extension_build_info, extension_kernels_for
 
 __all__ = ["GRID_RULE_IOU_RANGE", "compiled_grid_nms", "grid_nms_available"]
 
@@ -36,17 +36,9 @@ if _BUILD_INFO is not None and not _HAS_OP:
 
 def grid_nms_available(device: torch.device) -> tuple[bool, str]:
     """Whether the compiled grid NMS can run on ``device``, and if not, why."""
-    if _BUILD_INFO is None:
-        return False, f"the compiled extension is not loaded: {extension_status()}; {BUILD_HINT}"
-    if not _HAS_OP:
+    if _BUILD_INFO is not None and not _HAS_OP:
         return False, f"salience_detr._C has no grid_nms op (an older build); {BUILD_HINT}"
-    if device.type == "cpu":
-        return True, "CPU kernel is built"
-    if device.type == "cuda":
-        if _BUILD_INFO["with_cuda"]:
-            return True, "CUDA kernel is built"
-        return False, f"salience_detr._C was built without CUDA kernels; rebuild with FORCE_CUDA=1 ({BUILD_HINT})"
-    return False, f"device type {device.type!r} has no compiled grid NMS kernel"
+    return extension_kernels_for(device)
 
 
 def compiled_grid_nms(

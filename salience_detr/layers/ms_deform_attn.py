@@ -188,12 +188,10 @@ def extension_build_info() -> dict[str, object] | None:
     return None if _BUILD_INFO is None else dict(_BUILD_INFO)
 
 
-def compiled_backend_available(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
-    """Whether the compiled operator can run on this device and dtype, and if not, why."""
+def extension_kernels_for(device: torch.device) -> tuple[bool, str]:
+    """Whether the loaded extension was built with kernels for ``device``'s type, and if not, why (every op's check)."""
     if _C is None:
         return False, f"the compiled extension is not loaded: {_EXTENSION_STATUS}; {BUILD_HINT}"
-    if dtype not in SUPPORTED_DTYPES:
-        return False, f"dtype {dtype} is not supported (use one of {SUPPORTED_DTYPES})"
     if device.type == "cpu":
         return True, "CPU kernels are built"
     if device.type == "cuda":
@@ -201,6 +199,13 @@ def compiled_backend_available(device: torch.device, dtype: torch.dtype) -> tupl
             return True, "CUDA kernels are built"
         return False, f"salience_detr._C was built without CUDA kernels; rebuild with FORCE_CUDA=1 ({BUILD_HINT})"
     return False, f"device type {device.type!r} has no compiled kernel"
+
+
+def compiled_backend_available(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+    """Whether the compiled operator can run on this device and dtype, and if not, why."""
+    if _C is not None and dtype not in SUPPORTED_DTYPES:
+        return False, f"dtype {dtype} is not supported (use one of {SUPPORTED_DTYPES})"
+    return extension_kernels_for(device)
 
 
 def resolve_backend(device: torch.device, dtype: torch.dtype, requested: str | None = None) -> str:
