@@ -18,7 +18,7 @@ from salience_detr.layers.box_ops import (
     to_normalized_cxcywh,
     whwh_scale,
 )
-from salience_detr.layers.levels import flatten_levels, level_start_index, level_valid_sizes, valid_ratios
+from salience_detr.layers.levels import flat_valid_sizes, flatten_levels, level_start_index, valid_ratios
 from salience_detr.layers.mlp import MLP, init_box_head, init_class_head
 from salience_detr.layers.post_norm import PostNormLayer
 
@@ -116,7 +116,7 @@ def test_valid_ratios_count_row_zero_and_column_zero():
     mask = torch.ones(2, 4, 5, dtype=torch.bool)
     mask[0, :3, :2] = False
     mask[1, :, :] = False
-    assert level_valid_sizes(mask).tolist() == [[2, 3], [5, 4]]
+    assert flat_valid_sizes(mask.flatten(1), [(4, 5)], torch.float32).tolist() == [[[2, 3]], [[5, 4]]]
     ratios = valid_ratios([mask, mask[:, :2, :]], torch.float32)
     assert ratios.shape == (2, 2, 2)
     torch.testing.assert_close(ratios[0, 0], torch.tensor([2 / 5, 3 / 4]))

@@ -15,7 +15,7 @@ from torch import nn
 
 from salience_detr.layers.attention import additive_mask, multihead_self_attention
 from salience_detr.layers.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
-from salience_detr.layers.levels import cell_coordinates, level_valid_sizes, valid_ratios
+from salience_detr.layers.levels import cell_coordinates, valid_ratios
 from salience_detr.layers.mlp import MLP
 from salience_detr.layers.ms_deform_attn import MultiScaleDeformableAttention, multi_scale_deformable_attn
 from salience_detr.layers.position_encoding import PositionEmbeddingSine, get_sine_pos_embed, sine_frequencies
@@ -207,7 +207,8 @@ def test_proposals_of_every_level_at_once_equal_the_per_level_loop():
         mask[1, :, cols:] = True
     proposals = []
     for level, mask in enumerate(masks):
-        scale = level_valid_sizes(mask).float().view(2, 1, 1, 2)
+        valid_size = torch.stack([(~mask[:, 0, :]).sum(1), (~mask[:, :, 0]).sum(1)], -1)  # (w, h) per image
+        scale = valid_size.float().view(2, 1, 1, 2)
         grid_y, grid_x = torch.meshgrid(torch.arange(mask.shape[1]), torch.arange(mask.shape[2]), indexing="ij")
         centers = (torch.stack([grid_x, grid_y], -1).float().expand(2, -1, -1, -1) + 0.5) / scale
         sizes = torch.full_like(centers, 0.05 * 2.0**level)

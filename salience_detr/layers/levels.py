@@ -55,13 +55,6 @@ def host_starts(shapes: Sequence[tuple[int, int]]) -> list[int]:
     return starts
 
 
-def level_valid_sizes(level_mask: Tensor) -> Tensor:
-    """Valid (width, height) in cells per image, counted on row 0 / column 0 of a (B,H,W) padding mask."""
-    valid_w = (~level_mask[:, 0, :]).sum(1)
-    valid_h = (~level_mask[:, :, 0]).sum(1)
-    return torch.stack([valid_w, valid_h], -1)
-
-
 def cell_coordinates(
     shapes: Sequence[tuple[int, int]], offset: float, dtype: torch.dtype, device: torch.device | str
 ) -> Tensor:
@@ -73,9 +66,10 @@ def cell_coordinates(
 
 
 def flat_valid_sizes(mask_flatten: Tensor, shapes: Sequence[tuple[int, int]], dtype: torch.dtype) -> Tensor:
-    """(B, L, 2) valid (w, h) cells of every level (:func:`level_valid_sizes`) in ``dtype``, from the flattened
-    (B, N) mask: each level's row 0 and column 0 in one gather, summed per level by one product with a host 0/1
-    matrix (counts of 0/1 are exact in float; ONNX has no index_add), instead of a chain of calls per level."""
+    """(B, L, 2) valid (w, h) cells of every level in ``dtype``, counted on row 0 / column 0 of each level's padding
+    mask, from the flattened (B, N) mask: each level's row 0 and column 0 in one gather, summed per level by one
+    product with a host 0/1 matrix (counts of 0/1 are exact in float; ONNX has no index_add), instead of a chain of
+    calls per level."""
     index, segment, start = [], [], 0
     for level, (height, width) in enumerate(shapes):
         index += [*range(start, start + width), *range(start, start + height * width, width)]
