@@ -1,4 +1,5 @@
-"""Timing and memory helpers the model-timing tools share (``benchmark`` and ``gpu_check``'s latency worker).
+"""Timing and memory helpers the timing tools share (``benchmark``, ``benchmark_ops``, ``speed_official`` and
+``gpu_check``'s latency worker).
 
 Private to ``salience_detr.tools`` and torch-only, so ``gpu_check`` can use them on a bare GPU machine and no tool
 imports another tool.
@@ -35,6 +36,34 @@ def time_forward(run: Callable[[], Any], device: torch.device, warmup: int, num_
             run()
             seconds.append(time.perf_counter() - begin)
     return seconds
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}  # cpu: the process's CPU time, all threads
+
+
+def interleaved_rounds(
+    runs: dict[str, Callable[[], Any]],
+    warmup: int,
+    num_iter: int,
+    clocks: Sequence[str] = ("cpu", "wall"),
+    synchronize: Callable[[], None] | None = None,
+) -> dict[str, dict[str, list[float]]]:
+    """Seconds of every run on each of ``clocks`` (keys of ``CLOCKS``), the runs interleaved within each round so
+    that a change of load hits them alike; warm-up rounds dropped. ``synchronize`` (``torch.cuda.synchronize``)
+    runs before and after each timed call."""
+    times: dict[str, dict[str, list[float]]] = {name: {clock: [] for clock in clocks} for name in runs}
+    for round_index in range(warmup + num_iter):
+        for name, run in runs.items():
+            if synchronize is not None:
+                synchronize()
+            starts = [CLOCKS[clock]() for clock in clocks]
+            run()
+            if synchronize is not None:
+                synchronize()
+            if round_index >= warmup:
+                for clock, start in zip(clocks, starts):
+                    times[name][clock].append(CLOCKS[clock]() - start)
+    return times
 
 
 def timing_numbers(seconds: Sequence[float], images_per_call: int) -> dict[str, float]:

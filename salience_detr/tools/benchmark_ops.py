@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -23,6 +23,7 @@ import torch
 
 from salience_detr.layers import ms_deform_attn as msda
 from salience_detr.layers.levels import level_start_index
+from salience_detr.tools._timing import CLOCKS, interleaved_rounds
 
 ENCODER_LEVELS = ((100, 136), (50, 68), (25, 34), (13, 17))
 
@@ -100,28 +101,16 @@ CASES = {
 }
 # gpu_check reads a fixed table of the CUDA run: the model-like cases in three dtypes.
 DEFAULT_CASES = {"cpu": tuple(CASES), "cuda": ("encoder", "decoder")}
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-
-
-def _seconds(step: Callable[[], None], device: str, clock: Callable[[], float]) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = clock()
-    step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return clock() - start
 
 
 def _compare(
     compiled: Callable[[], None], reference: Callable[[], None], repeat: int, device: str, clock: str = "wall"
 ) -> tuple[float, float]:
     """Median seconds of each after a warm-up, the two interleaved so that load changes hit both alike."""
-    compiled()
-    reference()
-    timer = CLOCKS[clock]
-    times = [(_seconds(compiled, device, timer), _seconds(reference, device, timer)) for _ in range(repeat)]
-    return tuple(sorted(column)[len(column) // 2] for column in zip(*times))
+    synchronize = torch.cuda.synchronize if device == "cuda" else None
+    runs = {"compiled": compiled, "reference": reference}
+    times = interleaved_rounds(runs, 1, repeat, (clock,), synchronize)
+    return statistics.median(times["compiled"][clock]), statistics.median(times["reference"][clock])
 
 
 def _step(case: Case, backend: str, backward: bool) -> Callable[[], None]:

@@ -47,6 +47,7 @@ from salience_detr.checkpoint.parity import (
 )
 from salience_detr.checkpoint.synthetic import OFFICIAL_R50_KEYS
 from salience_detr.modeling.cpu_inference import optimize_for_cpu_inference
+from salience_detr.tools._timing import interleaved_rounds
 
 #: Cumulative ablation: each variant adds one lever of ``optimize_for_cpu_inference`` to the one before.
 LEVERS = ("fuse_bn", "channels_last", "onednn_conv", "onednn_linear", "ffn_relu")
@@ -167,20 +168,6 @@ def detection_check(detections: dict[str, dict[str, Tensor]]) -> dict[str, dict[
     return checks
 
 
-def timed_rounds(runs: dict[str, Callable[[], Any]], warmup: int, num_iter: int) -> dict[str, dict[str, list[float]]]:
-    """CPU and wall seconds of every run, the runs interleaved within each round; warm-up rounds dropped."""
-    times: dict[str, dict[str, list[float]]] = {name: {"cpu": [], "wall": []} for name in runs}
-    for round_index in range(warmup + num_iter):
-        for name, run in runs.items():
-            cpu, wall = time.process_time(), time.perf_counter()
-            run()
-            cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-            if round_index >= warmup:
-                times[name]["cpu"].append(cpu)
-                times[name]["wall"].append(wall)
-    return times
-
-
 def median_stages(splits: list[dict[str, float]], totals: list[float]) -> dict[str, float]:
     """Median CPU seconds per stage over the timed rounds, and ``other``: each round's total less its stages."""
     stages = {stage: statistics.median(split.get(stage, 0.0) for split in splits) for stage in splits[0]}
@@ -213,7 +200,7 @@ def measure(
         runs.update({name: run(name, model, our_forward) for name, model in variants.items()})
         for split in splits.values():
             split.clear()
-        times = timed_rounds(runs, args.warmup, args.num_iter)
+        times = interleaved_rounds(runs, args.warmup, args.num_iter)
     medians = {name: {clock: statistics.median(values) for clock, values in t.items()} for name, t in times.items()}
     splits = {name: split[args.warmup :] for name, split in splits.items()}
     stages = {name: median_stages(split, times[name]["cpu"]) for name, split in splits.items()}
