@@ -10,11 +10,22 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torchvision.ops import box_convert
 
 from salience_detr.layers.box_ops import inverse_sigmoid
+
+
+def check_class_ids(labels: np.ndarray, num_classes: int, name: str, fix: str) -> None:
+    """Every id in [0, num_classes), checked with numpy on host copies (the mapper's CPU tensors): host work, so no
+    device value is read and the sync counter sees none."""
+    if labels.size and ((labels < 0) | (labels >= num_classes)).any():
+        raise ValueError(
+            f"{name} must be contiguous class ids in [0, {num_classes}), got values in "
+            f"[{int(labels.min())}, {int(labels.max())}]; {fix}"
+        )
 
 
 class DenoisingQueries(NamedTuple):
@@ -127,13 +138,7 @@ class GenerateCDNQueries(nn.Module):
         boxes = torch.cat(gt_boxes_list).to(device=device, dtype=box_query.dtype)
         if boxes.ndim != 2 or boxes.shape[1] != 4:
             raise ValueError(f"gt boxes must be (n, 4) normalized cxcywh per image, got {tuple(boxes.shape)} in total")
-        # numpy on the host copies the model passes (the mapper's CPU tensors): host work, no device value read
-        host_labels = labels.cpu().numpy()
-        if ((host_labels < 0) | (host_labels >= self.num_classes)).any():
-            raise ValueError(
-                f"gt labels must be contiguous class ids in [0, {self.num_classes}), got values in "
-                f"[{int(host_labels.min())}, {int(host_labels.max())}]; map dataset ids to contiguous ids first"
-            )
+        check_class_ids(labels.cpu().numpy(), self.num_classes, "gt labels", "map dataset ids to contiguous ids first")
         labels = labels.to(device=device, dtype=torch.long)
         num_gt = sum(host_counts)
         # Copy c (0 .. 2G-1) of GT t of image b goes to slot c * n_max + (t's index within b): even copies are

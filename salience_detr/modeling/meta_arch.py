@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from salience_detr.layers.box_ops import to_absolute_xyxy, to_normalized_cxcywh, whwh_scale
 
 from .criterion import average_num_boxes
+from .denoising import check_class_ids
 from .roi_refine import RoIInputs, RoIRefineHead
 from .transformer import SalienceTransformer, TransformerOutput
 
@@ -218,13 +219,9 @@ class SalienceDETR(nn.Module):
         tensors), before the targets move to the device."""
         if any("instances" not in x for x in batched_inputs):
             raise ValueError("SalienceDETR in training mode needs 'instances' in every input dict.")
-        # numpy on the mapper's CPU tensors: visibly host work, no device value is read (the counter sees no sync)
         labels = np.concatenate([x["instances"].gt_classes.cpu().numpy().reshape(-1) for x in batched_inputs])
-        if labels.size and ((labels < 0) | (labels >= self.num_classes)).any():
-            raise ValueError(
-                f"gt_classes must be contiguous ids in [0, {self.num_classes}), got min {int(labels.min())} and "
-                f"max {int(labels.max())}; set model.num_classes to the dataset's number of categories."
-            )
+        fix = "set model.num_classes to the dataset's number of categories"
+        check_class_ids(labels, self.num_classes, "gt_classes", fix)
 
     def prepare_targets(self, batched_inputs: list[dict[str, Any]], images: ImageList) -> list[dict[str, Tensor]]:
         """gt boxes -> cxcywh normalized by each unpadded image size; also keeps the absolute xyxy boxes."""
