@@ -102,13 +102,17 @@ class OneDnnDetectronConv2d(DetectronConv2d):
         return x
 
 
-def _swap_classes(model: nn.Module, swaps: dict[type, type], lever: str) -> int:
-    """Give every module whose exact type is a key of ``swaps`` the value's class (same state); returns how many."""
+def _require_onednn(lever: str) -> None:
     if not torch.backends.mkldnn.is_available():
         raise RuntimeError(
             f"{lever} needs PyTorch built with oneDNN (torch.backends.mkldnn.is_available() is False); "
             "leave this lever off on this build."
         )
+
+
+def _swap_classes(model: nn.Module, swaps: dict[type, type], lever: str) -> int:
+    """Give every module whose exact type is a key of ``swaps`` the value's class (same state); returns how many."""
+    _require_onednn(lever)
     converted = 0
     for module in model.modules():
         if type(module) in swaps:
@@ -130,11 +134,7 @@ def fuse_ffn_relu(model: nn.Module) -> int:
 
     One pass over the (tokens, 2048) hidden activations less per encoder and decoder layer; the values are the same.
     """
-    if not torch.backends.mkldnn.is_available():
-        raise RuntimeError(
-            "fuse_ffn_relu needs PyTorch built with oneDNN (torch.backends.mkldnn.is_available() is False); "
-            "leave this lever off on this build."
-        )
+    _require_onednn("fuse_ffn_relu")
     fused = 0
     for module in model.modules():
         if isinstance(module, PostNormLayer) and not module.relu_in_linear1 and isinstance(module.linear1, nn.Linear):
