@@ -1,11 +1,12 @@
 """Multi-head self-attention computed from the weights of an ``nn.MultiheadAttention``, in fewer ATen calls.
 
-The decoder keeps torch's module (its state-dict keys are the official checkpoint's) but calls
+The encoder and the decoder keep torch's module (its state-dict keys are the official checkpoint's) but call
 :func:`multihead_self_attention`: torch's forward projects non-contiguous 3-D tensors (a copy, a matmul and a
 separate bias add per projection, the shared query/key input transposed twice) and converts a boolean mask on
-every call. Here each input is laid out sequence-first once, the projections are single ``addmm`` calls and a mask
-is converted once per stack of layers (:func:`additive_mask`). Values and gradients are bit-identical to torch's
-``need_weights=False`` path (the weight gradients sum the rows in its order), which the seeded loss curve needs.
+every call. Here the batch-first rows are projected as they lie (no layout copy), query and key, which share their
+input, come from one ``addmm`` on the first two thirds of the packed weight, and a mask is converted once per stack
+of layers (:func:`additive_mask`). Values and gradients equal torch's ``need_weights=False`` path up to float
+rounding (the weight gradients sum the rows in another order).
 """
 
 from __future__ import annotations
@@ -38,22 +39,17 @@ def multihead_self_attention(
     attention: nn.MultiheadAttention, query_key: Tensor, value: Tensor, mask: Tensor | None = None
 ) -> Tensor:
     """``attention(query_key, query_key, value, attn_mask=mask, need_weights=False)[0]`` for batch-first (B, Q, C)
-    inputs, with the same values and gradients; ``mask``: an additive (Q, Q) float mask from :func:`additive_mask`.
+    inputs, equal up to float rounding; ``mask``: an additive (Q, Q) float mask from :func:`additive_mask`.
     """
     _check_module(attention)
     batch, length, embed = query_key.shape
     heads = attention.num_heads
     head_dim = embed // heads
-    weights = attention.in_proj_weight.chunk(3)
-    biases = attention.in_proj_bias.chunk(3)
-    # sequence-first rows as in torch's module (the weight gradients sum the rows in its order), one copy each
-    rows = query_key.transpose(0, 1).reshape(-1, embed), value.transpose(0, 1).reshape(-1, embed)
-    split = (batch, heads, length, head_dim)
-    q, k, v = (
-        F.linear(x, w, b).view(length, batch * heads, head_dim).transpose(0, 1).view(split)
-        for x, w, b in zip((rows[0], rows[0], rows[1]), weights, biases)
-    )
+    weight_qk, weight_v = attention.in_proj_weight.split([2 * embed, embed])
+    bias_qk, bias_v = attention.in_proj_bias.split([2 * embed, embed])
+    qk = F.linear(query_key.reshape(-1, embed), weight_qk, bias_qk).view(batch, length, 2, heads, head_dim)
+    q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, Q, head_dim) views, no copy
+    v = F.linear(value.reshape(-1, embed), weight_v, bias_v).view(batch, length, heads, head_dim).transpose(1, 2)
     dropout = attention.dropout if attention.training else 0.0
-    out = F.scaled_dot_product_attention(q, k, v, mask, dropout).permute(2, 0, 1, 3)
-    out = F.linear(out.reshape(-1, embed), attention.out_proj.weight, attention.out_proj.bias)
-    return out.view(length, batch, embed).transpose(0, 1)
+    out = F.scaled_dot_product_attention(q, k, v, mask, dropout).transpose(1, 2).reshape(-1, embed)
+    return F.linear(out, attention.out_proj.weight, attention.out_proj.bias).view(batch, length, embed)

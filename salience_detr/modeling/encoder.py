@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from salience_detr.layers.attention import multihead_self_attention
 from salience_detr.layers.levels import cell_coordinates, host_shapes
 from salience_detr.layers.ms_deform_attn import MultiScaleDeformableAttention
 from salience_detr.layers.position_encoding import PositionEmbeddingLearned
@@ -82,8 +83,7 @@ class SalienceEncoderLayer(PostNormLayer):
         top = top.unsqueeze(-1).expand(-1, -1, query.shape[-1])
         selected = query.gather(1, top)
         with_pos = selected + query_pos.gather(1, top)
-        # the default (need_weights) path runs the same kernels as the official model: bit-identical float32
-        attended = self.pre_attention(with_pos, with_pos, selected)[0]
+        attended = multihead_self_attention(self.pre_attention, with_pos, selected)
         selected = self.residual("pre_attention", selected, attended)
         return query.scatter(1, top, selected.to(query.dtype))
 
