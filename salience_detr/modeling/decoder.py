@@ -141,9 +141,12 @@ class SalienceDecoder(nn.Module):
             classes.append(self.class_head[index](normed))
             # look-forward-twice: reference_points keeps its graph, so this loss also trains the previous box head
             reference_logits = inverse_sigmoid(reference_points)
-            boxes.append((self.bbox_head[index](normed) + reference_logits).sigmoid())
-            if index < self.num_layers - 1:
-                # the official code refines from the un-normalised query here (not `normed`), and from the detached
-                # reference: the same logits, without their graph
-                reference_points = (self.bbox_head[index](query) + reference_logits.detach()).sigmoid()
+            if index == self.num_layers - 1:
+                boxes.append((self.bbox_head[index](normed) + reference_logits).sigmoid())
+                break
+            # one pass of the box head for both inputs: the official code refines the next reference from the
+            # un-normalised query (not `normed`), and from the detached reference: the same logits, without their graph
+            deltas, refine = self.bbox_head[index](torch.stack([normed, query])).unbind(0)
+            boxes.append((deltas + reference_logits).sigmoid())
+            reference_points = (refine + reference_logits.detach()).sigmoid()
         return torch.stack(classes), torch.stack(boxes), normed
