@@ -55,14 +55,19 @@ def host_starts(shapes: Sequence[tuple[int, int]]) -> list[int]:
     return starts
 
 
+def host_cell_coordinates(shapes: Sequence[tuple[int, int]]) -> np.ndarray:
+    """(N, 2) integer ``(x, y)`` of every cell of every level, row-major, levels concatenated, on the host."""
+    cells = [np.stack(np.meshgrid(np.arange(width), np.arange(height)), -1).reshape(-1, 2) for height, width in shapes]
+    return np.concatenate(cells)
+
+
 def cell_coordinates(
     shapes: Sequence[tuple[int, int]], offset: float, dtype: torch.dtype, device: torch.device | str
 ) -> Tensor:
     """(N, 2) ``(x, y) + offset`` of every cell of every level, row-major, levels concatenated: built on the host and
     moved in one call, not one arange/meshgrid/stack chain per level. Integers plus 0.5 are exact in float32, so
     this equals ``arange + 0.5`` (or ``linspace(0.5, n - 0.5, n)``) on the device."""
-    cells = [np.stack(np.meshgrid(np.arange(width), np.arange(height)), -1).reshape(-1, 2) for height, width in shapes]
-    return torch.as_tensor(np.concatenate(cells) + offset, dtype=dtype, device=device)
+    return torch.as_tensor(host_cell_coordinates(shapes) + offset, dtype=dtype, device=device)
 
 
 def flat_valid_sizes(mask_flatten: Tensor, shapes: Sequence[tuple[int, int]], dtype: torch.dtype) -> Tensor:

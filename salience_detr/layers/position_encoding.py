@@ -10,10 +10,13 @@ the first two coordinates (order y, x, w, h); the learned embedding puts x (colu
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from .levels import host_cell_coordinates
 
 __all__ = ["PositionEmbeddingSine", "PositionEmbeddingLearned", "get_sine_pos_embed", "sine_frequencies"]
 
@@ -130,10 +133,14 @@ class PositionEmbeddingLearned(nn.Module):
         nn.init.uniform_(self.col_embed.weight)
 
     def forward(self, height: int, width: int) -> Tensor:
+        """(2F, H, W) embedding of one map."""
+        return self.cells([(height, width)]).view(height, width, -1).permute(2, 0, 1)
+
+    def cells(self, shapes: Sequence[tuple[int, int]]) -> Tensor:
+        """(N, 2F) embedding of every cell of every level (row-major, levels concatenated) in two lookups: the
+        clamped cell positions come from the host, so no arange, clamp or broadcast runs per level."""
+        positions = np.minimum(host_cell_coordinates(shapes), self.num_embeddings - 1)
         device = self.row_embed.weight.device
-        last = self.num_embeddings - 1
-        # the clamped positions come from the host: one transfer each instead of an arange and a clamp
-        x_emb = self.col_embed(torch.as_tensor(np.minimum(np.arange(width), last), device=device))
-        y_emb = self.row_embed(torch.as_tensor(np.minimum(np.arange(height), last), device=device))
-        grid = torch.cat((x_emb.unsqueeze(0).expand(height, -1, -1), y_emb.unsqueeze(1).expand(-1, width, -1)), dim=-1)
-        return grid.permute(2, 0, 1)
+        x_emb = self.col_embed(torch.as_tensor(positions[:, 0], device=device))
+        y_emb = self.row_embed(torch.as_tensor(positions[:, 1], device=device))
+        return torch.cat((x_emb, y_emb), dim=-1)

@@ -173,8 +173,7 @@ class SalienceEncoder(nn.Module):
 
     def background(self, spatial_shapes: Tensor | Sequence[tuple[int, int]]) -> Tensor:
         """Learned background embedding of every token, levels flattened row-major and concatenated: (N, C)."""
-        maps = [self.background_embedding(h, w).flatten(1) for h, w in host_shapes(spatial_shapes)]
-        return torch.cat(maps, dim=1).transpose(0, 1)
+        return self.background_embedding.cells(host_shapes(spatial_shapes))
 
     def forward(
         self,
