@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
@@ -108,11 +109,9 @@ def test_class_loss_weight_uses_detached_probability():
 
 
 def test_denoising_fixed_assignment():
-    labels = [torch.tensor([1, 2]), torch.zeros(0, dtype=torch.long), torch.tensor([0])]
-    targets = [{"labels": image_labels} for image_labels in labels]
-    indices = denoising_indices(targets, num_groups=3, group_size=4, device="cpu")
+    indices = denoising_indices([2, 0, 1], num_groups=3, group_size=4)
     assert indices[0][0].tolist() == [0, 1, 4, 5, 8, 9] and indices[0][1].tolist() == [0, 1, 0, 1, 0, 1]
-    assert indices[1][0].numel() == 0 and indices[1][1].numel() == 0
+    assert indices[1][0].size == 0 and indices[1][1].size == 0 and indices[1][0].dtype == np.int64
     assert indices[2][0].tolist() == [0, 4, 8] and indices[2][1].tolist() == [0, 0, 0]
 
 
@@ -190,7 +189,7 @@ def test_every_set_scored_at_once_equals_the_per_set_loop():
 
     matched_sets = [outputs, *outputs["aux_outputs"], outputs["enc_outputs"]]
     all_indices = criterion.matcher.match_sets([(o["pred_logits"], o["pred_boxes"]) for o in matched_sets], targets)
-    dn_indices = denoising_indices(targets, num_groups=3, group_size=4, device="cpu")
+    dn_indices = [tuple(map(torch.as_tensor, pair)) for pair in denoising_indices([2, 1], num_groups=3, group_size=4)]
     scored = [(s, i, 3.0, x) for s, i, x in zip(matched_sets, all_indices, ["", "_0", "_1", "_enc"])]
     dn_sets = [outputs["dn_outputs"], *outputs["dn_outputs"]["aux_outputs"]]
     scored += [(s, dn_indices, 9.0, x) for s, x in zip(dn_sets, ["_dn", "_dn_0", "_dn_1"])]
@@ -203,7 +202,8 @@ def test_every_set_scored_at_once_equals_the_per_set_loop():
         torch.testing.assert_close(losses[name], value, rtol=1e-6, atol=1e-7, msg=name)
     sum(expected.values()).backward()
     for stacked, looped in zip(stacked_grads, [t.grad for t in _leaves(outputs)]):
-        assert torch.equal(stacked, looped)  # the class term runs per set, so the gradients are bit for bit
+        # one class term over the concatenated sets: the CPU's vectorised sigmoid may round a buffer's tail apart
+        torch.testing.assert_close(stacked, looped, rtol=1e-6, atol=1e-7)
 
 
 def _leaves(outputs):

@@ -51,19 +51,24 @@ def to_normalized_cxcywh(boxes_xyxy: Tensor, scale: Tensor) -> Tensor:
     return box_xyxy_to_cxcywh(boxes_xyxy) / scale
 
 
+def _area(sides: Tensor) -> Tensor:
+    """(..., 2) width and height -> (...,) their product (``unbind``: one call, one stack in backward)."""
+    width, height = sides.unbind(-1)
+    return width * height
+
+
 def paired_iou_giou(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
     """IoU and generalized IoU of each xyxy box of ``boxes1`` with the one of ``boxes2`` at its place (..., 4),
-    broadcast like any elementwise op.
+    broadcast like any elementwise op (``boxes1[:, None]`` against ``boxes2`` gives the pairwise matrices).
 
     The diagonals of torchvision's ``box_iou`` / ``generalized_box_iou`` with the same arithmetic, without their
-    N x N matrices: the set losses score thousands of matched pairs at once.
+    N x N matrices: the set losses score thousands of matched pairs at once. Each corner pair is sliced once.
     """
-    area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
-    area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])
-    overlap = (torch.min(boxes1[..., 2:], boxes2[..., 2:]) - torch.max(boxes1[..., :2], boxes2[..., :2])).clamp(min=0)
-    inter = overlap[..., 0] * overlap[..., 1]
+    low1, high1 = boxes1[..., :2], boxes1[..., 2:]
+    low2, high2 = boxes2[..., :2], boxes2[..., 2:]
+    area1, area2 = _area(high1 - low1), _area(high2 - low2)
+    inter = _area((torch.min(high1, high2) - torch.max(low1, low2)).clamp(min=0))
     union = area1 + area2 - inter
     iou = inter / union
-    hull = (torch.max(boxes1[..., 2:], boxes2[..., 2:]) - torch.min(boxes1[..., :2], boxes2[..., :2])).clamp(min=0)
-    enclosing = hull[..., 0] * hull[..., 1]
+    enclosing = _area((torch.max(high1, high2) - torch.min(low1, low2)).clamp(min=0))
     return iou, iou - (enclosing - union) / enclosing

@@ -20,12 +20,14 @@ from torch.nn import functional as F
 
 from salience_detr.layers.box_ops import box_cxcywh_to_xyxy, paired_iou_giou
 
-from .matcher import HungarianMatcher
+from .matcher import FlatTargets, HungarianMatcher
 
 DEFAULT_SET_WEIGHTS = {"loss_class": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+TERMS = tuple(DEFAULT_SET_WEIGHTS)  # the order of term_sums' columns
 DEFAULT_LIMIT_RANGE = ((-1, 64), (64, 128), (128, 256), (256, 99999))
 
 MatchIndices = list[tuple[Tensor, Tensor]]
+HostIndices = list[tuple[np.ndarray, np.ndarray]]
 
 
 def average_num_boxes(targets: Sequence[dict], device: torch.device) -> float:
@@ -45,7 +47,7 @@ def varifocal_loss(logits: Tensor, target: Tensor, negative_weight: Tensor, gamm
     ``negative_weight``: ``(1 - alpha) * (1 - onehot)``, which a caller scoring several sets computes once for all.
     For a 0/1 ``onehot`` the negative weight is exactly ``1 - alpha`` or 0, so ``p^γ * negative_weight`` is the
     official ``(1 - alpha) * p^γ * (1 - onehot)`` bit for bit."""
-    prob = logits.sigmoid().detach()
+    prob = logits.detach().sigmoid()
     weight = prob.pow(gamma) * negative_weight + target
     return F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="none")
 
@@ -70,46 +72,53 @@ def set_loss_weights(base: dict[str, float], num_decoder_layers: int) -> dict[st
     return {f"{name}{suffix}": weight for name, weight in base.items() for suffix in suffixes}
 
 
-def denoising_indices(targets: Sequence[dict], num_groups: int, group_size: int, device) -> MatchIndices:
-    """Fixed dn assignment: target t of an image goes to query ``g * group_size + t`` of every group g (positives)."""
+def denoising_indices(counts: Sequence[int], num_groups: int, group_size: int) -> HostIndices:
+    """Fixed dn assignment, on the host: target t of an image with ``counts[image]`` boxes goes to query
+    ``g * group_size + t`` of every group g (the positives)."""
     indices = []
-    for target in targets:
-        num_gt = len(target["labels"])
-        gt_idx = torch.arange(num_gt, device=device).repeat(num_groups)
-        group = torch.arange(num_groups, device=device).repeat_interleave(num_gt)
+    for num_gt in counts:
+        gt_idx = np.tile(np.arange(num_gt, dtype=np.int64), num_groups)
+        group = np.repeat(np.arange(num_groups, dtype=np.int64), num_gt)
         indices.append((group * group_size + gt_idx, gt_idx))
     return indices
 
 
 @dataclasses.dataclass
-class OutputSet:
-    """One set of predictions to score: (B, Q, K) logits, (B, Q, 4) cxcywh boxes, its assignment and normaliser."""
+class ScoredSets:
+    """Every output set of a step, concatenated along the query axis so that each loss term runs once for all of
+    them: (B, sum of Q_s, K) logits, (B, sum of Q_s, 4) cxcywh boxes and their corners; per set its query count,
+    its host assignment and its normaliser."""
 
     logits: Tensor
     boxes: Tensor
-    indices: MatchIndices
-    num_boxes: float
+    corners: Tensor
+    sizes: list[int]
+    indices: list[HostIndices] = dataclasses.field(default_factory=list)
+    normalisers: list[float] = dataclasses.field(default_factory=list)
 
+    @classmethod
+    def of(cls, output_sets: Sequence[dict]) -> ScoredSets:
+        boxes = torch.cat([o["pred_boxes"] for o in output_sets], dim=1)
+        logits = torch.cat([o["pred_logits"] for o in output_sets], dim=1)
+        return cls(logits, boxes, box_cxcywh_to_xyxy(boxes), [o["pred_logits"].shape[1] for o in output_sets])
 
-def matched_pairs(output_sets: Sequence[OutputSet], targets: Sequence[dict], device) -> tuple[Tensor, ...]:
-    """(set, image, query, target) of every matched pair of every set, flat int64 tensors, set-major order.
+    def matched_pairs(self, counts: Sequence[int]) -> np.ndarray:
+        """(4, P) host int64 rows set, image, query, target of every matched pair of every set, set-major order.
 
-    ``query`` indexes the sets concatenated along the query axis, ``target`` the images' boxes concatenated; the
-    offsets and pair counts are host values (query counts are index lengths), so building them reads no tensor.
-    """
-    query_offsets = np.cumsum([0] + [s.logits.shape[1] for s in output_sets])
-    target_offsets = np.cumsum([0] + [len(t["labels"]) for t in targets])
-    host = [
-        (set_index, image, query_offsets[set_index], target_offsets[image], len(query))
-        for set_index, output_set in enumerate(output_sets)
-        for image, (query, _) in enumerate(output_set.indices)
-    ]
-    counts = [row[-1] for row in host]
-    ids = torch.as_tensor(np.repeat(np.array([row[:4] for row in host], dtype=np.int64), counts, axis=0), device=device)
-    set_index, image, query_offset, target_offset = ids.reshape(-1, 4).unbind(1)
-    query = torch.cat([query for s in output_sets for query, _ in s.indices]).to(device) + query_offset
-    target = torch.cat([gt for s in output_sets for _, gt in s.indices]).to(device) + target_offset
-    return set_index, image, query, target
+        ``query`` indexes the concatenated sets, ``target`` the images' boxes concatenated (``counts`` per image).
+        """
+        query_offsets = np.cumsum([0, *self.sizes])
+        target_offsets = np.cumsum([0, *counts])
+        columns = [
+            np.stack(np.broadcast_arrays(index, image, query + query_offsets[index], gt + target_offsets[image]))
+            for index, set_indices in enumerate(self.indices)
+            for image, (query, gt) in enumerate(set_indices)
+        ]
+        return np.concatenate(columns, axis=1).astype(np.int64, copy=False)
+
+    def query_sets(self) -> np.ndarray:
+        """(sum of Q_s,) host index of the set of every query."""
+        return np.repeat(np.arange(len(self.sizes)), self.sizes)
 
 
 class HybridSetCriterion(nn.Module):
@@ -143,50 +152,29 @@ class HybridSetCriterion(nn.Module):
         self.alpha = alpha
         self.gamma = gamma
 
-    def stacked_set_losses(self, output_sets: Sequence[OutputSet], targets: Sequence[dict]) -> dict[str, Tensor]:
-        """The unweighted terms of every set, (S,) per term, with a few hundred calls fewer than set by set.
+    def term_sums(self, sets: ScoredSets, gt: FlatTargets) -> Tensor:
+        """(S, 3) sums of the class, L1 and GIoU terms of every set (docs/model.md#set-criterion).
 
-        The sets' boxes are concatenated along the query axis and their matched pairs flattened: the box terms and
-        the class targets are computed once over all of them and summed per set; only the class BCE runs per set
-        (docs/model.md#set-criterion).
+        Each term runs once over the queries or matched pairs of all sets; one ``index_add`` sums them per set
+        (the set of every query and pair is a host value).
         """
-        first = output_sets[0].logits
-        offsets = np.cumsum([0] + [s.logits.shape[1] for s in output_sets])
-        boxes = torch.cat([s.boxes for s in output_sets], dim=1)  # (B, sum of Q_s, 4)
-        set_index, image, query, target = matched_pairs(output_sets, targets, first.device)
-        matched_boxes = boxes[image, query]
-        target_boxes = torch.cat([t["boxes"] for t in targets]).to(matched_boxes)[target]
-        target_labels = torch.cat([t["labels"] for t in targets]).to(first.device)[target]
-        iou, giou = paired_iou_giou(box_cxcywh_to_xyxy(matched_boxes), box_cxcywh_to_xyxy(target_boxes))
+        pairs = sets.matched_pairs(gt.counts)
+        set_index, image, query, target = torch.as_tensor(pairs, device=sets.logits.device)
+        labels = gt.labels[target]
+        iou, giou = paired_iou_giou(sets.corners[image, query], gt.corners[target])
+        entries = (image, query, labels)
+        class_target = torch.zeros_like(sets.logits).index_put(entries, iou.detach().to(sets.logits.dtype))
+        # (1 - alpha) * (1 - onehot): exactly 1 - alpha off the matched entries, 0 on them
+        negative_weight = torch.full_like(sets.logits, 1 - self.alpha).index_put(entries, sets.logits.new_zeros(()))
+        per_query = varifocal_loss(sets.logits, class_target, negative_weight, self.gamma).sum((0, 2))
+        l1 = (sets.boxes[image, query] - gt.boxes[target]).abs().sum(-1)
+        slots = np.concatenate([3 * sets.query_sets(), 3 * pairs[0] + 1, 3 * pairs[0] + 2])
+        values = torch.cat([per_query, l1.to(per_query.dtype), (1 - giou).to(per_query.dtype)])
+        sums = values.new_zeros(3 * len(sets.sizes))
+        return sums.index_add(0, torch.as_tensor(slots, device=values.device), values).view(-1, 3)
 
-        iou_map = first.new_zeros(boxes.shape[:2]).index_put((image, query), iou.detach().to(first.dtype))
-        onehot = first.new_zeros(*boxes.shape[:2], first.shape[-1]).index_put(
-            (image, query, target_labels), first.new_ones(())
-        )
-        # the class term runs per set on the set's own tensor: the CPU's vectorised sigmoid rounds the tail of a
-        # buffer differently, so on a concatenation the gradients would move by an ulp and the loss curve drift;
-        # its targets and negative weights are exact products, computed once for every set
-        class_target = onehot * iou_map.unsqueeze(-1)
-        negative_weight = (1 - self.alpha) * (1 - onehot)
-        class_sums = torch.stack(
-            [
-                varifocal_loss(s.logits, class_target[:, a:b], negative_weight[:, a:b], self.gamma).sum()
-                for s, a, b in zip(output_sets, offsets[:-1], offsets[1:])
-            ]
-        )
-        per_pair = torch.stack([(matched_boxes - target_boxes).abs().sum(-1), 1 - giou])
-        box_sums = per_pair.new_zeros(2, len(output_sets)).index_add(1, set_index, per_pair)
-        normalisers = torch.as_tensor([s.num_boxes for s in output_sets], dtype=first.dtype, device=first.device)
-        return {
-            "loss_class": class_sums / normalisers,
-            "loss_bbox": box_sums[0] / normalisers,
-            "loss_giou": box_sums[1] / normalisers,
-        }
-
-    def denoising_sets(
-        self, dn_outputs: dict, targets: Sequence[dict], num_boxes: float
-    ) -> list[tuple[str, OutputSet]]:
-        """``_dn`` (last layer) and ``_dn_{i}`` (earlier layers) sets under the fixed assignment, / (num_boxes·G)."""
+    def denoising_sets(self, dn_outputs: dict) -> tuple[list[tuple[str, dict]], int, int]:
+        """``_dn`` (last layer) and ``_dn_{i}`` (earlier layers) output sets, with the group count and ``n_max``."""
         num_groups = int(dn_outputs["denoising_groups"])
         max_gt = int(dn_outputs["max_gt_num_per_image"])
         num_dn = dn_outputs["pred_logits"].shape[1]
@@ -196,10 +184,8 @@ class HybridSetCriterion(nn.Module):
                 f"imply 2*{max_gt}*{num_groups}={2 * max_gt * num_groups}; pass DenoisingQueries.max_gt_per_image "
                 "(n_max, not 2*n_max) and the dn part of the decoder outputs only"
             )
-        indices = denoising_indices(targets, num_groups, 2 * max_gt, dn_outputs["pred_logits"].device)
         layers = [("_dn", dn_outputs), *((f"_dn_{i}", aux) for i, aux in enumerate(dn_outputs.get("aux_outputs", [])))]
-        normaliser = num_boxes * num_groups
-        return [(name, OutputSet(o["pred_logits"], o["pred_boxes"], indices, normaliser)) for name, o in layers]
+        return layers, num_groups, max_gt
 
     def check_targets(self, targets: Sequence[dict], batch_size: int) -> None:
         """One target per image. Label values are not read (that would be a device sync): the meta-arch checks the
@@ -207,8 +193,9 @@ class HybridSetCriterion(nn.Module):
         if len(targets) != batch_size:
             raise ValueError(f"HybridSetCriterion got {len(targets)} targets for a batch of {batch_size} images")
 
-    def weighted(self, names: Sequence[str], values: Tensor) -> dict[str, Tensor]:
-        """``{name: value * weight}`` for the flat ``values`` of ``names``, scaled in one multiplication."""
+    def weighted(self, names: Sequence[str], sums: Tensor, normalisers: Sequence[float]) -> dict[str, Tensor]:
+        """``{name: sum * weight / normaliser}`` for the flat ``sums`` of ``names`` (one normaliser per set of
+        ``len(TERMS)`` names), scaled in one multiplication by host factors."""
         unweighted = sorted(set(names) - set(self.loss_weights))
         if unweighted:
             raise ValueError(
@@ -216,8 +203,9 @@ class HybridSetCriterion(nn.Module):
                 f"num_decoder_layers={self.num_decoder_layers}; set criterion.num_decoder_layers to the decoder's "
                 "num_layers."
             )
-        weights = torch.as_tensor([self.loss_weights[name] for name in names], dtype=values.dtype, device=values.device)
-        return dict(zip(names, (values * weights).unbind()))
+        per_name = np.repeat(normalisers, len(TERMS))
+        scale = [self.loss_weights[name] / normaliser for name, normaliser in zip(names, per_name)]
+        return dict(zip(names, (sums * torch.tensor(scale, dtype=sums.dtype, device=sums.device)).unbind()))
 
     def forward(
         self, outputs: dict, targets: Sequence[dict], return_indices: bool = False, num_boxes: float | None = None
@@ -229,18 +217,25 @@ class HybridSetCriterion(nn.Module):
         named_sets = [("", outputs), *((f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", [])))]
         if "enc_outputs" in outputs:
             named_sets.append(("_enc", outputs["enc_outputs"]))
-        # the matching costs of every set reach the host in one transfer
-        all_indices = self.matcher.match_sets([(o["pred_logits"], o["pred_boxes"]) for _, o in named_sets], targets)
-        scored = [
-            (suffix, OutputSet(o["pred_logits"], o["pred_boxes"], indices, num_boxes))
-            for (suffix, o), indices in zip(named_sets, all_indices)
-        ]
+        num_matched = len(named_sets)
         if "dn_outputs" in outputs:
-            scored += self.denoising_sets(outputs["dn_outputs"], targets, num_boxes)
-        terms = self.stacked_set_losses([output_set for _, output_set in scored], targets)
-        names = [f"{term}{suffix}" for suffix, _ in scored for term in terms]
-        losses = self.weighted(names, torch.stack(list(terms.values()), dim=1).flatten())
-        return (losses, all_indices[0]) if return_indices else losses
+            dn_sets, num_groups, max_gt = self.denoising_sets(outputs["dn_outputs"])
+            named_sets += dn_sets
+        sets = ScoredSets.of([o for _, o in named_sets])
+        gt = FlatTargets.of(targets, sets.boxes.device, sets.boxes.dtype)
+        # the matching costs of every set reach the host in one transfer
+        sets.indices = self.matcher.match_on_host(sets.logits, sets.boxes, sets.corners, sets.sizes[:num_matched], gt)
+        sets.normalisers = [num_boxes] * num_matched
+        if len(named_sets) > num_matched:
+            dn_indices = denoising_indices(gt.counts, num_groups, 2 * max_gt)
+            sets.indices += [dn_indices] * (len(named_sets) - num_matched)
+            sets.normalisers += [num_boxes * num_groups] * (len(named_sets) - num_matched)
+        names = [f"{term}{suffix}" for suffix, _ in named_sets for term in TERMS]
+        losses = self.weighted(names, self.term_sums(sets, gt).flatten(), sets.normalisers)
+        if not return_indices:
+            return losses
+        device = sets.logits.device
+        return losses, [tuple(torch.as_tensor(a, device=device) for a in pair) for pair in sets.indices[0]]
 
 
 def salience_targets(

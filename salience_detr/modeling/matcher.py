@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
-from torchvision.ops import box_convert, generalized_box_iou
+
+from salience_detr.layers.box_ops import box_cxcywh_to_xyxy, paired_iou_giou
+
+
+@dataclasses.dataclass(frozen=True)
+class FlatTargets:
+    """Every image's targets concatenated once per step, shared by the matcher and the set losses: (T,) labels,
+    (T, 4) cxcywh boxes, the same boxes as xyxy corners, and the host count of boxes per image."""
+
+    labels: Tensor
+    boxes: Tensor
+    corners: Tensor
+    counts: list[int]
+
+    @classmethod
+    def of(cls, targets: Sequence[dict], device: torch.device, dtype: torch.dtype) -> FlatTargets:
+        labels = torch.cat([t["labels"] for t in targets]).to(device)
+        boxes = torch.cat([t["boxes"] for t in targets]).to(device=device, dtype=dtype)
+        return cls(labels, boxes, box_cxcywh_to_xyxy(boxes), [len(t["labels"]) for t in targets])
 
 
 class HungarianMatcher(nn.Module):
@@ -36,18 +55,31 @@ class HungarianMatcher(nn.Module):
         self.gamma = gamma
 
     def class_cost(self, pred_logits: Tensor, gt_labels: Tensor) -> Tensor:
-        """(Q, K) logits, (T,) labels -> (Q, T): focal cost of calling each query the target's class."""
-        prob = pred_logits.sigmoid()
+        """(..., Q, K) logits, (T,) labels -> (..., Q, T): focal cost of calling each query the target's class.
+
+        The targets' columns are taken before the focal terms: the same numbers, on T instead of K columns."""
+        prob = pred_logits.sigmoid()[..., gt_labels]
         neg = (1 - self.alpha) * prob**self.gamma * -(1 - prob + 1e-6).log()
         pos = self.alpha * (1 - prob) ** self.gamma * -(prob + 1e-6).log()
-        return pos[:, gt_labels] - neg[:, gt_labels]
+        return pos - neg
 
-    def cost_matrix(self, pred_logits: Tensor, pred_boxes: Tensor, gt_labels: Tensor, gt_boxes: Tensor) -> Tensor:
-        """(Q, K), (Q, 4) cxcywh, (T,), (T, 4) cxcywh -> (Q, T) weighted matching cost."""
+    def cost_matrix(
+        self,
+        pred_logits: Tensor,
+        pred_boxes: Tensor,
+        gt_labels: Tensor,
+        gt_boxes: Tensor,
+        pred_xyxy: Tensor | None = None,
+        gt_xyxy: Tensor | None = None,
+    ) -> Tensor:
+        """(..., Q, K), (..., Q, 4) cxcywh, (T,), (T, 4) cxcywh -> (..., Q, T) weighted matching cost.
+
+        ``pred_xyxy`` / ``gt_xyxy`` are the same boxes as corners when the caller has them already.
+        """
+        pred_xyxy = box_cxcywh_to_xyxy(pred_boxes) if pred_xyxy is None else pred_xyxy
+        gt_xyxy = box_cxcywh_to_xyxy(gt_boxes) if gt_xyxy is None else gt_xyxy
         cost_bbox = torch.cdist(pred_boxes, gt_boxes, p=1)
-        cost_giou = -generalized_box_iou(
-            box_convert(pred_boxes, "cxcywh", "xyxy"), box_convert(gt_boxes, "cxcywh", "xyxy")
-        )
+        cost_giou = -paired_iou_giou(pred_xyxy[..., None, :], gt_xyxy)[1]
         return (
             self.cost_bbox * cost_bbox
             + self.cost_class * self.class_cost(pred_logits, gt_labels)
@@ -65,44 +97,55 @@ class HungarianMatcher(nn.Module):
     ) -> list[list[tuple[Tensor, Tensor]]]:
         """Match several ``(pred_logits, pred_boxes)`` sets (decoder layers, encoder proposals) to the same targets.
 
-        The cost matrices of all sets are computed on the device in one go and reach the host in one transfer:
-        the step's only data-dependent sync for matching. Returns, per set, what ``forward`` returns.
+        Returns, per set, what ``forward`` returns (``match_on_host`` does the work, in one transfer).
         """
         for pred_logits, _ in output_sets:
             if len(targets) != pred_logits.shape[0]:
                 raise ValueError(
                     f"HungarianMatcher got {len(targets)} targets for a batch of {pred_logits.shape[0]} predictions"
                 )
-        device = output_sets[0][0].device
-        counts = [len(t["labels"]) for t in targets]
-        empty = torch.zeros(0, dtype=torch.int64, device=device)
-        if sum(counts) == 0:
-            return [[(empty, empty) for _ in targets] for _ in output_sets]
+        device, dtype = output_sets[0][0].device, output_sets[0][1].dtype
+        logits = torch.cat([logits for logits, _ in output_sets], dim=1)
+        boxes = torch.cat([boxes.to(dtype) for _, boxes in output_sets], dim=1)
+        sizes = [logits.shape[1] for logits, _ in output_sets]
+        matches = self.match_on_host(logits, boxes, None, sizes, FlatTargets.of(targets, device, dtype))
+        return [[tuple(torch.as_tensor(a, device=device) for a in pair) for pair in pairs] for pairs in matches]
 
-        dtype = output_sets[0][1].dtype
-        gt_labels = torch.cat([t["labels"] for t in targets]).to(device)
-        gt_boxes = torch.cat([t["boxes"] for t in targets]).to(device=device, dtype=dtype)
-        pred_logits = torch.cat([logits.flatten(0, 1) for logits, _ in output_sets])
-        pred_boxes = torch.cat([boxes.flatten(0, 1).to(dtype) for _, boxes in output_sets])
-        cost = self.cost_matrix(pred_logits, pred_boxes, gt_labels, gt_boxes).float().cpu().numpy()
+    @torch.no_grad()
+    def match_on_host(
+        self,
+        logits: Tensor,
+        boxes: Tensor,
+        corners: Tensor | None,
+        set_sizes: Sequence[int],
+        gt: FlatTargets,
+    ) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+        """Per set and image the host ``(query_idx, gt_idx)`` int64 arrays, for sets concatenated along the query
+        axis: (B, Q, K) logits, (B, Q, 4) cxcywh boxes (and their xyxy ``corners`` when the caller has them), set
+        s being the next ``set_sizes[s]`` queries; queries after the last set are not matched.
+
+        The cost matrices of all sets are computed on the device in one go and reach the host in one transfer:
+        the step's only data-dependent sync for matching.
+        """
+        batch_size, total = logits.shape[0], sum(set_sizes)
+        empty = np.zeros(0, dtype=np.int64)
+        if sum(gt.counts) == 0:
+            return [[(empty, empty)] * batch_size for _ in set_sizes]
+        corners = None if corners is None else corners[:, :total]
+        cost = self.cost_matrix(logits[:, :total], boxes[:, :total], gt.labels, gt.boxes, corners, gt.corners)
+        cost = cost.float().cpu().numpy()
         if not np.isfinite(cost).all():  # on the host copy: no further sync
             raise ValueError(
                 "HungarianMatcher: the matching cost has NaN/inf entries; the predictions (logits or boxes) are not "
                 "finite — check the learning rate, AMP settings and the input boxes (they must be valid cxcywh)"
             )
-        columns = np.cumsum([0, *counts])
-        matches, row = [], 0
-        for logits, _ in output_sets:
-            batch_size, num_queries = logits.shape[:2]
-            block = cost[row : row + batch_size * num_queries].reshape(batch_size, num_queries, -1)
-            row += batch_size * num_queries
-            matches.append([self._assign(block[i, :, columns[i] : columns[i + 1]], device) for i in range(batch_size)])
-        return matches
+        columns, starts = np.cumsum([0, *gt.counts]), np.cumsum([0, *set_sizes])
+        return [
+            [self._assign(cost[image, start:end, columns[image] : columns[image + 1]]) for image in range(batch_size)]
+            for start, end in zip(starts[:-1], starts[1:])
+        ]
 
     @staticmethod
-    def _assign(cost: np.ndarray, device: torch.device) -> tuple[Tensor, Tensor]:
+    def _assign(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         query_idx, gt_idx = linear_sum_assignment(cost)
-        return (
-            torch.as_tensor(query_idx, dtype=torch.int64, device=device),
-            torch.as_tensor(gt_idx, dtype=torch.int64, device=device),
-        )
+        return np.asarray(query_idx, dtype=np.int64), np.asarray(gt_idx, dtype=np.int64)
