@@ -55,6 +55,12 @@ def host_starts(shapes: Sequence[tuple[int, int]]) -> list[int]:
     return starts
 
 
+def token_levels(shapes: Sequence[tuple[int, int]], device: torch.device | str) -> Tensor:
+    """(N,) int64 level of every token of the flattened sequence: built on the host and moved in one call."""
+    sizes = [height * width for height, width in shapes]
+    return torch.as_tensor(np.repeat(np.arange(len(shapes)), sizes), device=device)
+
+
 def host_cell_coordinates(shapes: Sequence[tuple[int, int]]) -> np.ndarray:
     """(N, 2) integer ``(x, y)`` of every cell of every level, row-major, levels concatenated, on the host."""
     cells = [np.stack(np.meshgrid(np.arange(width), np.arange(height)), -1).reshape(-1, 2) for height, width in shapes]

@@ -11,12 +11,11 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from salience_detr.layers.attention import multihead_self_attention
-from salience_detr.layers.levels import cell_coordinates, host_shapes
+from salience_detr.layers.levels import cell_coordinates, host_shapes, token_levels
 from salience_detr.layers.ms_deform_attn import MultiScaleDeformableAttention
 from salience_detr.layers.position_encoding import PositionEmbeddingLearned
 from salience_detr.layers.post_norm import PostNormLayer
@@ -119,8 +118,7 @@ def encoder_reference_points(spatial_shapes: Tensor | Sequence[tuple[int, int]],
     dtype, device = valid_ratios.dtype, valid_ratios.device
     shapes = host_shapes(spatial_shapes)
     sizes = torch.as_tensor([(width, height) for height, width in shapes], dtype=dtype, device=device)
-    token_level = torch.as_tensor(np.repeat(np.arange(len(shapes)), [h * w for h, w in shapes]), device=device)
-    scale = (valid_ratios * sizes).index_select(1, token_level)  # (B, N, 2): valid_ratio * size of its level
+    scale = (valid_ratios * sizes).index_select(1, token_levels(shapes, device))  # (B, N, 2): valid_ratio * size
     return (cell_coordinates(shapes, 0.5, dtype, device) / scale)[:, :, None] * valid_ratios[:, None]
 
 

@@ -177,12 +177,12 @@ class SalienceTransformer(nn.Module):
     def flatten_inputs(
         self, features: list[Tensor], level_masks: list[Tensor], position_embeddings: list[Tensor]
     ) -> FlatLevels:
-        """Per-level maps -> one token sequence, with level embeddings added to the positions."""
+        """Per-level maps -> one token sequence, with level embeddings added to the positions (one lookup and one
+        addition for every level)."""
         tokens = levels.flatten_levels(features)
-        positions = levels.flatten_levels(
-            [pos + emb.view(1, -1, 1, 1) for pos, emb in zip(position_embeddings, self.level_embeds)]
-        )
         shapes = tuple((int(f.shape[-2]), int(f.shape[-1])) for f in features)
+        level_embeds = self.level_embeds.index_select(0, levels.token_levels(shapes, tokens.device))
+        positions = levels.flatten_levels(position_embeddings) + level_embeds
         starts = levels.host_starts(shapes)
         check_level_values(shapes, starts, tokens.shape[1])  # on the host, once, not in every op call
         spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=tokens.device)

@@ -14,7 +14,7 @@ import torchvision
 from torch import Tensor
 
 from salience_detr.layers.grid_nms import GRID_RULE_IOU_RANGE, compiled_grid_nms, grid_nms_available
-from salience_detr.layers.levels import cell_coordinates, flat_valid_sizes, host_shapes
+from salience_detr.layers.levels import cell_coordinates, flat_valid_sizes, host_shapes, token_levels
 
 ANCHOR_BASE_SIZE = 0.05
 ANCHOR_VALID_RANGE = (0.01, 0.99)
@@ -47,8 +47,7 @@ def anchor_proposals(
     shapes = host_shapes(spatial_shapes)
     # every level at once: cells (N, 2) as (x, y), each token's level scale and anchor side, one division
     counts = [height * width for height, width in shapes]
-    token_level = torch.as_tensor(np.repeat(np.arange(len(shapes)), counts), device=device)
-    scale = flat_valid_sizes(mask_flatten, shapes, dtype).index_select(1, token_level)  # (B, N, 2)
+    scale = flat_valid_sizes(mask_flatten, shapes, dtype).index_select(1, token_levels(shapes, device))  # (B, N, 2)
     sides = np.repeat([ANCHOR_BASE_SIZE * 2.0**level for level in range(len(shapes))], counts)[:, None]
     sizes = torch.as_tensor(sides, dtype=dtype, device=device).expand(batch_size, -1, 2)
     proposals = torch.cat([cell_coordinates(shapes, 0.5, dtype, device) / scale, sizes], -1)
