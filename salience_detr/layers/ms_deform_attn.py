@@ -309,9 +309,10 @@ def multi_scale_deformable_attn(
     wider dtype and the result is returned in ``value``'s dtype. ``im2col_step`` (images per CUDA launch) is a
     speed knob: any positive value works with any batch size.
     """
-    compute_dtype = torch.promote_types(
-        torch.promote_types(value.dtype, sampling_locations.dtype), attention_weights.dtype
-    )
+    compute_dtype = value.dtype
+    if not value.dtype == sampling_locations.dtype == attention_weights.dtype:  # each promote_types is an ATen call
+        compute_dtype = torch.promote_types(compute_dtype, sampling_locations.dtype)
+        compute_dtype = torch.promote_types(compute_dtype, attention_weights.dtype)
     inputs = [tensor.to(compute_dtype) for tensor in (value, sampling_locations, attention_weights)]
     if not torch.compiler.is_compiling() and os.environ.get(CHECK_ENV, "0") == "1":
         check_level_layout(spatial_shapes, level_start_index, value.shape[1])
@@ -404,14 +405,23 @@ class MultiScaleDeformableAttention(nn.Module):
                 f"query and num_levels, got {tuple(reference_points.shape)}"
             )
 
+    def project_value(self, value: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+        """value_proj of the (B, Nv, C) values with padding zeroed: (B, Nv, heads, head_dim)."""
+        batch, num_values, _ = value.shape
+        # the projections run on (rows, C) matrices: one addmm each, no reshapes around every linear
+        value = self.value_proj(value.reshape(-1, self.embed_dim)).view(batch, num_values, self.num_heads, -1)
+        if key_padding_mask is not None:
+            value = value.masked_fill(key_padding_mask.reshape(batch, num_values, 1, 1), 0.0)
+        return value
+
     def _sampling_locations(self, offsets: Tensor, reference_points: Tensor, spatial_shapes: Tensor) -> Tensor:
         """Offsets are in pixels of each level (2-D refs) or in fractions of the half box size (4-D refs)."""
+        references = reference_points[:, :, None, :, None]  # (B, Nq, 1, L, 1, 2|4)
         if reference_points.shape[-1] == 2:
-            normalizer = spatial_shapes.flip(-1).to(offsets.dtype)
-            return reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
-        centers = reference_points[:, :, None, :, None, :2]
-        sizes = reference_points[:, :, None, :, None, 2:]
-        return centers + offsets / self.num_points * sizes * 0.5
+            normalizer = spatial_shapes.flip(-1).to(offsets.dtype).view(self.num_levels, 1, 2)
+            return references + offsets / normalizer
+        # the half box size per point is scaled on the (B, Nq, 1, L, 1, 2) references, not on every offset
+        return references[..., :2] + offsets * (references[..., 2:] * (0.5 / self.num_points))
 
     def forward(
         self,
@@ -427,12 +437,7 @@ class MultiScaleDeformableAttention(nn.Module):
         on padding. Returns (B, Nq, C)."""
         self._check_inputs(query, reference_points, value, spatial_shapes)
         batch, num_queries, _ = query.shape
-        head_dim = self.embed_dim // self.num_heads
-        # the projections run on (rows, C) matrices: one addmm each, no reshapes around every linear
-        num_values = value.shape[1]
-        value = self.value_proj(value.reshape(-1, self.embed_dim)).view(batch, num_values, self.num_heads, head_dim)
-        if key_padding_mask is not None:
-            value = value.masked_fill(key_padding_mask.reshape(batch, num_values, 1, 1), 0.0)
+        value = self.project_value(value, key_padding_mask)
         rows = query.reshape(-1, self.embed_dim)
         offsets = self.sampling_offsets(rows).view(
             batch, num_queries, self.num_heads, self.num_levels, self.num_points, 2
