@@ -113,6 +113,15 @@ class SalienceDecoder(nn.Module):
         sine = get_sine_pos_embed(reference_input[:, :, 0, :], num_pos_feats=self.embed_dim // 2, pair_rates=rates)
         return self.ref_point_head(sine)
 
+    def class_logits(self, normed: Tensor) -> Tensor:
+        """Each layer's class head on that layer's normalised queries: (num_layers, B, Q, C) -> (num_layers, B, Q, K),
+        in one batched matmul over the heads' stacked weights instead of one linear per layer."""
+        weight = torch.stack([head.weight for head in self.class_head])
+        bias = torch.stack([head.bias for head in self.class_head])
+        layers, batch, queries, channels = normed.shape
+        logits = torch.baddbmm(bias.unsqueeze(1), normed.view(layers, -1, channels), weight.transpose(1, 2))
+        return logits.view(layers, batch, queries, -1)
+
     def forward(
         self,
         query: Tensor,
@@ -130,7 +139,7 @@ class SalienceDecoder(nn.Module):
         rates = sine_frequencies(self.embed_dim // 2, 10000, embed_dtype, reference_points.device)[0::2]
         if attn_mask is not None and attn_mask.dtype == torch.bool:
             attn_mask = additive_mask(attn_mask, query.dtype)
-        classes, boxes = [], []
+        normed_layers, boxes = [], []
         for index, layer in enumerate(self.layers):
             reference_input = reference_points.detach()[:, :, None] * valid_ratio_scale
             query_pos = self.query_position(reference_input, rates)
@@ -138,7 +147,7 @@ class SalienceDecoder(nn.Module):
                 query, query_pos, reference_input, value, spatial_shapes, level_start_index, key_padding_mask, attn_mask
             )
             normed = self.norm(query)
-            classes.append(self.class_head[index](normed))
+            normed_layers.append(normed)
             # look-forward-twice: reference_points keeps its graph, so this loss also trains the previous box head
             reference_logits = inverse_sigmoid(reference_points)
             if index == self.num_layers - 1:
@@ -149,4 +158,4 @@ class SalienceDecoder(nn.Module):
             deltas, refine = self.bbox_head[index](torch.stack([normed, query])).unbind(0)
             boxes.append((deltas + reference_logits).sigmoid())
             reference_points = (refine + reference_logits.detach()).sigmoid()
-        return torch.stack(classes), torch.stack(boxes), normed
+        return self.class_logits(torch.stack(normed_layers)), torch.stack(boxes), normed
