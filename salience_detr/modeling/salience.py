@@ -44,14 +44,15 @@ class MaskPredictor(nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
+        # True on the hidden features that take their level mean (not in the state dict)
+        self.register_buffer("global_features", torch.arange(hidden_dim) >= hidden_dim // 2, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         # the linears run on (rows, C) matrices (one addmm each); only the level mean needs the (B, N_l) layout
         batch, tokens, channels = x.shape
         z = self.layer1(x.reshape(-1, channels)).view(batch, tokens, self.hidden_dim)
-        z_local, z_global = z.split(self.hidden_dim // 2, dim=-1)
-        z_global = z_global.mean(dim=1, keepdim=True).expand_as(z_local)
-        fused = torch.cat([z_local, z_global], dim=-1).view(-1, self.hidden_dim)
+        # one selection instead of a split, an expand and a concatenation (the local half's mean is not used)
+        fused = torch.where(self.global_features, z.mean(dim=1, keepdim=True), z).view(-1, self.hidden_dim)
         return self.layer2(fused).view(batch, tokens, 1)
 
 
@@ -82,6 +83,7 @@ def salience_maps(
     if alpha.numel() != len(levels) - 1:
         raise ValueError(f"alpha needs one weight per receiving level ({len(levels) - 1}), got {alpha.numel()}")
     batch = memory.shape[0]
+    alphas = alpha.unbind()  # one call, not an indexing per level
     maps: list[Tensor] = []
     coarser = None
     for level in range(len(levels) - 1, -1, -1):
@@ -90,7 +92,7 @@ def salience_maps(
         if coarser is not None:
             upsampled = F.interpolate(coarser, size=(height, width), mode="bilinear", align_corners=True)
             upsampled = upsampled.view(batch, 1, height * width).transpose(1, 2)
-            level_memory = level_memory + level_memory * upsampled * alpha[level]
+            level_memory = torch.addcmul(level_memory, level_memory, upsampled * alphas[level])
         coarser = predictor(level_memory).transpose(1, 2).reshape(batch, 1, height, width)
         maps.append(coarser)
     return maps[::-1]
