@@ -13,9 +13,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torchvision.ops import box_convert
 
-from salience_detr.layers.box_ops import inverse_sigmoid
+from salience_detr.layers.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
 
 
 def check_class_ids(labels: np.ndarray, num_classes: int, name: str, fix: str) -> None:
@@ -53,15 +52,28 @@ def denoising_attention_mask(group_size: int, num_groups: int, num_queries: int,
     """(T, T) bool mask with T = group_size * num_groups + num_queries, True where attention is blocked.
 
     Matching queries (the last ``num_queries``) cannot see any denoising query; a denoising group cannot
-    see the other groups; denoising queries can see the matching queries.
+    see the other groups; denoising queries can see the matching queries. Built on the host from host ints.
     """
     num_dn = group_size * num_groups
     size = num_dn + num_queries
-    group_of = torch.arange(size, device=device) // max(group_size, 1)
-    is_dn = torch.arange(size, device=device) < num_dn
+    group_of = np.arange(size) // max(group_size, 1)
+    is_dn = np.arange(size) < num_dn
     rows_dn, cols_dn = is_dn[:, None], is_dn[None, :]
     other_group = group_of[:, None] != group_of[None, :]
-    return (cols_dn & ~rows_dn) | (rows_dn & cols_dn & other_group)
+    return torch.from_numpy((cols_dn & ~rows_dn) | (rows_dn & cols_dn & other_group)).to(device)
+
+
+def denoising_slots(counts: list[int], num_groups: int) -> np.ndarray:
+    """(2, 2G * N) host int64 rows image and slot of every copy of the batch's N boxes (``counts`` per image).
+
+    Copy c (0 .. 2G-1) of GT t of image b goes to slot ``c * n_max + (t's index within b)``: even copies are the
+    positive blocks, odd copies the negative blocks; copies are ordered copy-major, as ``Tensor.repeat`` lays them.
+    """
+    image_of_gt = np.repeat(np.arange(len(counts)), counts)
+    index_in_image = np.concatenate([np.arange(n) for n in counts])
+    copy = np.repeat(np.arange(2 * num_groups), sum(counts))
+    slots = copy * max(counts) + np.tile(index_in_image, 2 * num_groups)
+    return np.stack([np.tile(image_of_gt, 2 * num_groups), slots]).astype(np.int64)
 
 
 class GenerateCDNQueries(nn.Module):
@@ -111,8 +123,8 @@ class GenerateCDNQueries(nn.Module):
         half_size = boxes[:, 2:].repeat(1, 2) / 2
         sign = torch.randint(0, 2, boxes.shape, device=boxes.device).to(boxes.dtype) * 2.0 - 1.0
         magnitude = torch.rand_like(boxes) + negative[:, None].to(boxes.dtype)
-        corners = box_convert(boxes, "cxcywh", "xyxy") + sign * magnitude * half_size * self.box_noise_scale
-        return box_convert(corners.clamp(min=0.0, max=1.0), "xyxy", "cxcywh")
+        corners = box_cxcywh_to_xyxy(boxes) + sign * magnitude * half_size * self.box_noise_scale
+        return box_xyxy_to_cxcywh(corners.clamp(min=0.0, max=1.0))
 
     def forward(self, gt_labels_list: list[Tensor], gt_boxes_list: list[Tensor], num_queries: int) -> DenoisingQueries:
         if len(gt_labels_list) != len(gt_boxes_list) or not gt_labels_list:
@@ -122,7 +134,6 @@ class GenerateCDNQueries(nn.Module):
             )
         device = self.label_encoder.weight.device
         host_counts = [len(labels) for labels in gt_labels_list]  # known on the host: no sync
-        counts = torch.tensor(host_counts, dtype=torch.long, device=device)
         batch_size = len(gt_labels_list)
         max_gt = max(host_counts)
         num_groups = denoising_group_count(self.denoising_nums, max_gt)
@@ -134,23 +145,18 @@ class GenerateCDNQueries(nn.Module):
         if max_gt == 0:
             return DenoisingQueries(label_query, box_query, attn_mask, num_groups, max_gt)
 
-        labels = torch.cat(gt_labels_list)
         boxes = torch.cat(gt_boxes_list).to(device=device, dtype=box_query.dtype)
         if boxes.ndim != 2 or boxes.shape[1] != 4:
             raise ValueError(f"gt boxes must be (n, 4) normalized cxcywh per image, got {tuple(boxes.shape)} in total")
-        check_class_ids(labels.cpu().numpy(), self.num_classes, "gt labels", "map dataset ids to contiguous ids first")
-        labels = labels.to(device=device, dtype=torch.long)
-        num_gt = sum(host_counts)
-        # Copy c (0 .. 2G-1) of GT t of image b goes to slot c * n_max + (t's index within b): even copies are
-        # the positive blocks, odd copies the negative blocks.
-        image_of_gt = torch.repeat_interleave(torch.arange(batch_size, device=device), counts, output_size=num_gt)
-        index_in_image = torch.arange(num_gt, device=device) - (torch.cumsum(counts, 0) - counts)[image_of_gt]
-        copy = torch.arange(2 * num_groups, device=device).repeat_interleave(num_gt)
-        slots = copy * max_gt + index_in_image.repeat(2 * num_groups)
-        images = image_of_gt.repeat(2 * num_groups)
+        labels = torch.cat(gt_labels_list).cpu().numpy()
+        check_class_ids(labels, self.num_classes, "gt labels", "map dataset ids to contiguous ids first")
+        copies = 2 * num_groups
+        images, slots = torch.from_numpy(denoising_slots(host_counts, num_groups)).to(device)
+        copied_labels = torch.from_numpy(np.tile(labels.astype(np.int64), copies)).to(device)
+        negative = torch.from_numpy(np.repeat(np.arange(copies) % 2 == 1, sum(host_counts))).to(device)
 
-        noised_labels = self.noise_labels(labels.repeat(2 * num_groups))
-        noised_boxes = self.noise_boxes(boxes.repeat(2 * num_groups, 1), negative=copy % 2 == 1)
+        noised_labels = self.noise_labels(copied_labels)
+        noised_boxes = self.noise_boxes(boxes.repeat(copies, 1), negative=negative)
         label_query[images, slots] = self.label_encoder(noised_labels)
         box_query[images, slots] = inverse_sigmoid(noised_boxes)
         return DenoisingQueries(label_query, box_query, attn_mask, num_groups, max_gt)

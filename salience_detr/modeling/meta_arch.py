@@ -19,7 +19,7 @@ from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import Tensor, nn
 
-from salience_detr.layers.box_ops import to_absolute_xyxy, to_normalized_cxcywh, whwh_scale
+from salience_detr.layers.box_ops import to_absolute_xyxy, whwh_scale
 
 from .criterion import average_num_boxes
 from .denoising import check_class_ids
@@ -57,9 +57,28 @@ def level_masks_for(mask: Tensor, features: list[Tensor]) -> list[Tensor]:
 
 def _nearest_sources(in_size: int, out_sizes: list[int]) -> list[np.ndarray]:
     """The input row that ``F.interpolate``'s default nearest mode takes for every output row, one array per size:
-    the op itself run on a host ``arange`` (a few values), so its float32 index rule is used, not re-derived."""
-    rows = torch.from_numpy(np.arange(in_size, dtype=np.float32).reshape(1, 1, in_size, 1))
-    return [F.interpolate(rows, size=(out, 1)).numpy().reshape(-1) for out in out_sizes]
+    its float32 rule ``min(floor(i * (in / out)), in - 1)`` (``nearest_idx`` of ATen's UpSample.h), on the host
+    (tested against the op for every size up to 256)."""
+    scales = [np.float32(in_size) / np.float32(out) for out in out_sizes]
+    return [
+        np.minimum(np.floor(np.arange(out, dtype=np.float32) * scale), in_size - 1).astype(np.int64)
+        for out, scale in zip(out_sizes, scales)
+    ]
+
+
+def host_level_masks(
+    image_sizes: list[tuple[int, int]], padded_size: tuple[int, int], shapes: list[tuple[int, int]]
+) -> list[np.ndarray]:
+    """Every level's (B, H_l, W_l) bool padding mask, ``level_masks_for(padding_mask(...))`` built on the host.
+
+    Nearest interpolation picks rows and columns independently, so a cell is padding where its source row is
+    below the image's height or its source column right of its width. One transfer per level, no device work.
+    """
+    rows = _nearest_sources(padded_size[0], [h for h, _ in shapes])
+    cols = _nearest_sources(padded_size[1], [w for _, w in shapes])
+    heights = np.array([h for h, _ in image_sizes]).reshape(-1, 1, 1)
+    widths = np.array([w for _, w in image_sizes]).reshape(-1, 1, 1)
+    return [(r.reshape(1, -1, 1) >= heights) | (c.reshape(1, 1, -1) >= widths) for r, c in zip(rows, cols)]
 
 
 def level_valid_counts(
@@ -81,13 +100,14 @@ def level_valid_counts(
 
 def split_denoising(logits: Tensor, boxes: Tensor, num_denoising: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """Split the (num_layers, B, D + Q', ...) decoder outputs into denoising and matching parts (dn_post_process)."""
-    dn = layer_outputs(logits[:, :, :num_denoising], boxes[:, :, :num_denoising])
-    matching = layer_outputs(logits[:, :, num_denoising:], boxes[:, :, num_denoising:])
-    return dn, matching
+    sizes = [num_denoising, logits.shape[2] - num_denoising]
+    (dn_logits, logits), (dn_boxes, boxes) = logits.split(sizes, dim=2), boxes.split(sizes, dim=2)
+    return layer_outputs(dn_logits, dn_boxes), layer_outputs(logits, boxes)
 
 
 def layer_outputs(logits: Tensor, boxes: Tensor) -> dict[str, Any]:
-    """Last decoder layer as the main prediction, earlier layers as ``aux_outputs``."""
+    """Last decoder layer as the main prediction, earlier layers as ``aux_outputs`` (one unbind per tensor)."""
+    logits, boxes = logits.unbind(0), boxes.unbind(0)
     return {
         "pred_logits": logits[-1],
         "pred_boxes": boxes[-1],
@@ -214,39 +234,46 @@ class SalienceDETR(nn.Module):
                 f"Train with 2 or more images per batch, or with images larger than {stride} px on a side."
             )
 
-    def check_gt_classes(self, batched_inputs: list[dict[str, Any]]) -> None:
-        """Every image's gt_classes in [0, num_classes), read once for the batch from the host copies (the mapper's
-        tensors), before the targets move to the device."""
-        if any("instances" not in x for x in batched_inputs):
-            raise ValueError("SalienceDETR in training mode needs 'instances' in every input dict.")
-        labels = np.concatenate([x["instances"].gt_classes.cpu().numpy().reshape(-1) for x in batched_inputs])
+    def check_gt_classes(self, labels: np.ndarray) -> None:
+        """Every gt class id of the batch in [0, num_classes), checked on the host copies (the mapper's tensors)."""
         fix = "set model.num_classes to the dataset's number of categories"
         check_class_ids(labels, self.num_classes, "gt_classes", fix)
 
     def prepare_targets(self, batched_inputs: list[dict[str, Any]], images: ImageList) -> list[dict[str, Tensor]]:
-        """gt boxes -> cxcywh normalized by each unpadded image size; also keeps the absolute xyxy boxes."""
-        self.check_gt_classes(batched_inputs)
-        targets = []
-        for x, (height, width) in zip(batched_inputs, images.image_sizes):
-            instances = x["instances"].to(self.device)
-            labels = instances.gt_classes.long()
-            boxes_xyxy = instances.gt_boxes.tensor.float()
-            boxes = to_normalized_cxcywh(boxes_xyxy, whwh_scale([(height, width)], boxes_xyxy)[0])
-            targets.append({"labels": labels, "boxes": boxes, "boxes_xyxy": boxes_xyxy})
-        return targets
+        """gt boxes -> cxcywh normalized by each unpadded image size; also keeps the absolute xyxy boxes.
+
+        Built once for the batch from the host copies (the mapper's tensors): the class check and the normalisation
+        run in numpy, then labels, boxes and xyxy boxes reach the device as three tensors, split per image.
+        """
+        if any("instances" not in x for x in batched_inputs):
+            raise ValueError("SalienceDETR in training mode needs 'instances' in every input dict.")
+        instances = [x["instances"] for x in batched_inputs]
+        counts = [len(i) for i in instances]
+        labels = torch.cat([i.gt_classes for i in instances]).cpu().long()
+        boxes_xyxy = torch.cat([i.gt_boxes.tensor for i in instances]).cpu().float()
+        self.check_gt_classes(labels.numpy())
+        corners = boxes_xyxy.numpy()
+        whwh = np.array([[w, h, w, h] for h, w in images.image_sizes], dtype=np.float32)
+        low, high = corners[:, :2], corners[:, 2:]
+        boxes = np.concatenate([(low + high) / 2, high - low], axis=1) / np.repeat(whwh, counts, axis=0)
+        flat = (labels, torch.from_numpy(boxes), boxes_xyxy)
+        labels, boxes, boxes_xyxy = (tensor.to(self.device).split(counts) for tensor in flat)
+        return [{"labels": c, "boxes": b, "boxes_xyxy": x} for c, b, x in zip(labels, boxes, boxes_xyxy)]
 
     def forward(self, batched_inputs: list[dict[str, Any]]):
         images = self.preprocess_image(batched_inputs)
-        mask = padding_mask(images)
         features = self.backbone(images.tensor)
         features = self.neck([features[name] for name in self.in_features])
-        level_masks = level_masks_for(mask, features)
-        position_embeddings = [self.position_embedding(m).to(f.dtype) for m, f in zip(level_masks, features)]
-
         padded_size = tuple(images.tensor.shape[-2:])
-        # the token budgets from the host sizes; an export trace (traced sizes) counts them on the masks instead
         shapes = [tuple(f.shape[-2:]) for f in features]
-        valid_counts = None if torch.jit.is_tracing() else level_valid_counts(images.image_sizes, padded_size, shapes)
+        # masks and token budgets from the host sizes; an export trace (traced sizes) computes them on the device
+        if torch.jit.is_tracing():
+            level_masks, valid_counts = level_masks_for(padding_mask(images), features), None
+        else:
+            host_masks = host_level_masks(images.image_sizes, padded_size, shapes)
+            level_masks = [torch.from_numpy(m).to(self.device) for m in host_masks]
+            valid_counts = level_valid_counts(images.image_sizes, padded_size, shapes)
+        position_embeddings = [self.position_embedding(m).to(f.dtype) for m, f in zip(level_masks, features)]
         if not self.training:
             output = self.transformer(features, level_masks, position_embeddings, valid_counts=valid_counts)
             if self.roi_refine is not None:
