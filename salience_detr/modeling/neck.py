@@ -91,11 +91,15 @@ class GlobalContextGate(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.gate(x) * x
+
+    def gate(self, x: Tensor) -> Tensor:
+        """The (B, C, 1, 1) channel scale of ``x`` (``forward`` multiplies ``x`` by it)."""
         batch, channels = x.shape[:2]
         attention = self.conv_mask(x).flatten(2).softmax(dim=-1)  # (B, 1, HW)
         # (B, C, HW) @ (B, HW, 1): the bmm that the official (B, 1, C, HW) @ (B, 1, HW, 1) matmul runs, bit-identical
         context = torch.bmm(x.flatten(2), attention.view(batch, -1, 1))
-        return self.se_module(context.view(batch, channels, 1, 1)) * x
+        return self.se_module(context.view(batch, channels, 1, 1))
 
 
 class RepVggPluXBlock(nn.Module):

@@ -50,7 +50,17 @@ from salience_detr.modeling.cpu_inference import optimize_for_cpu_inference
 from salience_detr.tools._timing import interleaved_rounds
 
 #: Cumulative ablation: each variant adds one lever of ``optimize_for_cpu_inference`` to the one before.
-LEVERS = ("fuse_bn", "channels_last", "onednn_conv", "onednn_linear", "ffn_relu")
+LEVERS = (
+    "fuse_bn",
+    "channels_last",
+    "onednn_conv",
+    "onednn_linear",
+    "ffn_relu",
+    "fuse_resnet",
+    "ffn_chunks",
+    "repvgg",
+    "deform_attn",
+)
 #: Submodules timed by hooks in both models (the official one names them alike); ours adds ``postprocess``.
 STAGES = {
     "backbone": "backbone",
@@ -88,13 +98,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def lever_variants(ours: nn.Module, ablation: bool) -> dict[str, nn.Module]:
-    """Copies of our model with no lever, then one more lever each (or straight to all without ``ablation``)."""
+    """Copies of our model with no lever, then one more lever each (or straight to all without ``ablation``).
+
+    The ablation's variants are named by the lever they add: "ours + fuse_bn", then "+ channels_last" (which has
+    both), and so on; the last one has all levers."""
     steps = [LEVERS[: count + 1] for count in range(len(LEVERS))] if ablation else [LEVERS]
     variants = {"ours, no lever": ours}
     for levers in steps:
         variant = copy.deepcopy(ours)
         optimize_for_cpu_inference(variant, **{lever: lever in levers for lever in LEVERS})
-        variants["ours + " + " + ".join(levers) if ablation else "ours, all levers"] = variant
+        name = ("ours + " if len(levers) == 1 else "+ ") + levers[-1]
+        variants[name if ablation else "ours, all levers"] = variant
     return variants
 
 
