@@ -153,7 +153,7 @@ class HybridSetCriterion(nn.Module):
         self.gamma = gamma
 
     def term_sums(self, sets: ScoredSets, gt: FlatTargets) -> Tensor:
-        """(S, 3) sums of the class, L1 and GIoU terms of every set (docs/model.md#set-criterion).
+        """(3 S,) sums of the class, L1 and GIoU terms of every set, set by set (docs/model.md#set-criterion).
 
         Each term runs once over the queries or matched pairs of all sets; one ``index_add`` sums them per set
         (the set of every query and pair is a host value).
@@ -171,7 +171,7 @@ class HybridSetCriterion(nn.Module):
         slots = np.concatenate([3 * sets.query_sets(), 3 * pairs[0] + 1, 3 * pairs[0] + 2])
         values = torch.cat([per_query, l1.to(per_query.dtype), (1 - giou).to(per_query.dtype)])
         sums = values.new_zeros(3 * len(sets.sizes))
-        return sums.index_add(0, torch.as_tensor(slots, device=values.device), values).view(-1, 3)
+        return sums.index_add(0, torch.as_tensor(slots, device=values.device), values)
 
     def denoising_sets(self, dn_outputs: dict) -> tuple[list[tuple[str, dict]], int, int]:
         """``_dn`` (last layer) and ``_dn_{i}`` (earlier layers) output sets, with the group count and ``n_max``."""
@@ -231,7 +231,7 @@ class HybridSetCriterion(nn.Module):
             sets.indices += [dn_indices] * (len(named_sets) - num_matched)
             sets.normalisers += [num_boxes * num_groups] * (len(named_sets) - num_matched)
         names = [f"{term}{suffix}" for suffix, _ in named_sets for term in TERMS]
-        losses = self.weighted(names, self.term_sums(sets, gt).flatten(), sets.normalisers)
+        losses = self.weighted(names, self.term_sums(sets, gt), sets.normalisers)
         if not return_indices:
             return losses
         device = sets.logits.device
@@ -286,26 +286,36 @@ def flat_salience_targets(
 ) -> Tensor:
     """(B, N) targets of ``salience_targets``, levels flattened: every image, level and box in one pass.
 
-    The boxes are padded to the batch's largest count (host lengths, no sync); padded slots contain no cell.
+    The boxes are padded with zero boxes to the batch's largest count (host lengths, no sync). A zero box contains
+    no cell, as every cell centre has x > 0, so its right distance ``0 - x`` is negative.
     """
     device = gt_boxes_xyxy[0].device if gt_boxes_xyxy else None
-    cells = torch.as_tensor(cell_centres(feature_shapes, padded_size, limit_range), device=device)
+    cells = cell_centres(feature_shapes, padded_size, limit_range)
+    xs, ys, low, high = torch.as_tensor(cells[:, None, :, None], device=device)  # (1, N, 1) against boxes (B, 1, n)
     counts = [len(boxes) for boxes in gt_boxes_xyxy]
     if max(counts, default=0) == 0:
-        return cells.new_zeros(len(counts), cells.shape[1])
-    boxes = torch.nn.utils.rnn.pad_sequence([b.float() for b in gt_boxes_xyxy], batch_first=True)[:, None]
-    real = torch.as_tensor(np.arange(max(counts))[None] < np.array(counts)[:, None], device=device)[:, None]
-    xs, ys, low, high = (row[None, :, None] for row in cells)  # (1, N, 1) against boxes (B, 1, n)
-    left, top = xs - boxes[..., 0], ys - boxes[..., 1]
-    right, bottom = boxes[..., 2] - xs, boxes[..., 3] - ys
+        return xs.new_zeros(len(counts), cells.shape[1])
+    x1, y1, x2, y2 = padded_boxes(gt_boxes_xyxy).unbind(-1)
+    left, top, right, bottom = xs - x1, ys - y1, x2 - xs, y2 - ys
     distances = torch.stack([left, top, right, bottom], dim=-1)  # (B, N, n, 4)
-    inside = (distances.amin(dim=-1) > 0) & real
+    inside = distances.amin(dim=-1) > 0
     largest = distances.amax(dim=-1)
     level_match = inside & (largest > low) & (largest <= high)
     delta_x = (left - right) / (left + right)
     delta_y = (top - bottom) / (top + bottom)
-    centreness = torch.where(inside, 1 - torch.sqrt(delta_x**2 + delta_y**2) / 2, torch.zeros_like(left))
-    return torch.where(level_match.any(dim=-1), centreness.amax(dim=-1), torch.zeros_like(xs[..., 0]))
+    centreness = torch.where(inside, 1 - torch.sqrt(delta_x**2 + delta_y**2) / 2, 0.0)
+    return torch.where(level_match.any(dim=-1), centreness.amax(dim=-1), 0.0)
+
+
+def padded_boxes(gt_boxes_xyxy: Sequence[Tensor]) -> Tensor:
+    """(B, 1, n, 4) float32 boxes (a singleton axis for the cells), zero boxes after each image's own up to the
+    largest count n: the concatenated boxes copied into host-known rows at once (no per-image copy)."""
+    counts = [len(boxes) for boxes in gt_boxes_xyxy]
+    longest = max(counts)
+    rows = np.concatenate([image * longest + np.arange(count) for image, count in enumerate(counts)])
+    flat = torch.cat(list(gt_boxes_xyxy)).float()
+    padded = flat.new_zeros(len(counts) * longest, 4)
+    return padded.index_copy(0, torch.as_tensor(rows, device=flat.device), flat).view(len(counts), 1, longest, 4)
 
 
 class SalienceCriterion(nn.Module):
