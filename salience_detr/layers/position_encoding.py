@@ -42,7 +42,8 @@ class PositionEmbeddingSine(nn.Module):
     """DETR sine embedding of a padded feature map, normalised to each image's valid extent.
 
     ``forward(mask)`` takes the level's padding mask (B, H, W), True on padding, and returns (B, 2F, H, W),
-    y channels first. It is computed in the dtype of the ``dim_tx`` buffer, so ``.double()`` gives float64.
+    y channels first; ``flat(masks)`` embeds every level at once as flattened tokens. It is computed in the dtype of
+    the ``dim_tx`` buffer, so ``.double()`` gives float64.
     """
 
     def __init__(
@@ -65,6 +66,19 @@ class PositionEmbeddingSine(nn.Module):
         self.offset = offset
 
     def forward(self, mask: Tensor) -> Tensor:
+        """(B, 2F, H, W) embedding of one level."""
+        return self.flat([mask]).view(*mask.shape, -1).permute(0, 3, 1, 2)
+
+    def flat(self, masks: Sequence[Tensor]) -> Tensor:
+        """(B, N, 2F) embedding of every level's cells, row-major and levels concatenated like the transformer's
+        tokens: the sines of all levels are computed once, on their concatenated positions."""
+        positions = torch.cat([self._positions(mask).flatten(1, 2) for mask in masks], 1)  # (B, N, 2) as (y, x)
+        # y and x in one pass: (B, N, 2, F/2) angles from one rate per sin/cos pair, y channels first
+        rates = torch.stack((self.dim_ty[0::2], self.dim_tx[0::2]))
+        return _sin_cos_pairs(positions[..., None] / rates).flatten(-2)
+
+    def _positions(self, mask: Tensor) -> Tensor:
+        """(B, H, W, 2) (y, x) position of every cell, counted over the unpadded cells and normalised."""
         if mask.dim() != 3 or mask.dtype != torch.bool:
             raise ValueError(
                 f"mask must be a (B, H, W) bool tensor (True = padding), got {mask.dtype} {tuple(mask.shape)}"
@@ -78,10 +92,7 @@ class PositionEmbeddingSine(nn.Module):
         else:
             y_embed = y_embed + self.offset
             x_embed = x_embed + self.offset
-        # y and x in one pass: (B, H, W, 2, F/2) angles from one rate per sin/cos pair, y channels first
-        rates = torch.stack((self.dim_ty[0::2], self.dim_tx[0::2]))
-        angles = torch.stack((y_embed, x_embed), dim=-1)[..., None] / rates
-        return _sin_cos_pairs(angles).flatten(-2).permute(0, 3, 1, 2)
+        return torch.stack((y_embed, x_embed), dim=-1)
 
 
 def get_sine_pos_embed(

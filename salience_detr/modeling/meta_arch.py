@@ -273,7 +273,7 @@ class SalienceDETR(nn.Module):
             host_masks = host_level_masks(images.image_sizes, padded_size, shapes)
             level_masks = [torch.from_numpy(m).to(self.device) for m in host_masks]
             valid_counts = level_valid_counts(images.image_sizes, padded_size, shapes)
-        position_embeddings = [self.position_embedding(m).to(f.dtype) for m, f in zip(level_masks, features)]
+        position_embeddings = self.position_embedding.flat(level_masks).to(features[0].dtype)  # every level at once
         if not self.training:
             output = self.transformer(features, level_masks, position_embeddings, valid_counts=valid_counts)
             if self.roi_refine is not None:

@@ -161,28 +161,39 @@ class SalienceTransformer(nn.Module):
         maps = [lvl.transpose(1, 2).reshape(batch_size, self.embed_dim, h, w) for lvl, (h, w) in zip(per_level, shapes)]
         return levels.flatten_levels(self.neck(maps))
 
-    def check_inputs(self, features: list[Tensor], position_embeddings: list[Tensor]) -> None:
-        """One map per level, and position embeddings as wide as the model, before any work is done."""
+    def check_inputs(self, features: list[Tensor], position_embeddings: Tensor | list[Tensor]) -> None:
+        """One map per level, and position embeddings as wide as the model (and, flattened, one per token), before
+        any work is done."""
         if len(features) != self.num_levels:
             raise ValueError(
                 f"SalienceTransformer expects {self.num_levels} feature levels, got {len(features)}; "
                 "match the neck's num_outs to transformer.num_levels."
             )
-        if position_embeddings[0].shape[1] != self.embed_dim:
+        flat = isinstance(position_embeddings, Tensor)
+        channels = position_embeddings.shape[-1] if flat else position_embeddings[0].shape[1]
+        if channels != self.embed_dim:
             raise ValueError(
-                f"position embeddings have {position_embeddings[0].shape[1]} channels but "
+                f"position embeddings have {channels} channels but "
                 f"embed_dim={self.embed_dim}; set position_embedding.num_pos_feats to embed_dim // 2."
+            )
+        num_tokens = sum(feature.shape[-2] * feature.shape[-1] for feature in features)
+        if flat and tuple(position_embeddings.shape[:2]) != (features[0].shape[0], num_tokens):
+            raise ValueError(
+                f"flattened position embeddings must be (B={features[0].shape[0]}, N={num_tokens}, C), got "
+                f"{tuple(position_embeddings.shape)}; build them with PositionEmbeddingSine.flat(level_masks)."
             )
 
     def flatten_inputs(
-        self, features: list[Tensor], level_masks: list[Tensor], position_embeddings: list[Tensor]
+        self, features: list[Tensor], level_masks: list[Tensor], position_embeddings: Tensor | list[Tensor]
     ) -> FlatLevels:
         """Per-level maps -> one token sequence, with level embeddings added to the positions (one lookup and one
-        addition for every level)."""
+        addition for every level); position embeddings come per level or already flattened (B, N, C)."""
         tokens = levels.flatten_levels(features)
         shapes = tuple((int(f.shape[-2]), int(f.shape[-1])) for f in features)
         level_embeds = self.level_embeds.index_select(0, levels.token_levels(shapes, tokens.device))
-        positions = levels.flatten_levels(position_embeddings) + level_embeds
+        if not isinstance(position_embeddings, Tensor):
+            position_embeddings = levels.flatten_levels(position_embeddings)
+        positions = position_embeddings + level_embeds
         starts = levels.host_starts(shapes)
         check_level_values(shapes, starts, tokens.shape[1])  # on the host, once, not in every op call
         spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=tokens.device)
@@ -255,13 +266,14 @@ class SalienceTransformer(nn.Module):
         self,
         features: list[Tensor],
         level_masks: list[Tensor],
-        position_embeddings: list[Tensor],
+        position_embeddings: Tensor | list[Tensor],
         make_denoising: Callable[[int], DenoisingQueries] | None = None,
         *,
         query_order: Tensor | None = None,
         valid_counts: Sequence[Sequence[int]] | None = None,
     ) -> TransformerOutput:
-        """features/position_embeddings: per level (B,C,H_l,W_l); level_masks (B,H_l,W_l) True=padding.
+        """features/position_embeddings: per level (B,C,H_l,W_l), the position embeddings also flattened like the
+        tokens (B, N, C) (``PositionEmbeddingSine.flat``); level_masks (B,H_l,W_l) True=padding.
 
         make_denoising(num_queries) builds the denoising queries once the number of matching queries Q' is known
         (it can be smaller than num_queries on small inputs); None disables denoising (evaluation).
