@@ -44,6 +44,7 @@ from salience_detr.engine import (
 )
 from salience_detr.engine.preflight import check_device, claim_output_dir, eval_weights, resume_has_work
 from salience_detr.engine.run_lock import trim_metrics
+from salience_detr.modeling.cpu_inference import optimize_on_cpu
 from salience_detr.utils.held_logs import held_records, replay
 
 logger = logging.getLogger("salience_detr.train_net")
@@ -177,13 +178,24 @@ def main(args) -> None:
     if args.eval_only:
         model = prepare_model(cfg)
         extra_state = AtomicDetectionCheckpointer(model).load(weights)
-        do_test(cfg, create_ddp_model(model), load_ema_for_eval(cfg, model, extra_state))
+        ema = load_ema_for_eval(cfg, model, extra_state)
+        # the model never trains here: on a CPU, the inference levers (benchmarks/speed.md) unless opted out
+        changed = None if args.no_cpu_speedups else optimize_on_cpu((ema.model if ema is not None else model).eval())
+        if changed:
+            logger.info("CPU inference levers (modules changed): %s", changed)
+        do_test(cfg, create_ddp_model(model), ema)
     else:
         do_train(args, cfg)
 
 
 def parse_args(argv: list[str] | None = None):
-    return default_argument_parser().parse_args(argv)
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--no-cpu-speedups",
+        action="store_true",
+        help="--eval-only on a CPU: evaluate the plain model, without the levers of modeling.cpu_inference",
+    )
+    return parser.parse_args(argv)
 
 
 def launch_device(args) -> str | None:

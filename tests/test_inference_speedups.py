@@ -380,3 +380,36 @@ def test_inference_deformable_attention_gives_the_same_numbers(reference_dim, ma
         assert torch.equal(
             attention(query, points, value, shapes, starts, mask), reference(query, points, value, shapes, starts, mask)
         )
+
+
+@pytest.mark.parametrize("opt_out", [False, True])
+def test_train_net_eval_only_evaluates_the_levered_model_on_a_cpu(opt_out, tiny_synthetic_cache, tmp_path, monkeypatch):
+    import train_net
+
+    evaluated = {}
+    monkeypatch.setattr(train_net, "do_test", lambda cfg, model, ema=None: evaluated.update(model=model))
+    overrides = [
+        f"datasets.synthetic.cache_dir={tiny_synthetic_cache}",
+        f"train.output_dir={tmp_path / 'run'}",
+        "train.device=cpu",
+        "train.init_checkpoint=random",
+        "train.check_images=0",
+    ]
+    flags = ["--eval-only", "--no-cpu-speedups"] if opt_out else ["--eval-only"]
+    train_net.main(train_net.parse_args(["--config-file", str(TINY), *flags, *overrides]))
+    levered = [type(m) for m in evaluated["model"].modules() if type(m) in (OneDnnLinear, InferenceDeformableAttention)]
+    assert bool(levered) is not opt_out
+
+
+def test_benchmark_applies_the_levers_with_cpu_speedups_only():
+    from salience_detr.tools import benchmark
+
+    cfg = LazyConfig.load(str(TINY))
+    argv = ["--config-file", str(TINY), "--device", "cpu"]
+    plain = benchmark.build_model(cfg, benchmark.get_parser().parse_args(argv))
+    fast = benchmark.build_model(cfg, benchmark.get_parser().parse_args([*argv, "--cpu-speedups"]))
+    assert not any(type(m) is OneDnnLinear for m in plain.modules())
+    assert any(type(m) is OneDnnLinear for m in fast.modules())
+    for wrong in (["--task", "train"], ["--device", "cuda"]):
+        with pytest.raises(SystemExit, match="use it with --task eval --device cpu"):
+            benchmark.check_args(benchmark.get_parser().parse_args([*argv, "--cpu-speedups", *wrong]))

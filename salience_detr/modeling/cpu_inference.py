@@ -55,6 +55,7 @@ __all__ = [
     "fuse_ffn_relu",
     "fuse_resnet_blocks",
     "optimize_for_cpu_inference",
+    "optimize_on_cpu",
     "reparameterize_repvgg",
     "use_channels_last",
     "use_inference_deformable_attention",
@@ -395,6 +396,15 @@ def use_channels_last(model: nn.Module) -> int:
             module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
             converted += 1
     return converted
+
+
+def optimize_on_cpu(model: nn.Module) -> dict[str, int] | None:
+    """``optimize_for_cpu_inference`` (all levers) where it applies: a model in eval mode whose parameters are on the
+    CPU, with PyTorch built with oneDNN. Elsewhere the model is left as it is and None returned."""
+    parameter = next(model.parameters(), None)
+    if parameter is None or parameter.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return None
+    return optimize_for_cpu_inference(model)
 
 
 def optimize_for_cpu_inference(

@@ -2,7 +2,7 @@
 
     python -m salience_detr.tools.benchmark --config-file configs/salience_detr/salience_detr_r50_4scale_12ep.py \
         [--task eval|train|data] [--height 800 --width 1333] [--device cpu|cuda] [--num-iter 50] \
-        [--train-data loader|random] [--output benchmark.json]
+        [--train-data loader|random] [--cpu-speedups] [--output benchmark.json]
 
 ``--task eval`` (the default): the model runs in eval mode on random images of exactly the given size (the size
 after the test resize), with random weights unless ``--weights`` names a checkpoint: cost does not depend on the
@@ -56,6 +56,7 @@ from salience_detr.engine import (
     trainer_from_config,
 )
 from salience_detr.layers.ms_deform_attn import BACKEND_ENV, BACKENDS, resolve_backend
+from salience_detr.modeling.cpu_inference import optimize_on_cpu
 from salience_detr.modeling.fuse import fuse_conv_bn
 from salience_detr.tools._timing import peak_memory_mb, random_image, time_forward, timing_numbers
 from salience_detr.utils.dispatch_count import DispatchCounts, count_dispatch
@@ -317,6 +318,12 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--fuse-bn", action="store_true", help="fold batch norms into the preceding convolutions (--task eval only)"
     )
+    parser.add_argument(
+        "--cpu-speedups",
+        action="store_true",
+        help="--task eval on a CPU: apply the levers of modeling.cpu_inference first, as the demo and --eval-only do "
+        "(params and FLOPs are then the levered model's: folded norms, merged RepVGG branches)",
+    )
     parser.add_argument("--output", default="output/benchmark.json", help="where to write the JSON results")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides, key=value")
     return parser
@@ -330,6 +337,11 @@ def check_args(args: argparse.Namespace) -> torch.device:
         raise SystemExit(f"--warmup must be >= 0, got {args.warmup}")
     if args.fuse_bn and args.task != "eval":
         raise SystemExit(f"--fuse-bn folds batch norms for inference; it applies to --task eval, not {args.task}")
+    if args.cpu_speedups and (args.task != "eval" or torch.device(args.device).type != "cpu"):
+        raise SystemExit(
+            f"--cpu-speedups applies the CPU inference levers: use it with --task eval --device cpu "
+            f"(got --task {args.task} --device {args.device})"
+        )
     if not os.path.isfile(args.config_file):
         raise SystemExit(f"config file {args.config_file!r} does not exist; pass a LazyConfig .py file")
     if args.weights and not os.path.isfile(args.weights):
@@ -341,13 +353,22 @@ def check_args(args: argparse.Namespace) -> torch.device:
 
 
 def build_model(cfg: Any, args: argparse.Namespace) -> nn.Module:
-    """The config's model with ``--weights`` loaded (random weights without), batch norms folded with --fuse-bn."""
+    """The config's model with ``--weights`` loaded (random weights without), batch norms folded with --fuse-bn,
+    and the CPU inference levers on a CPU eval (``cpu_speedups``)."""
     model = instantiate(cfg.model)
     if args.weights:
         AtomicDetectionCheckpointer(model).load(args.weights)
     if args.fuse_bn:
         logger.info("Folded %d batch norms into convolutions", fuse_conv_bn(model.eval()))
+    if cpu_speedups(args):  # what the demo and --eval-only run on a CPU (benchmarks/speed.md)
+        logger.info("CPU inference levers (modules changed): %s", optimize_on_cpu(model.eval()))
     return model
+
+
+def cpu_speedups(args: argparse.Namespace) -> bool:
+    """Whether the eval model gets the CPU inference levers: with ``--cpu-speedups`` on a CPU. Off by default, so
+    that the report gives the configured architecture's parameters and FLOPs."""
+    return args.task == "eval" and torch.device(args.device).type == "cpu" and args.cpu_speedups
 
 
 def training_batches(cfg: Any, args: argparse.Namespace) -> tuple[list[list[dict]], str]:
@@ -376,6 +397,7 @@ def run_task(cfg: Any, args: argparse.Namespace, device: torch.device) -> tuple[
         run = functools.partial(benchmark_train, cfg, batches=batches, device=device, warmup=warmup, num_iter=num_iter)
     else:
         info = {"input_size": [args.height, args.width], "batch_size": args.batch_size, "fuse_bn": args.fuse_bn}
+        info["cpu_speedups"] = cpu_speedups(args)
         size = {"height": args.height, "width": args.width, "batch_size": args.batch_size}
         run = functools.partial(benchmark_model, **size, device=device, warmup=warmup, num_iter=num_iter)
     results = {}

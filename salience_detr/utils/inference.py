@@ -10,13 +10,12 @@ import logging
 from typing import Any
 
 import numpy as np
-import torch
 from detectron2.config import instantiate
 from detectron2.data import transforms as T
 from torch import Tensor, nn
 
 from salience_detr.engine.checkpoint import AtomicDetectionCheckpointer
-from salience_detr.modeling.cpu_inference import optimize_for_cpu_inference
+from salience_detr.modeling.cpu_inference import optimize_on_cpu
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +63,8 @@ def load_model_for_inference(
     else:
         logger.warning("train.init_checkpoint is empty: random weights (pass --opts train.init_checkpoint=...)")
     model.eval()
-    if cpu_speedups and model.device.type == "cpu" and torch.backends.mkldnn.is_available():
-        optimize_for_cpu_inference(model)
+    if cpu_speedups:
+        optimize_on_cpu(model)
     return model
 
 
