@@ -416,7 +416,8 @@ class MultiScaleDeformableAttention(nn.Module):
 
     def _sampling_locations(self, offsets: Tensor, reference_points: Tensor, spatial_shapes: Tensor) -> Tensor:
         """Offsets are in pixels of each level (2-D refs) or in fractions of the half box size (4-D refs)."""
-        references = reference_points[:, :, None, :, None]  # (B, Nq, 1, L, 1, 2|4)
+        batch, num_queries, num_levels, coordinates = reference_points.shape
+        references = reference_points.view(batch, num_queries, 1, num_levels, 1, coordinates)  # one call
         if reference_points.shape[-1] == 2:
             normalizer = spatial_shapes.flip(-1).to(offsets.dtype).view(self.num_levels, 1, 2)
             return references + offsets / normalizer

@@ -59,7 +59,7 @@ class FlatLevels(NamedTuple):
     level_start_index: Tensor  # (L,)
     valid_ratios: Tensor  # (B, L, 2) valid fraction as (w, h)
     shapes: tuple[tuple[int, int], ...] = ()  # spatial_shapes on the host: loops over levels read these, no sync
-    anchors: tuple[Tensor, Tensor] | None = None  # two_stage.anchor_proposals: (logits (B, N, 4), valid (B, N, 1))
+    anchors: tuple[Tensor, Tensor] | None = None  # two_stage.anchor_proposals: (logits (B, N, 4), keep (B, N, 1))
 
 
 def _refresh_host_filter_ratios(module: SalienceTransformer, incompatible_keys: object) -> None:
@@ -149,16 +149,16 @@ class SalienceTransformer(nn.Module):
         if anchors is None:
             masked, anchor_logits = encoder_output_proposals(memory, mask_flatten, spatial_shapes)
         else:
-            anchor_logits, valid = anchors
-            masked = memory * (~mask_flatten.unsqueeze(-1)) * valid
+            anchor_logits, keep = anchors
+            masked = memory * keep
         return self.enc_output_norm(self.enc_output(masked)), anchor_logits
 
     def apply_neck(self, memory: Tensor, spatial_shapes: Tensor | Sequence[tuple[int, int]]) -> Tensor:
         """Transformer neck (docs/model.md#transformer-neck) on the memory reshaped per level, flattened again."""
         batch_size = memory.shape[0]
         shapes = levels.host_shapes(spatial_shapes)
-        per_level = memory.split([h * w for h, w in shapes], dim=1)
-        maps = [lvl.transpose(1, 2).reshape(batch_size, self.embed_dim, h, w) for lvl, (h, w) in zip(per_level, shapes)]
+        per_level = memory.transpose(1, 2).split([h * w for h, w in shapes], dim=2)  # one transpose for all levels
+        maps = [lvl.view(batch_size, self.embed_dim, h, w) for lvl, (h, w) in zip(per_level, shapes)]
         return levels.flatten_levels(self.neck(maps))
 
     def check_inputs(self, features: list[Tensor], position_embeddings: Tensor | list[Tensor]) -> None:

@@ -30,14 +30,15 @@ def encoder_output_proposals(
     Returns (masked_memory (B,N,C), anchor_logits (B,N,4)); the caller applies enc_output + LayerNorm.
     """
     dtype = torch.promote_types(memory.dtype, torch.float32)
-    anchor_logits, valid = anchor_proposals(mask_flatten, spatial_shapes, dtype)
-    return memory * (~mask_flatten.unsqueeze(-1)) * valid, anchor_logits
+    anchor_logits, keep = anchor_proposals(mask_flatten, spatial_shapes, dtype)
+    return memory * keep, anchor_logits
 
 
 def anchor_proposals(
     mask_flatten: Tensor, spatial_shapes: Tensor | Sequence[tuple[int, int]], dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
-    """Anchor logits (B,N,4), +inf on padded or invalid anchors, and the valid mask (B,N,1) of every token.
+    """Anchor logits (B,N,4), +inf on padded or invalid anchors, and ``keep`` (B,N,1): True where the anchor is
+    valid and the token is not padding (the memory is multiplied by it, so one product zeroes both).
 
     They depend on the padding and the layout alone, so the transformer computes them once per forward for both
     projections of the memory. Anchor of cell (i,j) at level l: centre ((j+0.5)/valid_w, (i+0.5)/valid_h), side
@@ -52,9 +53,9 @@ def anchor_proposals(
     sizes = torch.as_tensor(sides, dtype=dtype, device=device).expand(batch_size, -1, 2)
     proposals = torch.cat([cell_coordinates(shapes, 0.5, dtype, device) / scale, sizes], -1)
     low, high = ANCHOR_VALID_RANGE
-    valid = ((proposals > low) & (proposals < high)).all(-1, keepdim=True)
+    keep = ((proposals > low) & (proposals < high)).all(-1, keepdim=True) & ~mask_flatten.unsqueeze(-1)
     anchor_logits = torch.log(proposals / (1 - proposals))
-    return anchor_logits.masked_fill(mask_flatten.unsqueeze(-1) | ~valid, float("inf")), valid
+    return anchor_logits.masked_fill(~keep, float("inf")), keep
 
 
 @torch.no_grad()
