@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -51,14 +52,21 @@ def _cuda_include_dirs() -> list[str]:
 
 
 WITH_CUDA = _with_cuda()
+# at::parallel_for is inline: with torch's OpenMP backend it runs on one thread unless the extension is itself
+# compiled with OpenMP (its libgomp is then the one torch already loaded).
+OPENMP_FLAGS = ["-fopenmp"] if torch._C.has_openmp and sys.platform != "darwin" else []
 
 
 def _extension():
     sources = [str(path.relative_to(ROOT)) for path in sorted(CSRC.glob("**/*.cpp"))]
-    cxx_flags = ["-O3", "-g0"]  # -g0 overrides Python's default -g: debug info doubles the compile time
+    cxx_flags = ["-O3", "-g0", *OPENMP_FLAGS]  # -g0 overrides Python's default -g: debug info doubles compile time
     if not WITH_CUDA:
         return CppExtension(
-            "salience_detr._C", sources, include_dirs=[str(CSRC)], extra_compile_args={"cxx": cxx_flags}
+            "salience_detr._C",
+            sources,
+            include_dirs=[str(CSRC)],
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=OPENMP_FLAGS,
         )
     sources += [str(path.relative_to(ROOT)) for path in sorted(CSRC.glob("**/*.cu"))]
     nvcc_flags = ["-O3", "-DWITH_CUDA", *shlex.split(os.environ.get("NVCC_FLAGS", ""))]
@@ -68,6 +76,7 @@ def _extension():
         include_dirs=[str(CSRC), *_cuda_include_dirs()],
         define_macros=[("WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=OPENMP_FLAGS,
     )
 
 

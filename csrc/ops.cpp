@@ -30,6 +30,13 @@ pybind11::dict build_info() {
   pybind11::dict info;
   info["compiler"] = host_compiler();
   info["torch_version"] = std::string(TORCH_VERSION);
+  // at::parallel_for is inline: under torch's OpenMP backend the kernels run on one thread unless the extension
+  // is compiled with OpenMP too (setup.py adds -fopenmp).
+#ifdef _OPENMP
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
 #ifdef WITH_CUDA
   info["with_cuda"] = true;
   info["cuda_version"] = cuda_compiler_version();

@@ -92,10 +92,12 @@ def _jit_build() -> ModuleType:
     patterns = ["**/*.cpp", "**/*.cu"] if with_cuda else ["**/*.cpp"]
     sources = sorted(str(path) for pattern in patterns for path in csrc.glob(pattern))
     defines = ["-DWITH_CUDA"] if with_cuda else []
+    openmp = ["-fopenmp"] if torch._C.has_openmp and sys.platform != "darwin" else []  # as setup.py: parallel_for
     return cpp_extension.load(
         name="salience_detr_jit_C",
         sources=sources,
-        extra_cflags=["-O3", *defines],
+        extra_cflags=["-O3", *defines, *openmp],
+        extra_ldflags=openmp,
         extra_cuda_cflags=["-O3", *defines],
         extra_include_paths=[str(csrc), *(_cuda_include_dirs() if with_cuda else [])],
         with_cuda=with_cuda,
