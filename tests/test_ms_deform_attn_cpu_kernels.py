@@ -112,7 +112,9 @@ def test_benchmark_ops_options(monkeypatch, capsys):
     finally:
         torch.set_num_threads(threads)
     assert seen == {"device": "cpu", "cases": ["encoder-random", "decoder"], "clock": "cpu", "threads": 1}
-    assert "| encoder | float32 | forward | 1.0 | 8.0 | 8.00 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| encoder | float32 | forward | 1.0 | 8.0 | 8.00 |" in out
+    assert f"operator built with OpenMP: {msda.extension_build_info()['openmp']}," in out
     for argv, message in ((["--cases", "encoder,bogus"], "unknown --cases"), (["--threads", "0"], "at least 1")):
         with pytest.raises(SystemExit):
             benchmark_ops.main(argv)

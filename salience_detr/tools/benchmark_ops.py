@@ -165,9 +165,11 @@ def main(argv: list[str] | None = None) -> None:
     available, reason = msda.compiled_backend_available(torch.device(args.device), torch.float32)
     if not available:
         parser.error(f"the compiled operator cannot run on {args.device}: {reason}")
+    # without OpenMP in the build, the operator's CPU kernels ignore torch's thread count
+    openmp = (msda.extension_build_info() or {}).get("openmp")
     print(
-        f"device: {args.device}, torch threads: {torch.get_num_threads()}, repeat: {args.repeat} (median), "
-        f"clock: {args.clock}"
+        f"device: {args.device}, torch threads: {torch.get_num_threads()}, operator built with OpenMP: {openmp}, "
+        f"repeat: {args.repeat} (median), clock: {args.clock}"
     )
     print("| case | dtype | pass | compiled ms | reference ms | reference / compiled |")
     print("|---|---|---|---:|---:|---:|")
