@@ -217,8 +217,6 @@ class SalienceEncoder(nn.Module):
             updated = torch.where(within_budget, updated.to(output.dtype), query)
             output = output.scatter(1, token_index, updated)
 
-        background = self.background(shapes).to(output.dtype)
-        background = background.unsqueeze(0).repeat(output.shape[0], 1, 1)
-        background = background.scatter(1, layer_indices[-1].unsqueeze(-1).expand(-1, -1, output.shape[-1]), 0.0)
-        background = background * (~mask_flatten).unsqueeze(-1).to(output.dtype)
-        return output + background
+        # the background embedding goes to the unpadded tokens that the last layer did not update: one (B, N) mask
+        untouched = (~mask_flatten).scatter(1, layer_indices[-1], 0)  # 0 = False (a bool value does not trace)
+        return output + self.background(shapes).to(output.dtype) * untouched.unsqueeze(-1)
