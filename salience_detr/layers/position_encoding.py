@@ -119,10 +119,9 @@ def get_sine_pos_embed(
             f"pair_rates must hold num_pos_feats // 2 = {num_pos_feats // 2} rates "
             f"(sine_frequencies(num_pos_feats, temperature)[0::2]), got shape {tuple(pair_rates.shape)}"
         )
-    embed = _sin_cos_pairs(pos.unsqueeze(-1) * scale / pair_rates)
-    if exchange_xy:
-        embed = torch.cat((embed[..., 1:2, :], embed[..., 0:1, :], embed[..., 2:, :]), dim=-2)
-    return embed.flatten(-2)
+    if exchange_xy:  # swapping the two coordinates swaps their embedding blocks: one gather, not three slices
+        pos = pos.index_select(-1, torch.as_tensor([1, 0, *range(2, pos.shape[-1])], device=pos.device))
+    return _sin_cos_pairs(pos.unsqueeze(-1) * scale / pair_rates).flatten(-2)
 
 
 class PositionEmbeddingLearned(nn.Module):
