@@ -151,8 +151,8 @@ class GenerateCDNQueries(nn.Module):
         labels = torch.cat(gt_labels_list).cpu().numpy()
         check_class_ids(labels, self.num_classes, "gt labels", "map dataset ids to contiguous ids first")
         copies = 2 * num_groups
-        images, slots = torch.from_numpy(denoising_slots(host_counts, num_groups)).to(device)
-        copied_labels = torch.from_numpy(np.tile(labels.astype(np.int64), copies)).to(device)
+        layout = np.concatenate([denoising_slots(host_counts, num_groups), np.tile(labels, (1, copies))])
+        images, slots, copied_labels = torch.from_numpy(layout.astype(np.int64)).to(device)  # one transfer
         negative = torch.from_numpy(np.repeat(np.arange(copies) % 2 == 1, sum(host_counts))).to(device)
 
         noised_labels = self.noise_labels(copied_labels)

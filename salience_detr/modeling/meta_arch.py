@@ -23,6 +23,7 @@ from salience_detr.layers.box_ops import to_absolute_xyxy, whwh_scale
 
 from .criterion import average_num_boxes
 from .denoising import check_class_ids
+from .frozen_bn import cache_frozen_batchnorm
 from .roi_refine import RoIInputs, RoIRefineHead
 from .transformer import SalienceTransformer, TransformerOutput
 
@@ -192,6 +193,7 @@ class SalienceDETR(nn.Module):
                 f"roi_refine must be a RoIRefineHead or None, got {roi_refine!r}; "
                 "to switch the head off on the command line write model.roi_refine=null (Hydra syntax)."
             )
+        cache_frozen_batchnorm(backbone)  # FrozenBN's scale and shift computed once, not on every training forward
         self.backbone = backbone
         self.neck = neck
         self.position_embedding = position_embedding
