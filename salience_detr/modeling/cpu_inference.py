@@ -16,7 +16,7 @@ Nine levers, each applied in place to a model in eval mode:
   written over a map the block owns. Maps over 32 MB (the stride-4 stage's) are otherwise mapped afresh from the
   kernel by glibc on every allocation, and their page faults cost as much as the convolution.
 - ``chunk_ffn``: the post-norm FFNs run on 1,024 tokens at a time, so their (tokens, 2048) hidden activations stay
-  small (45-75 MB per encoder layer unchunked, with the same page faults).
+  small (43-71 MB per encoder layer unchunked, with the same page faults).
 - ``reparameterize_repvgg``: each RepVGG block of the transformer neck becomes one 3x3 convolution with the SiLU as a
   post-op (its 1x1 branch merged into the kernel), and its gate and residual one ``addcmul``.
 - ``InferenceDeformableAttention``: the values' padding zeroed by an in-place product instead of ``masked_fill``, and
