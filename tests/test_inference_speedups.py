@@ -413,3 +413,28 @@ def test_benchmark_applies_the_levers_with_cpu_speedups_only():
     for wrong in (["--task", "train"], ["--device", "cuda"]):
         with pytest.raises(SystemExit, match="use it with --task eval --device cpu"):
             benchmark.check_args(benchmark.get_parser().parse_args([*argv, "--cpu-speedups", *wrong]))
+
+
+def test_encoder_updates_its_own_memory_in_place_only_without_autograd():
+    from salience_detr.utils.dispatch_count import count_dispatch
+
+    model = eval_model(TINY)
+    transformer = model.transformer
+    captured = {}
+    transformer.encoder.register_forward_pre_hook(
+        lambda module, args, kwargs: captured.update(args=args, kwargs=kwargs), with_kwargs=True
+    )
+    image = torch.randint(0, 256, (3, 96, 128), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        model([{"image": image}])
+    tokens = captured["args"][0]
+    tokens_before = tokens.clone()
+    with torch.no_grad(), count_dispatch() as counts:
+        memory = transformer.encoder(*captured["args"], **captured["kwargs"])
+    with count_dispatch() as counts_with_autograd:
+        expected = transformer.encoder(*captured["args"], **captured["kwargs"])
+    in_place = transformer.encoder.num_layers - 1  # every layer's update but the first one's
+    assert counts.calls["aten::scatter_.src"] == in_place and counts_with_autograd.calls["aten::scatter_.src"] == 0
+    assert counts_with_autograd.calls["aten::scatter.src"] - counts.calls["aten::scatter.src"] == in_place
+    assert torch.equal(tokens, tokens_before)  # the un-encoded tokens are every layer's value: never written
+    assert torch.equal(memory, expected)

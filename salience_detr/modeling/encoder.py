@@ -215,7 +215,10 @@ class SalienceEncoder(nn.Module):
             rank = torch.arange(indices.shape[1], device=indices.device)
             within_budget = (rank[None] < focus_token_nums[:, None].to(indices.device)).unsqueeze(-1)
             updated = torch.where(within_budget, updated.to(output.dtype), query)
-            output = output.scatter(1, token_index, updated)
+            if torch.is_grad_enabled() or output is feat_flatten:  # feat_flatten is every layer's value: kept
+                output = output.scatter(1, token_index, updated)
+            else:  # without autograd, the running memory is this loop's own: no (B, N, C) copy per layer
+                output.scatter_(1, token_index, updated)
 
         # the background embedding goes to the unpadded tokens that the last layer did not update: one (B, N) mask
         untouched = (~mask_flatten).scatter(1, layer_indices[-1], 0)  # 0 = False (a bool value does not trace)
