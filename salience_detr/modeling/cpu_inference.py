@@ -311,7 +311,7 @@ class InferenceDeformableAttention(MultiScaleDeformableAttention):
             normalizer = spatial_shapes.flip(-1).to(offsets.dtype)[:, None].expand(-1, points, -1).reshape(-1)
             return (over_points(reference_points) + per_head / normalizer).view(offsets.shape)
         centers, sizes = over_points(reference_points[..., :2]), over_points(reference_points[..., 2:])
-        return (centers + per_head / self.num_points * sizes * 0.5).view(offsets.shape)
+        return (centers + per_head * (sizes * (0.5 / self.num_points))).view(offsets.shape)
 
 
 def use_inference_deformable_attention(model: nn.Module) -> int:
