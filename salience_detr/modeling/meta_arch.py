@@ -37,18 +37,23 @@ def padding_mask(images: ImageList) -> Tensor:
     return mask
 
 
-def pad_images(images: list[Tensor], size_divisibility: int) -> ImageList:
-    """Zero-pad to the largest size of the batch rounded up to ``size_divisibility``, like
-    ``ImageList.from_tensors``, but with the sizes computed on the host (it reads them back from tensors)."""
+def normalise_and_pad(images: list[Tensor], mean: Tensor, std: Tensor, size_divisibility: int) -> ImageList:
+    """``(image - mean) / std`` of each image, zero-padded to the largest size of the batch rounded up to
+    ``size_divisibility`` like ``ImageList.from_tensors``, with the sizes computed on the host (it reads them back
+    from tensors).
+
+    The raw images are copied into a batch filled with ``mean``, which is then normalised in two calls: each value is
+    the same float arithmetic as image by image, and the padding becomes exactly 0.
+    """
     if torch.jit.is_tracing():  # export: detectron2 keeps the sizes traced
-        return ImageList.from_tensors(images, size_divisibility, pad_value=0.0)
+        return ImageList.from_tensors([(x.float() - mean) / std for x in images], size_divisibility, pad_value=0.0)
     sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
     stride = max(size_divisibility, 1)
     height, width = (-(-max(side) // stride) * stride for side in zip(*sizes))
-    batch = images[0].new_zeros(len(images), *images[0].shape[:-2], height, width)
+    batch = mean.expand(len(images), -1, height, width).contiguous()
     for image, padded, (h, w) in zip(images, batch, sizes):
         padded[..., :h, :w].copy_(image)
-    return ImageList(batch, sizes)
+    return ImageList((batch - mean) / std, sizes)
 
 
 def level_masks_for(mask: Tensor, features: list[Tensor]) -> list[Tensor]:
@@ -220,8 +225,8 @@ class SalienceDETR(nn.Module):
 
     def preprocess_image(self, batched_inputs: list[dict[str, Any]]) -> ImageList:
         """Normalise, then pad with zeros to a multiple of size_divisibility (official order)."""
-        images = [(x["image"].to(self.device).float() - self.pixel_mean) / self.pixel_std for x in batched_inputs]
-        return pad_images(images, self.size_divisibility)
+        images = [x["image"].to(self.device) for x in batched_inputs]
+        return normalise_and_pad(images, self.pixel_mean, self.pixel_std, self.size_divisibility)
 
     def check_batchnorm_statistics(self, features: list[Tensor], padded_size: torch.Size) -> None:
         """Name the fix before the transformer neck's BatchNorm fails on a level with one value per channel."""
@@ -302,8 +307,11 @@ class SalienceDETR(nn.Module):
     ):
         """Weighted loss dict: set criterion (decoder layers, encoder proposals, denoising) + salience loss
         (+ the RoI head's losses on the last layer's matching when ``roi_inputs`` is given)."""
-        # keeps the denoising label embedding in the graph for DDP even when no image has boxes (official no-op)
-        pred_logits = output.pred_logits + self.denoising_generator.label_encoder.weight[0, 0] * 0.0
+        pred_logits = output.pred_logits
+        if output.denoising.max_gt_per_image == 0:
+            # keeps the denoising label embedding in the graph for DDP when no image has boxes (official no-op; with
+            # boxes the label queries use it)
+            pred_logits = pred_logits + self.denoising_generator.label_encoder.weight[0, 0] * 0.0
         num_denoising = output.denoising.label_query.shape[1]
         dn_outputs, outputs = split_denoising(pred_logits, output.pred_boxes, num_denoising)
         dn_outputs["denoising_groups"] = output.denoising.num_groups
