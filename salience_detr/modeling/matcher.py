@@ -57,10 +57,11 @@ class HungarianMatcher(nn.Module):
     def class_cost(self, pred_logits: Tensor, gt_labels: Tensor) -> Tensor:
         """(..., Q, K) logits, (T,) labels -> (..., Q, T): focal cost of calling each query the target's class.
 
-        The targets' columns are taken before the focal terms: the same numbers, on T instead of K columns."""
+        The targets' columns are taken before the focal terms: the same numbers, on T instead of K columns. The
+        minus of ``-log`` rides on the constant factor (a product's sign is exact), one call fewer per term."""
         prob = pred_logits.sigmoid()[..., gt_labels]
-        neg = (1 - self.alpha) * prob**self.gamma * -(1 - prob + 1e-6).log()
-        pos = self.alpha * (1 - prob) ** self.gamma * -(prob + 1e-6).log()
+        neg = -(1 - self.alpha) * prob**self.gamma * (1 - prob + 1e-6).log()
+        pos = -self.alpha * (1 - prob) ** self.gamma * (prob + 1e-6).log()
         return pos - neg
 
     def cost_matrix(
@@ -79,11 +80,11 @@ class HungarianMatcher(nn.Module):
         pred_xyxy = box_cxcywh_to_xyxy(pred_boxes) if pred_xyxy is None else pred_xyxy
         gt_xyxy = box_cxcywh_to_xyxy(gt_boxes) if gt_xyxy is None else gt_xyxy
         cost_bbox = torch.cdist(pred_boxes, gt_boxes, p=1)
-        cost_giou = -paired_iou_giou(pred_xyxy[..., None, :], gt_xyxy)[1]
+        giou = paired_iou_giou(pred_xyxy[..., None, :], gt_xyxy)[1]
         return (
             self.cost_bbox * cost_bbox
             + self.cost_class * self.class_cost(pred_logits, gt_labels)
-            + self.cost_giou * cost_giou
+            + -self.cost_giou * giou  # the weight of the cost -GIoU, the same product
         )
 
     @torch.no_grad()
