@@ -23,7 +23,7 @@ from salience_detr.layers.box_ops import box_cxcywh_to_xyxy, paired_iou_giou
 from .matcher import FlatTargets, HungarianMatcher
 
 DEFAULT_SET_WEIGHTS = {"loss_class": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
-TERMS = tuple(DEFAULT_SET_WEIGHTS)  # the order of term_sums' columns
+TERMS = tuple(DEFAULT_SET_WEIGHTS)  # the order of each set's three values in term_sums
 DEFAULT_LIMIT_RANGE = ((-1, 64), (64, 128), (128, 256), (256, 99999))
 
 MatchIndices = list[tuple[Tensor, Tensor]]
