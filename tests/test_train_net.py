@@ -167,7 +167,11 @@ def test_cpu_run_trains_checkpoints_and_evaluates(standin_config, tiny_synthetic
     ]
     log = run_train_net(standin_config, eval_overrides, "--eval-only")
     assert "Evaluation results for bbox" in log and "holds no EMA weights" not in log
-    assert json.loads((eval_out / "inference" / "coco_instances_results.json").read_text()) == predictions
+    # on a CPU --eval-only runs the inference levers (oneDNN convolutions and linears): the same detections to rounding
+    evaluated = json.loads((eval_out / "inference" / "coco_instances_results.json").read_text())
+    for key, atol in (("image_id", 0), ("category_id", 0), ("score", 1e-5), ("bbox", 1e-3)):
+        got, want = (torch.tensor([p[key] for p in run], dtype=torch.float64) for run in (evaluated, predictions))
+        torch.testing.assert_close(got, want, atol=atol, rtol=0, msg=lambda message, key=key: f"{key}: {message}")
 
 
 def test_trainable_trains_only_the_named_modules(standin_config, tiny_synthetic_cache, tmp_path):

@@ -46,11 +46,6 @@ def to_absolute_xyxy(boxes: Tensor, scale: Tensor) -> Tensor:
     return box_cxcywh_to_xyxy(boxes) * scale
 
 
-def to_normalized_cxcywh(boxes_xyxy: Tensor, scale: Tensor) -> Tensor:
-    """Absolute xyxy pixels -> cxcywh normalised by the image size; inverse of :func:`to_absolute_xyxy`."""
-    return box_xyxy_to_cxcywh(boxes_xyxy) / scale
-
-
 def _area(sides: Tensor) -> Tensor:
     """(..., 2) width and height -> (...,) their product (``unbind``: one call, one stack in backward)."""
     width, height = sides.unbind(-1)
