@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 from pathlib import Path
 
 import pytest
@@ -311,9 +310,10 @@ def test_chunk_ffn_runs_the_same_ffn_on_chunks_of_rows():
         chunk_ffn(reference, rows=0)
 
 
-def test_the_speed_tool_ablates_every_lever():
-    parameters = list(inspect.signature(optimize_for_cpu_inference).parameters)[1:]
-    assert sorted(parameters) == sorted(speed_official.LEVERS)  # in the ablation's own order
+def test_an_unknown_lever_is_refused_by_name():
+    model = instantiate(LazyConfig.load(str(TINY)).model).eval()
+    with pytest.raises(TypeError, match=r"unknown CPU inference lever\(s\) \['fuse_nb'\]: the levers are \['fuse_bn'"):
+        optimize_for_cpu_inference(model, fuse_nb=False)
 
 
 def bn_repvgg_block() -> RepVggPluXBlock:

@@ -25,6 +25,8 @@ Nine levers, each applied in place to a model in eval mode:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from detectron2.layers import Conv2d as DetectronConv2d
@@ -40,6 +42,7 @@ from .fuse import fold_norm_into_conv, fuse_conv_bn
 from .neck import RepVggPluXBlock
 
 __all__ = [
+    "CPU_LEVERS",
     "FFN_CHUNK_ROWS",
     "FusedBasicBlock",
     "FusedBasicStem",
@@ -398,6 +401,21 @@ def use_channels_last(model: nn.Module) -> int:
     return converted
 
 
+#: The levers in the order they apply (and the speed tool's ablation adds them): each changes a model in place and
+#: returns how many modules it changed.
+CPU_LEVERS: dict[str, Callable[[nn.Module], int]] = {
+    "fuse_bn": fuse_conv_bn,
+    "channels_last": use_channels_last,
+    "onednn_conv": use_onednn_conv,
+    "onednn_linear": use_onednn_linear,
+    "ffn_relu": fuse_ffn_relu,
+    "fuse_resnet": fuse_resnet_blocks,
+    "ffn_chunks": chunk_ffn,
+    "repvgg": reparameterize_repvgg,
+    "deform_attn": use_inference_deformable_attention,
+}
+
+
 def optimize_on_cpu(model: nn.Module) -> dict[str, int] | None:
     """``optimize_for_cpu_inference`` (all levers) where it applies: a model in eval mode whose parameters are on the
     CPU, with PyTorch built with oneDNN. Elsewhere the model is left as it is and None returned."""
@@ -407,44 +425,18 @@ def optimize_on_cpu(model: nn.Module) -> dict[str, int] | None:
     return optimize_for_cpu_inference(model)
 
 
-def optimize_for_cpu_inference(
-    model: nn.Module,
-    fuse_bn: bool = True,
-    channels_last: bool = True,
-    onednn_linear: bool = True,
-    onednn_conv: bool = True,
-    ffn_relu: bool = True,
-    fuse_resnet: bool = True,
-    ffn_chunks: bool = True,
-    repvgg: bool = True,
-    deform_attn: bool = True,
-) -> dict[str, int]:
-    """Apply the chosen levers in place to a model in eval mode; returns how many modules each one changed.
+def optimize_for_cpu_inference(model: nn.Module, **levers: bool) -> dict[str, int]:
+    """Apply the levers of ``CPU_LEVERS`` in place, in its order, to a model in eval mode; returns how many modules
+    each one changed. All apply unless switched off by name (``fuse_bn=False``); an unknown name is refused.
 
     The model must never train afterwards (the folded batch norms are gone), so a model in training mode is refused.
     """
+    unknown = sorted(set(levers) - set(CPU_LEVERS))
+    if unknown:
+        raise TypeError(f"unknown CPU inference lever(s) {unknown}: the levers are {list(CPU_LEVERS)}")
     if any(module.training for module in model.modules()):
         raise RuntimeError(
             "optimize_for_cpu_inference folds batch norms and changes layers for inference only; call model.eval() "
             "first and apply it only to a model used for inference."
         )
-    changed = {}
-    if fuse_bn:
-        changed["fuse_bn"] = fuse_conv_bn(model)
-    if channels_last:
-        changed["channels_last"] = use_channels_last(model)
-    if onednn_linear:
-        changed["onednn_linear"] = use_onednn_linear(model)
-    if onednn_conv:
-        changed["onednn_conv"] = use_onednn_conv(model)
-    if ffn_relu:
-        changed["ffn_relu"] = fuse_ffn_relu(model)
-    if fuse_resnet:
-        changed["fuse_resnet"] = fuse_resnet_blocks(model)
-    if ffn_chunks:
-        changed["ffn_chunks"] = chunk_ffn(model)
-    if repvgg:
-        changed["repvgg"] = reparameterize_repvgg(model)
-    if deform_attn:
-        changed["deform_attn"] = use_inference_deformable_attention(model)
-    return changed
+    return {name: apply(model) for name, apply in CPU_LEVERS.items() if levers.get(name, True)}

@@ -46,21 +46,11 @@ from salience_detr.checkpoint.parity import (
     unmatched_detections,
 )
 from salience_detr.checkpoint.synthetic import OFFICIAL_R50_KEYS
-from salience_detr.modeling.cpu_inference import optimize_for_cpu_inference
+from salience_detr.modeling.cpu_inference import CPU_LEVERS, optimize_for_cpu_inference
 from salience_detr.tools._timing import interleaved_rounds
 
-#: Cumulative ablation: each variant adds one lever of ``optimize_for_cpu_inference`` to the one before.
-LEVERS = (
-    "fuse_bn",
-    "channels_last",
-    "onednn_conv",
-    "onednn_linear",
-    "ffn_relu",
-    "fuse_resnet",
-    "ffn_chunks",
-    "repvgg",
-    "deform_attn",
-)
+#: Cumulative ablation: each variant adds the next lever of ``optimize_for_cpu_inference`` to the one before.
+LEVERS = tuple(CPU_LEVERS)
 #: Submodules timed by hooks in both models (the official one names them alike); ours adds ``postprocess``.
 STAGES = {
     "backbone": "backbone",
