@@ -15,7 +15,7 @@ from ..common.schedule import multistep_with_warmup
 from ..common.train import train
 from ..models.salience_detr_r50 import model
 
-MAX_ITER = 1200  # 0.63 s per iteration on 2 idle cores: about 13 minutes to box AP ~33 (README); 600 gave AP ~13
+MAX_ITER = 1200  # 0.66-0.72 s per iteration on 2 idle cores: 14-15 minutes to box AP 31-36 (README); 600 gave AP ~13
 
 model.num_classes = 5
 model.embed_dim = 128
