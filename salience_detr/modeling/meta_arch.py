@@ -92,16 +92,14 @@ def level_valid_counts(
 ) -> list[list[int]]:
     """(B, L) unpadded cells of every image's level mask (``level_masks_for``), computed on the host.
 
-    An image's padding mask is the rectangle outside its (h, w); nearest interpolation picks rows and columns
-    independently, so a level keeps (rows with source < h) x (columns with source < w) valid cells. The token
-    budgets come from these counts instead of a read of the device masks (docs/model.md#token-ranking).
+    The token budgets come from these counts instead of a read of the device masks (docs/model.md#token-ranking).
     """
-    rows = _nearest_sources(padded_size[0], [h for h, _ in shapes])
-    cols = _nearest_sources(padded_size[1], [w for _, w in shapes])
-    return [
-        [int(np.count_nonzero(r < h)) * int(np.count_nonzero(c < w)) for r, c in zip(rows, cols)]
-        for h, w in image_sizes
-    ]
+    return unpadded_counts(host_level_masks(image_sizes, padded_size, shapes))
+
+
+def unpadded_counts(host_masks: list[np.ndarray]) -> list[list[int]]:
+    """(B, L) unpadded cells of each image in each level's (B, H_l, W_l) host padding mask, as host ints."""
+    return np.stack([(~mask).reshape(len(mask), -1).sum(1) for mask in host_masks], axis=1).tolist()
 
 
 def split_denoising(logits: Tensor, boxes: Tensor, num_denoising: int) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -279,7 +277,7 @@ class SalienceDETR(nn.Module):
         else:
             host_masks = host_level_masks(images.image_sizes, padded_size, shapes)
             level_masks = [torch.from_numpy(m).to(self.device) for m in host_masks]
-            valid_counts = level_valid_counts(images.image_sizes, padded_size, shapes)
+            valid_counts = unpadded_counts(host_masks)
         position_embeddings = self.position_embedding.flat(level_masks).to(features[0].dtype)  # every level at once
         if not self.training:
             output = self.transformer(features, level_masks, position_embeddings, valid_counts=valid_counts)
