@@ -30,15 +30,13 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from detectron2.layers import Conv2d as DetectronConv2d
-from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from salience_detr.layers.ms_deform_attn import MultiScaleDeformableAttention
 from salience_detr.layers.post_norm import PostNormLayer
 
-from .fuse import fold_norm_into_conv, fuse_conv_bn
+from .fuse import FOLDABLE_NORMS, fold_norm_into_conv, fuse_conv_bn
 from .neck import RepVggPluXBlock
 
 __all__ = [
@@ -104,9 +102,7 @@ def _onednn_conv2d(conv: nn.Conv2d, x: Tensor) -> Tensor:
         and x.numel()
         and _onednn_applies(x, conv.weight)
     ):
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups, "none", [], ""
-        )
+        return _fused_conv(conv, x, "none")
     return F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
@@ -137,7 +133,7 @@ FFN_CHUNK_ROWS = 1024
 
 
 def _fused_conv(conv: nn.Conv2d, x: Tensor, unary: str) -> Tensor:
-    """``conv(x)`` with the elementwise ``unary`` ("relu" or "none") applied inside oneDNN's convolution."""
+    """``conv(x)`` on oneDNN with the elementwise ``unary`` ("none", "relu", "swish") applied inside it."""
     return torch.ops.mkldnn._convolution_pointwise(
         x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups, unary, [], ""
     )
@@ -210,7 +206,7 @@ def _fold_block_norms(block: nn.Module) -> bool:
         getattr(conv, "activation", None) is None
         and isinstance(conv.padding, tuple)
         and conv.padding_mode == "zeros"
-        and (getattr(conv, "norm", None) is None or isinstance(conv.norm, (FrozenBatchNorm2d, _BatchNorm)))
+        and (getattr(conv, "norm", None) is None or isinstance(conv.norm, FOLDABLE_NORMS))
         for conv in convs
     )
     if foldable:
@@ -256,7 +252,7 @@ def _merge_repvgg_branches(block: RepVggPluXBlock) -> bool:
     """Fold both branches' norms, then the 1x1 kernel into the 3x3 one (their sum is one convolution); False, with
     nothing changed, where the branches are not a padded 3x3 and a 1x1 of the same stride and groups."""
     (big, big_norm), (small, small_norm) = list(block.conv1), list(block.conv2)
-    foldable = all(isinstance(norm, (nn.Identity, FrozenBatchNorm2d, _BatchNorm)) for norm in (big_norm, small_norm))
+    foldable = all(isinstance(norm, (nn.Identity, *FOLDABLE_NORMS)) for norm in (big_norm, small_norm))
     shapes = (big.kernel_size, big.padding, small.kernel_size, small.padding) == ((3, 3), (1, 1), (1, 1), (0, 0))
     alike = (big.stride, big.dilation, big.groups) == (small.stride, small.dilation, small.groups)
     if not (foldable and shapes and alike and big.padding_mode == small.padding_mode == "zeros"):

@@ -14,9 +14,10 @@ from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["fold_norm_into_conv", "fuse_conv_bn"]
+__all__ = ["FOLDABLE_NORMS", "fold_norm_into_conv", "fuse_conv_bn"]
 
-_FOLDABLE = (FrozenBatchNorm2d, _BatchNorm)
+#: The norms that inference can fold into a convolution (a fixed per-channel affine map there).
+FOLDABLE_NORMS = (FrozenBatchNorm2d, _BatchNorm)
 
 
 def _norm_scale_shift(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,7 +56,7 @@ def _fuse_sequential(sequential: nn.Sequential) -> int:
     names = list(sequential._modules)
     for first, second in zip(names, names[1:]):
         conv, norm = sequential._modules[first], sequential._modules[second]
-        if type(conv) is nn.Conv2d and isinstance(norm, _FOLDABLE):
+        if type(conv) is nn.Conv2d and isinstance(norm, FOLDABLE_NORMS):
             fold_norm_into_conv(conv, norm)
             sequential._modules[second] = nn.Identity()
             folded += 1
@@ -77,7 +78,7 @@ def fuse_conv_bn(model: nn.Module) -> int:
     folded = 0
     for module in list(model.modules()):
         norm = getattr(module, "norm", None)
-        if isinstance(module, nn.Conv2d) and isinstance(norm, _FOLDABLE):
+        if isinstance(module, nn.Conv2d) and isinstance(norm, FOLDABLE_NORMS):
             fold_norm_into_conv(module, norm)
             module.norm = None
             folded += 1
