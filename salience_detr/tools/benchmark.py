@@ -354,21 +354,17 @@ def check_args(args: argparse.Namespace) -> torch.device:
 
 def build_model(cfg: Any, args: argparse.Namespace) -> nn.Module:
     """The config's model with ``--weights`` loaded (random weights without), batch norms folded with --fuse-bn,
-    and the CPU inference levers on a CPU eval (``cpu_speedups``)."""
+    and the CPU inference levers with --cpu-speedups."""
     model = instantiate(cfg.model)
     if args.weights:
         AtomicDetectionCheckpointer(model).load(args.weights)
     if args.fuse_bn:
         logger.info("Folded %d batch norms into convolutions", fuse_conv_bn(model.eval()))
-    if cpu_speedups(args):  # what the demo and --eval-only run on a CPU (benchmarks/speed.md)
+    # what the demo and --eval-only run on a CPU (benchmarks/speed.md); off by default, so that the report gives the
+    # configured architecture's parameters and FLOPs (check_args allows it with --task eval --device cpu only)
+    if args.cpu_speedups:
         logger.info("CPU inference levers (modules changed): %s", optimize_on_cpu(model.eval()))
     return model
-
-
-def cpu_speedups(args: argparse.Namespace) -> bool:
-    """Whether the eval model gets the CPU inference levers: with ``--cpu-speedups`` on a CPU. Off by default, so
-    that the report gives the configured architecture's parameters and FLOPs."""
-    return args.task == "eval" and torch.device(args.device).type == "cpu" and args.cpu_speedups
 
 
 def training_batches(cfg: Any, args: argparse.Namespace) -> tuple[list[list[dict]], str]:
@@ -397,7 +393,7 @@ def run_task(cfg: Any, args: argparse.Namespace, device: torch.device) -> tuple[
         run = functools.partial(benchmark_train, cfg, batches=batches, device=device, warmup=warmup, num_iter=num_iter)
     else:
         info = {"input_size": [args.height, args.width], "batch_size": args.batch_size, "fuse_bn": args.fuse_bn}
-        info["cpu_speedups"] = cpu_speedups(args)
+        info["cpu_speedups"] = args.cpu_speedups
         size = {"height": args.height, "width": args.width, "batch_size": args.batch_size}
         run = functools.partial(benchmark_model, **size, device=device, warmup=warmup, num_iter=num_iter)
     results = {}
