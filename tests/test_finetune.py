@@ -158,6 +158,8 @@ def pretrained_tiny(tiny_synthetic_cache, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pretrain")
     spec = [f"datasets.synthetic.{key}={value}" for key, value in TINY_SPEC.items()]
     _train(TINY, spec + SHORT_RUN + [f"datasets.synthetic.cache_dir={tiny_synthetic_cache}", f"train.output_dir={out}"])
+    for spare in set(out.glob("model_*.pth")) - {out / "model_final.pth"}:
+        spare.unlink()  # copies of the same weights (177 MB each) that would stay on disk until the suite ends
     return out / "model_final.pth"
 
 
