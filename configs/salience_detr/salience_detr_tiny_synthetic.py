@@ -15,7 +15,7 @@ from ..common.schedule import multistep_with_warmup
 from ..common.train import train
 from ..models.salience_detr_r50 import model
 
-MAX_ITER = 1200  # 0.66-0.72 s per iteration on 2 idle cores: 14-15 minutes to box AP 31-36 (README); 600 gave AP ~13
+MAX_ITER = 1200  # 0.68-0.76 s per iteration on 2 idle cores: 14-16 minutes to box AP 30-33 (README); 600 gave AP ~13
 
 model.num_classes = 5
 model.embed_dim = 128
@@ -42,8 +42,9 @@ lr_multiplier = multistep_with_warmup(MAX_ITER, [int(MAX_ITER * 0.85)], warmup_i
 
 
 # Loading in the training process: on a CPU the training threads already take every core, and a worker process
-# takes one from them (2 idle cores, 100 iterations: 0.73-0.75 s per iteration with no worker, 0.83-0.86 with one or
-# two); mapping a batch of these small images costs ~12 ms.
+# takes one from them. 100 iterations of train_net on 2 idle cores, alternating: 0.73-0.75 s per iteration with no
+# worker against 0.83-0.86 with one or two at one hour, 0.57-0.62 against 0.58-0.63 at another (never slower).
+# Mapping a batch of these small images costs ~12 ms.
 dataloader.train.num_workers = 0
 
 train.device = "cpu"
