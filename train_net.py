@@ -45,6 +45,7 @@ from salience_detr.engine import (
 from salience_detr.engine.preflight import check_device, claim_output_dir, eval_weights, resume_has_work
 from salience_detr.engine.run_lock import trim_metrics
 from salience_detr.modeling.cpu_inference import optimize_on_cpu
+from salience_detr.tools.user_errors import exit_on_user_error
 from salience_detr.utils.held_logs import held_records, replay
 
 logger = logging.getLogger("salience_detr.train_net")
@@ -188,6 +189,13 @@ def main(args) -> None:
         do_train(args, cfg)
 
 
+def main_refusing_bad_input(args) -> None:
+    """``main`` as the command runs it: a wrong input (a typo in an override, a checkpoint of another model, an
+    output folder in use) ends with its one-line message and exit status 2, not a traceback."""
+    with exit_on_user_error("train_net.py"):
+        main(args)
+
+
 def parse_args(argv: list[str] | None = None):
     parser = default_argument_parser()
     parser.add_argument(
@@ -209,7 +217,7 @@ def launch_device(args) -> str | None:
 if __name__ == "__main__":
     args = parse_args()
     launch(
-        main,
+        main_refusing_bad_input,
         args.num_gpus,
         num_machines=args.num_machines,
         machine_rank=args.machine_rank,

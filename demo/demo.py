@@ -32,6 +32,7 @@ from predictor import VisualizationDemo  # noqa: E402  (after the sys.path line,
 
 from salience_detr.config import load_config  # noqa: E402  (predictor imported salience_detr first)
 from salience_detr.data.image_io import read_image as decode_image  # noqa: E402
+from salience_detr.tools.user_errors import USER_ERROR_STATUS, USER_ERRORS, describe  # noqa: E402
 from salience_detr.utils.coco_results import ResultsFile  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -329,7 +330,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             results.write()
     except DemoError as error:
         logger.error("%s", error)
-        return 2
+        return USER_ERROR_STATUS
+    except USER_ERRORS as error:  # a typo in --opts, a checkpoint of another model: the message names the fix
+        logger.error("%s", describe(error))
+        return USER_ERROR_STATUS
     return 0
 
 

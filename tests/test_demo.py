@@ -190,6 +190,14 @@ def test_glob_input_and_clear_errors(image_folder, tmp_path, caplog):
     assert "cannot read image" in caplog.text and "matches no image file" in caplog.text
 
 
+def test_a_typo_in_opts_is_one_message_and_status_2(image_folder, tmp_path, caplog):
+    with caplog.at_level(logging.ERROR):
+        arguments = ["--input", str(image_folder / "*.png"), "--output", str(tmp_path), "--opts", *SMALL_INPUT]
+        status = demo_cli.main(["--config-file", TINY_CONFIG, *arguments, "train.init_checkpint=x"])
+    assert status == 2 and not list(tmp_path.iterdir())
+    assert "ConfigOverrideError" in caplog.text and "Did you mean train.init_checkpoint" in caplog.text
+
+
 # --- video and webcam --------------------------------------------------------------------------------------
 
 

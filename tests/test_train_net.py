@@ -424,6 +424,15 @@ def test_tiny_synthetic_config_fast_dev_run(tiny_synthetic_cache, tmp_path):
     assert [m["iteration"] for m in read_metrics(out) if "total_loss" in m] == [0, 1]
 
 
+def test_a_wrong_input_ends_with_its_message_alone_and_status_2(standin_config, tmp_path):
+    """What the command prints for a typo in an override: the message that names the fix, no traceback above it."""
+    command = train_net_command(standin_config, [f"train.output_dir={tmp_path}", "train.max_itr=5"])
+    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "train_net.py: ConfigOverrideError: Unknown config key 'train.max_itr'" in result.stderr
+    assert "Did you mean train.max_iter?" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_missing_coco_files_stop_before_the_model(standin_config):
     """detectron2 registers COCO under $DETECTRON2_DATASETS (default ./datasets), which this checkout lacks."""
     from salience_detr.config import loading
