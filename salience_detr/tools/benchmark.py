@@ -59,6 +59,7 @@ from salience_detr.layers.ms_deform_attn import BACKEND_ENV, BACKENDS, resolve_b
 from salience_detr.modeling.cpu_inference import optimize_on_cpu
 from salience_detr.modeling.fuse import fuse_conv_bn
 from salience_detr.tools._timing import peak_memory_mb, random_image, time_forward, timing_numbers
+from salience_detr.tools.user_errors import exit_on_user_error
 from salience_detr.utils.dispatch_count import DispatchCounts, count_dispatch
 from salience_detr.utils.inference import DetectionsAsTensors
 
@@ -435,4 +436,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    main()
+    with exit_on_user_error("benchmark"):
+        main()

@@ -21,6 +21,7 @@ from typing import Any
 import salience_detr  # noqa: F401  (registers the built-in datasets)
 from salience_detr.config.loading import config_dataset_names, load_config
 from salience_detr.data.image_check import check_images
+from salience_detr.tools.user_errors import exit_on_user_error
 
 SPLITS = ("train", "test")
 
@@ -58,4 +59,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
-    sys.exit(main())
+    with exit_on_user_error("check_dataset"):
+        sys.exit(main())

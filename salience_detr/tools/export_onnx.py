@@ -47,6 +47,7 @@ from salience_detr.tools.onnx_check import (
     label_mismatches,
     match_detections,
 )
+from salience_detr.tools.user_errors import exit_on_user_error
 from salience_detr.utils.inference import (
     DetectionsAsTensors,
     load_model_for_inference,
@@ -233,4 +234,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    main()
+    with exit_on_user_error("export_onnx"):
+        main()

@@ -20,6 +20,7 @@ from pathlib import Path
 from salience_detr.config import load_config
 from salience_detr.data import dataset_info
 from salience_detr.tools._cli import checkout_root, run_step
+from salience_detr.tools.user_errors import exit_on_user_error
 
 DEFAULT_CONFIG = "configs/salience_detr/salience_detr_tiny_synthetic.py"
 NUM_DRAWN_IMAGES = 4
@@ -121,4 +122,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_user_error("quickstart"):
+        main()

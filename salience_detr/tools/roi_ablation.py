@@ -38,6 +38,7 @@ import salience_detr  # noqa: F401  (registers the meta-architecture and the bui
 from salience_detr.config import load_config
 from salience_detr.engine import AtomicDetectionCheckpointer
 from salience_detr.tools._cli import checkout_root, run_step
+from salience_detr.tools.user_errors import exit_on_user_error
 from salience_detr.utils.atomic import atomic_write
 
 BASELINE = "configs/salience_detr/salience_detr_tiny_synthetic.py"
@@ -170,4 +171,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_user_error("roi_ablation"):
+        main()

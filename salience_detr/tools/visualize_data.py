@@ -21,6 +21,7 @@ from salience_detr.data import resolve_dataset
 from salience_detr.tools._cli import add_dataset_arguments
 from salience_detr.tools._dataloader_view import add_dataloader_arguments, draw_dataloader
 from salience_detr.tools._drawing import draw_ground_truth, write_drawings
+from salience_detr.tools.user_errors import exit_on_user_error
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,4 +45,5 @@ def main(argv: list[str] | None = None) -> list[str]:
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_user_error("visualize_data"):
+        main()
